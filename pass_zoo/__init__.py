@@ -1,0 +1,19 @@
+"""pass-zoo: PASS structured pruning for timm models.
+
+Importing the package registers the ``pass_pruned`` architecture with timm, so exported
+checkpoints load with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``.
+"""
+from .adapter import LayerSequence, build_layer_sequence
+from .errors import PassZooError
+from .export import PassPrunedModel, load_run_model, save_slim_model
+from .masks import Masks, select_units
+from .pipeline import PruneConfig, prune
+from .slim import count_macs, count_params, slim
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerSequence", "build_layer_sequence", "PassZooError", "PassPrunedModel", "load_run_model",
+    "save_slim_model", "Masks", "select_units", "PruneConfig", "prune", "count_macs", "count_params", "slim",
+    "__version__",
+]

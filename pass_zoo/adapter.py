@@ -1,0 +1,332 @@
+"""Layer sequence: any timm model as an ordered list of prunable channel groups.
+
+Torch-Pruning's ``DependencyGraph`` finds the *coupled* channels of a network (a conv, its BN, the
+convs that read it, every branch of a residual sum, ...). Each coupled group is one step of the
+PASS walk. This module turns the graph into plain data the rest of the pipeline needs:
+
+* ``ChannelGroup`` -- name, channel count, units (what one mask entry controls), producers
+  (layers whose output channels are the group) and consumers (layers that read them);
+* ``LayerCost`` -- every conv/linear layer with the groups that own its input/output channels,
+  so the MACs of any mask can be computed exactly without building the slim model;
+* a search-time gate that multiplies every consumer's input by the group mask. Zeroing an input
+  channel of a conv/linear is exactly the same function as removing it, so a gated network equals
+  the physically slimmed one (BN in eval mode).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import AdapterError
+
+# Layers whose channel dimension we can gate exactly at their input.
+_GATEABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)
+# Per-channel layers: pruning them is exact whatever happens upstream.
+_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
+
+
+@dataclass
+class _Slot:
+    """Positions of one layer dimension owned by a group, and the unit each position belongs to."""
+
+    module_name: str
+    positions: torch.Tensor  # long, indices into the layer's channel dimension
+    units: torch.Tensor  # long, the group unit controlling each position
+
+
+@dataclass
+class ChannelGroup:
+    """One coupled set of channels: the unit of the PASS walk and of a mask."""
+
+    name: str  # root layer name (stable for a given architecture)
+    order: int  # position in forward-execution order
+    channels: int  # channels of the root layer
+    ch_groups: int  # grouped convs force the same pattern in each of ch_groups slices
+    root: nn.Module = field(repr=False)
+    root_fn: object = field(repr=False)
+    producers: List[_Slot] = field(default_factory=list, repr=False)  # out-channel layers
+    consumers: List[_Slot] = field(default_factory=list, repr=False)  # in-channel layers
+
+    @property
+    def units(self) -> int:
+        return self.channels // self.ch_groups
+
+    def unit_of_channel(self) -> torch.Tensor:
+        """Root channel -> unit. Grouped convs prune the same position of every slice."""
+        return torch.arange(self.channels) % self.units
+
+    def expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
+        """Unit mask -> root-channel mask."""
+        return unit_mask[self.unit_of_channel().to(unit_mask.device)]
+
+
+@dataclass
+class LayerCost:
+    """MACs of one conv/linear layer as a function of the kept channels on both sides."""
+
+    name: str
+    out_dense: int
+    in_dense: int
+    positions: int  # output positions per sample (H*W, tokens, or 1)
+    kernel: int  # kernel area
+    groups: int
+    depthwise: bool
+    out_owners: List[Tuple[int, int]] = field(default_factory=list)  # (group idx, positions/unit)
+    in_owners: List[Tuple[int, int]] = field(default_factory=list)
+
+    def macs(self, kept_units: Sequence[int], groups: Sequence[ChannelGroup]) -> int:
+        out_kept = self.out_dense - sum(n * (groups[g].units - kept_units[g]) for g, n in self.out_owners)
+        in_kept = self.in_dense - sum(n * (groups[g].units - kept_units[g]) for g, n in self.in_owners)
+        if self.depthwise:
+            return self.positions * self.kernel * out_kept
+        return self.positions * self.kernel * out_kept * in_kept // self.groups
+
+
+def _module_positions(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Execution order of every module and output positions of every conv/linear."""
+    order: Dict[str, int] = {}
+    positions: Dict[str, int] = {}
+    handles = []
+
+    def hook(name):
+        def _fn(mod, inp, out):
+            order.setdefault(name, len(order))
+            if isinstance(mod, _GATEABLE) and isinstance(out, torch.Tensor):
+                ch = mod.out_channels if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else mod.out_features
+                positions[name] = out[:1].numel() // ch
+        return _fn
+
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, positions
+
+
+def _ch_groups(module: nn.Module) -> int:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and module.groups != module.out_channels:
+        return module.groups
+    if isinstance(module, nn.GroupNorm):
+        return module.num_groups
+    return 1
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and module.groups == module.out_channels
+
+
+class LayerSequence:
+    """An ordered list of ``ChannelGroup`` over one model, with exact MACs and search-time gates."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignored_layers: Iterable[nn.Module] = ()):
+        self.model = model
+        self.example_input = example_input
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        ignored = list(ignored_layers)
+        if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
+            ignored.append(classifier)  # the classifier's outputs are the task's classes: never pruned
+        self.ignored = ignored
+        was_training = model.training
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        model.eval()
+        try:
+            for p in frozen:  # the graph is traced through autograd: frozen weights would hide every layer
+                p.requires_grad_(True)
+            self.graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+            order, out_positions = _module_positions(model, example_input)
+        finally:
+            model.train(was_training)
+            for p in frozen:
+                p.requires_grad_(False)
+        self.module_names = {m: n for n, m in model.named_modules()}
+        self.groups: List[ChannelGroup] = self._collect_groups(order)
+        self.costs: List[LayerCost] = self._collect_costs(out_positions)
+        self._consumer_slots: Dict[str, List[Tuple[int, _Slot]]] = {}
+        for gi, g in enumerate(self.groups):
+            for slot in g.consumers:
+                self._consumer_slots.setdefault(slot.module_name, []).append((gi, slot))
+        self.dense_macs = self.macs([g.units for g in self.groups])
+
+    # ------------------------------------------------------------------ construction
+    def _collect_groups(self, order: Dict[str, int]) -> List[ChannelGroup]:
+        groups = []
+        for tp_group in self.graph.get_all_groups(ignored_layers=self.ignored, root_module_types=_GATEABLE):
+            root = tp_group[0].dep.target.module
+            root_name = self.module_names[root]
+            n = self.graph.get_out_channels(root)
+            producers, consumers, seen_orders, ch_groups = [], [], [], 1
+            for item in tp_group.items:
+                mod = item.dep.target.module
+                if not isinstance(mod, nn.Module) or mod not in self.module_names:
+                    if isinstance(mod, nn.Parameter):
+                        raise AdapterError(
+                            f"group '{root_name}' reaches a bare parameter "
+                            f"'{self.graph._param_to_name.get(mod, '?')}' that the CNN adapter cannot gate")
+                    continue  # functional ops (add, cat, flatten): no weights
+                name = self.module_names[mod]
+                if name in order:
+                    seen_orders.append(order[name])
+                is_out = self.graph.is_out_channel_pruning_fn(item.dep.handler)
+                ch_groups = max(ch_groups, _ch_groups(mod))
+                slot = _Slot(name, torch.as_tensor(item.idxs, dtype=torch.long),
+                             torch.as_tensor(item.root_idxs, dtype=torch.long))
+                if isinstance(mod, _GATEABLE):
+                    (producers if is_out else consumers).append(slot)
+                elif not isinstance(mod, _PER_CHANNEL):
+                    raise AdapterError(
+                        f"layer '{name}' ({type(mod).__name__}) mixes the channels of group '{root_name}'; "
+                        "the CNN adapter can only gate conv/linear inputs and per-channel layers")
+            if n % ch_groups:
+                raise AdapterError(f"group '{root_name}': {n} channels do not split into {ch_groups} conv groups")
+            group = ChannelGroup(root_name, min(seen_orders) if seen_orders else 10**9, n, ch_groups,
+                                 root, tp_group[0].dep.handler, producers, consumers)
+            units = group.units
+            for slot in producers + consumers:
+                slot.units = slot.units % units
+            groups.append(group)
+        if not groups:
+            raise AdapterError("no prunable channel group found (the model has no conv/linear outside the classifier)")
+        groups.sort(key=lambda g: (g.order, g.name))
+        for i, g in enumerate(groups):
+            g.order = i
+        return groups
+
+    def _collect_costs(self, out_positions: Dict[str, int]) -> List[LayerCost]:
+        owners_out: Dict[str, List[Tuple[int, int]]] = {}
+        owners_in: Dict[str, List[Tuple[int, int]]] = {}
+        for gi, g in enumerate(self.groups):
+            for slot in g.producers:
+                owners_out.setdefault(slot.module_name, []).append((gi, len(slot.positions) // g.units))
+            for slot in g.consumers:
+                owners_in.setdefault(slot.module_name, []).append((gi, len(slot.positions) // g.units))
+        costs = []
+        for name, mod in self.model.named_modules():
+            if not isinstance(mod, _GATEABLE) or name not in out_positions:
+                continue
+            if isinstance(mod, nn.Linear):
+                out_d, in_d, kernel, groups = mod.out_features, mod.in_features, 1, 1
+            else:
+                out_d, in_d, groups = mod.out_channels, mod.in_channels, mod.groups
+                kernel = math.prod(mod.kernel_size)
+            costs.append(LayerCost(name, out_d, in_d, out_positions[name], kernel, groups, _is_depthwise(mod),
+                                   owners_out.get(name, []), owners_in.get(name, [])))
+        return costs
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    @property
+    def names(self) -> List[str]:
+        return [g.name for g in self.groups]
+
+    @property
+    def max_units(self) -> int:
+        return max(g.units for g in self.groups)
+
+    def macs(self, kept_units: Sequence[int]) -> int:
+        """Exact conv/linear MACs of the slim network that keeps ``kept_units[i]`` units of group i."""
+        return sum(c.macs(kept_units, self.groups) for c in self.costs)
+
+    def unit_macs(self) -> List[float]:
+        """Dense MACs one unit of each group costs (removing one unit, all else dense)."""
+        full = [g.units for g in self.groups]
+        out = []
+        for i, g in enumerate(self.groups):
+            kept = list(full)
+            kept[i] -= 1
+            out.append(float(self.dense_macs - self.macs(kept)))
+        return out
+
+    # ------------------------------------------------------------------ gates
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def _input_gate(self, name: str, unit_masks: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+        """The input gate of one layer from the masks known so far (None: nothing masked)."""
+        gate = None
+        for gi, slot in self._consumer_slots.get(name, ()):
+            if gi >= len(unit_masks) or unit_masks[gi] is None:
+                continue
+            mask = unit_masks[gi]
+            if gate is None:
+                mod = self._module(name)
+                n_in = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+                gate = torch.ones(n_in, dtype=mask.dtype, device=mask.device)
+            gate = gate.index_put((slot.positions.to(mask.device),), mask[slot.units.to(mask.device)])
+        return gate
+
+    def input_gates(self, unit_masks: Sequence[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Per consumer layer, a multiplier over its input channels (1 where no mask says otherwise)."""
+        gates = {name: self._input_gate(name, unit_masks) for name in self._consumer_slots}
+        return {name: g for name, g in gates.items() if g is not None}
+
+    @contextlib.contextmanager
+    def gated(self, unit_masks: Sequence[Optional[torch.Tensor]]):
+        """Within the block every consumer's input is multiplied by its gate (masks may carry grads)."""
+        gates = self.input_gates(unit_masks)
+
+        def gate(name):
+            def _fn(mod, inp):
+                x = inp[0]
+                shape = [1] * x.dim()
+                shape[-1 if isinstance(mod, nn.Linear) else 1] = -1
+                return (x * gates[name].view(shape).to(x.dtype),) + tuple(inp[1:])
+            return _fn
+
+        handles = [self._module(name).register_forward_pre_hook(gate(name)) for name in gates]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ weight statistics
+    def weight_stats(self, index: int, unit_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """Mean |W| per unit of group ``index``, over (c_in, k, k) with masked inputs removed.
+
+        Averaged over every layer producing the group's channels (all branches of a residual sum).
+        """
+        g = self.groups[index]
+        stats = []
+        for slot in g.producers:
+            mod = self._module(slot.module_name)
+            w = mod.weight.detach().abs().flatten(2) if mod.weight.dim() > 2 else mod.weight.detach().abs().unsqueeze(-1)
+            gate = self._input_gate(slot.module_name, unit_masks)
+            if gate is not None and not _is_depthwise(mod) and w.shape[1] == gate.numel():
+                w = w * gate.view(1, -1, 1)
+                denom = gate.sum().clamp_min(1) * w.shape[2]
+                per_out = w.sum(dim=(1, 2)) / denom
+            else:
+                per_out = w.mean(dim=(1, 2))
+            per_unit = torch.zeros(g.units, dtype=per_out.dtype, device=per_out.device)
+            per_unit.index_add_(0, slot.units.to(per_out.device), per_out[slot.positions.to(per_out.device)])
+            stats.append(per_unit / (len(slot.positions) // g.units))
+        if not stats:  # a group with no weighted producer (e.g. only a BN): nothing to read
+            return torch.zeros(g.units)
+        return torch.stack(stats).mean(0)
+
+
+def build_layer_sequence(model: nn.Module, example_input: torch.Tensor,
+                         ignored_layers: Iterable[nn.Module] = ()) -> LayerSequence:
+    """The one entry point: a model and an example input -> its ordered prunable groups."""
+    try:
+        return LayerSequence(model, example_input, ignored_layers)
+    except AdapterError:
+        raise
+    except Exception as exc:  # tracing failures inside Torch-Pruning
+        raise AdapterError(f"cannot build the dependency graph of {type(model).__name__}: {exc}") from exc

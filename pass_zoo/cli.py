@@ -1,0 +1,160 @@
+"""``pass-zoo``: a thin command-line shell over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from typing import List, Optional
+
+from .errors import PassZooError
+
+EPILOG = """examples (offline):
+  pass-zoo prune --model tf_efficientnet_lite0 --pretrained bundled --dataset fashion-mnist \\
+      --target-macs 0.5 --img-size 64 --out runs/lite0-fmnist-pass50
+"""
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    from .backbone import PRETRAINED_HELP
+    from .data import DATASET_HELP
+    from .finetune import FinetuneConfig
+    from .pipeline import PruneConfig
+    from .search import SearchConfig
+
+    d, s, f = PruneConfig(), SearchConfig(), FinetuneConfig()
+    g = p.add_argument_group("what to prune")
+    g.add_argument("--model", default=d.model, help=f"timm model name (default: {d.model})")
+    g.add_argument("--pretrained", default=d.pretrained,
+                   help=f"weights: auto (bundled for tf_efficientnet_lite0, else timm) | {PRETRAINED_HELP}")
+    g.add_argument("--dataset", default=d.dataset, help=f"{DATASET_HELP} (default: {d.dataset})")
+    g.add_argument("--target-macs", type=float, default=d.target_macs,
+                   help="the slim model keeps at most this fraction of the dense MACs, in (0, 1] (default: %(default)s)")
+    g.add_argument("--round-to", type=int, default=s.round_to,
+                   help="keep each group's channels a multiple of N; odd widths waste real speed (default: %(default)s)")
+    g.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the model's own)")
+    g.add_argument("--out", default=None, help="run folder (default: runs/MODEL-DATASET-passPCT)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    g.add_argument("--method", default=d.method, choices=["pass"], help="how masks are chosen (default: pass)")
+
+    g = p.add_argument_group("task head and prompt")
+    g.add_argument("--head", default=d.head, choices=["auto", "flm", "new"],
+                   help="flm: frequency label mapping onto the ImageNet classifier; new: a fresh linear head; "
+                        "auto: flm for 1000-class backbones (default: %(default)s)")
+    g.add_argument("--prompt", default=d.prompt, choices=["additive", "pad"],
+                   help="additive frame on the image border (paper's best) or pad (image shrunk into a canvas)")
+    g.add_argument("--prompt-size", type=int, default=None, help="prompt frame width in px (default: 16 at 224, scaled)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per-process batch size (default: %(default)s)")
+    g.add_argument("--train-subset", type=int, default=None, help="use a fixed random subset of N training images")
+    g.add_argument("--val-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
+    g.add_argument("--flm-samples", type=int, default=d.flm_samples,
+                   help="training images used to build the label mapping (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=d.workers, help="data-loader worker processes (default: %(default)s)")
+
+    g = p.add_argument_group("stage 1: PASS search (backbone frozen)")
+    g.add_argument("--search-steps", type=int, default=s.steps, help="optimisation steps (default: %(default)s)")
+    g.add_argument("--search-lr-prompt", type=float, default=s.lr_prompt, help="SGD lr of the prompt (default: %(default)s)")
+    g.add_argument("--search-lr-hypernet", type=float, default=s.lr_hypernet,
+                   help="AdamW lr of prompt encoder, LSTM and heads (default: %(default)s)")
+    g.add_argument("--hidden-size", type=int, default=s.hidden, help="hypernetwork hidden size (default: %(default)s)")
+    g.add_argument("--hypernet", default=s.core, choices=["lstm", "mlp", "cnn"],
+                   help="hypernetwork core: lstm (paper) or the mlp/cnn ablations (default: %(default)s)")
+    g.add_argument("--selection", default=s.selection, choices=["global", "uniform"],
+                   help="global: one ranking over all groups (paper); uniform: same fraction per group")
+    g.add_argument("--no-prompt-input", action="store_true", help="ablation: the hypernetwork does not see the prompt")
+    g.add_argument("--no-weight-input", action="store_true", help="ablation: the hypernetwork does not see weights")
+
+    g = p.add_argument_group("stage 2: fine-tuning the slim network with its prompt")
+    g.add_argument("--finetune-steps", type=int, default=f.steps, help="optimisation steps (default: %(default)s)")
+    g.add_argument("--finetune-epochs", type=float, default=None, help="epochs instead of steps")
+    g.add_argument("--finetune-lr", type=float, default=f.lr, help="SGD lr of the network (default: %(default)s)")
+    g.add_argument("--finetune-lr-prompt", type=float, default=f.lr_prompt, help="SGD lr of the prompt (default: %(default)s)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
+
+
+def _prune_config(args):
+    from .finetune import FinetuneConfig
+    from .pipeline import PruneConfig
+    from .search import SearchConfig
+
+    return PruneConfig(
+        model=args.model, pretrained=args.pretrained, dataset=args.dataset, target_macs=args.target_macs,
+        img_size=args.img_size, out=args.out, overwrite=args.overwrite, method=args.method, head=args.head,
+        prompt=args.prompt, prompt_size=args.prompt_size, batch_size=args.batch_size,
+        train_subset=args.train_subset, val_subset=args.val_subset, flm_samples=args.flm_samples,
+        workers=args.workers, seed=args.seed, mixed_precision=args.mixed_precision,
+        search=SearchConfig(steps=args.search_steps, lr_prompt=args.search_lr_prompt,
+                            lr_hypernet=args.search_lr_hypernet, hidden=args.hidden_size, core=args.hypernet,
+                            use_prompt=not args.no_prompt_input, use_weights=not args.no_weight_input,
+                            selection=args.selection, round_to=args.round_to),
+        finetune=FinetuneConfig(steps=args.finetune_steps, epochs=args.finetune_epochs, lr=args.finetune_lr,
+                                lr_prompt=args.finetune_lr_prompt),
+    )
+
+
+def cmd_prune(args) -> int:
+    from .pipeline import prune
+
+    cfg = _prune_config(args)
+    command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
+    m = prune(cfg, command=command)
+    if int(os.environ.get("RANK", "0")) == 0:
+        lines = [
+            f"run folder      {cfg.out or cfg.default_out()}",
+            f"MACs            {m['macs_dense'] / 1e6:.1f} M -> {m['macs_slim'] / 1e6:.1f} M  "
+            f"({100 * m['macs_ratio']:.1f} % kept, target {100 * cfg.target_macs:.0f} %)",
+            f"params          {m['params_dense'] / 1e6:.2f} M -> {m['params_slim'] / 1e6:.2f} M",
+        ]
+        if "top1_dense_zero_shot" in m:
+            lines.append(f"top-1 dense     {100 * m['top1_dense_zero_shot']:.2f} %  (label mapping, no training)")
+        lines += [
+            f"top-1 searched  {100 * m['top1_after_search']:.2f} %  (slim + prompt, before fine-tuning)",
+            f"top-1 slim      {100 * m['top1']:.2f} %  (fine-tuned, {m['val_images']} val images)",
+            f"time            {m['total_seconds']:.0f} s  (search {m['search_seconds']:.0f} s, "
+            f"fine-tune {m['finetune_seconds']:.0f} s, {m['world_size']} process(es))",
+        ]
+        print("\n".join(lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pass-zoo", description="PASS structured pruning for timm models: search masks with a visual "
+        "prompt and a recurrent hypernetwork, slim, fine-tune, export.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (e.g. how weights were loaded)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("prune", help="search masks with PASS, slim, fine-tune and write a run folder",
+                       description="Load a timm backbone, learn channel masks with PASS under a MACs budget, "
+                       "physically slim the network, fine-tune it with its prompt and write the run folder.")
+    _add_prune_args(p)
+    p.set_defaults(func=cmd_prune)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._argv = argv
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except PassZooError as exc:
+        print(f"pass-zoo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pass-zoo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Datasets: ``fashion-mnist`` (offline, Debian's dataset-fashion-mnist) and ``imagefolder:PATH``.
+
+Images come out resized to the model's input size and normalised with the backbone's own
+``pretrained_cfg`` mean/std (resolved by timm), so the prompt and the network see what they expect.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DATASET_HELP = "fashion-mnist[:DIR] (Debian package dataset-fashion-mnist) or imagefolder:PATH (PATH/train, PATH/val)"
+
+
+@dataclass
+class DataSpec:
+    """How images must look for one backbone."""
+
+    img_size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+
+@dataclass
+class TaskData:
+    train: Dataset
+    val: Dataset
+    class_names: List[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    if len(raw) < 4:
+        raise DataError(f"{path} is not an IDX file (too short)")
+    dtype, ndim = raw[2], raw[3]
+    if dtype != 0x08:
+        raise DataError(f"{path} is not a uint8 IDX file")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    data = raw[4 + 4 * ndim:]
+    if len(data) != int(torch.tensor(dims).prod()):
+        raise DataError(f"{path} is truncated: expected {int(torch.tensor(dims).prod())} bytes, found {len(data)}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims)
+
+
+class GrayscaleTensorDataset(Dataset):
+    """uint8 grayscale images in memory -> normalised 3-channel tensors at the model's size."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, spec: DataSpec, train: bool):
+        self.images, self.labels, self.spec, self.train = images, labels.long(), spec, train
+        self.mean = torch.tensor(spec.mean).view(3, 1, 1)
+        self.std = torch.tensor(spec.std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].float().div(255.0)[None, None]
+        x = F.interpolate(x, size=(self.spec.img_size, self.spec.img_size), mode="bilinear", align_corners=False)
+        x = x[0].expand(3, -1, -1)
+        if self.train and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def _fashion_mnist(root: str, spec: DataSpec) -> TaskData:
+    root_path = Path(root)
+    names = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    missing = [n for pair in names.values() for n in pair if not (root_path / n).is_file()]
+    if missing:
+        raise DataError(f"Fashion-MNIST not found in {root} (missing {missing[0]}); "
+                        "install it with 'apt-get install dataset-fashion-mnist' or pass fashion-mnist:DIR")
+    splits = {}
+    for split, (img, lab) in names.items():
+        images, labels = _read_idx(root_path / img), _read_idx(root_path / lab)
+        if len(images) != len(labels) or len(images) == 0:
+            raise DataError(f"Fashion-MNIST {split} split in {root} has {len(images)} images and {len(labels)} labels")
+        splits[split] = GrayscaleTensorDataset(images, labels, spec, train=(split == "train"))
+    return TaskData(splits["train"], splits["val"], list(FASHION_MNIST_CLASSES))
+
+
+def _image_folder(root: str, spec: DataSpec) -> TaskData:
+    from PIL import Image
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    root_path = Path(root)
+    for split in ("train", "val"):
+        if not (root_path / split).is_dir():
+            raise DataError(f"imagefolder:{root} needs class folders under {root_path / split}")
+    common = dict(input_size=(3, spec.img_size, spec.img_size), mean=spec.mean, std=spec.std,
+                  interpolation=spec.interpolation)
+
+    def loader(path):
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+
+    try:
+        train = ImageFolder(str(root_path / "train"), create_transform(is_training=True, **common), loader=loader)
+        val = ImageFolder(str(root_path / "val"), create_transform(crop_pct=spec.crop_pct, **common), loader=loader)
+    except (FileNotFoundError, RuntimeError) as exc:  # torchvision: no class folder / no valid file
+        raise DataError(f"imagefolder:{root}: {exc}") from exc
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(f"imagefolder:{root}: train and val class folders differ "
+                        f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})")
+    return TaskData(train, val, list(train.classes))
+
+
+def load_task_data(name: str, spec: DataSpec) -> TaskData:
+    """Resolve a dataset name (see ``DATASET_HELP``) into train/val datasets."""
+    kind, _, arg = name.partition(":")
+    if kind == "fashion-mnist":
+        return _fashion_mnist(arg or os.environ.get("PASS_ZOO_FASHION_MNIST", FASHION_MNIST_DIR), spec)
+    if kind == "imagefolder":
+        if not arg:
+            raise DataError("imagefolder needs a path: imagefolder:PATH")
+        return _image_folder(arg, spec)
+    raise DataError(f"unknown dataset '{name}'; use {DATASET_HELP}")
+
+
+def subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
+    """A fixed random subset of ``n`` items (all when n is None or larger than the dataset)."""
+    if n is None or n >= len(ds):
+        return ds
+    if n <= 0:
+        raise DataError(f"subset size must be positive, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    return Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
+
+
+def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int, workers: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
+                      num_workers=workers, generator=g, persistent_workers=workers > 0)

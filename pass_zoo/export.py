@@ -1,0 +1,189 @@
+"""The slim-model format: a timm architecture ``pass_pruned`` that rebuilds any slim shape.
+
+``config.json`` (timm's Hub layout) carries::
+
+    {"architecture": "pass_pruned", "num_classes": 10, "label_names": [...],
+     "model_args": {"base_arch": "tf_efficientnet_lite0",
+                    "spec": {"format": "pass-zoo-slim/1", "img_size": 64,
+                             "prompt": {"kind": "additive", "width": 5},
+                             "pruning_history": [[layer, is_out, [indices]], ...]}},
+     "pretrained_cfg": {<the base model's mean/std/interpolation/crop, input_size at img_size>}}
+
+``pass_pruned`` builds the base architecture at random init, replays Torch-Pruning's pruning
+history on it (the slim shape, for any architecture the dependency graph can prune) and wraps it
+with the learned prompt. timm then loads ``model.safetensors`` strictly. The prompt and the label
+mapping are therefore part of the model: ``timm.create_model("local-dir:RUN"|"hf-hub:ORG/NAME",
+pretrained=True)`` reproduces the fine-tuned predictions with no extra step.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import timm
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .errors import PassZooError
+from .prompt import create_prompt
+from .runio import atomic_write_bytes, atomic_write_json
+
+SPEC_FORMAT = "pass-zoo-slim/1"
+_SUPPORTED_FORMATS = (SPEC_FORMAT,)
+# pretrained_cfg keys that describe the base model's own weights: cleared in an export.
+_BASE_ONLY_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "tag", "file", "source", "state_dict",
+                   "architecture", "license", "pool_size", "test_input_size", "test_crop_pct")
+
+
+class SpecMismatchError(PassZooError):
+    """The weights do not fit the slim shape that config.json describes."""
+
+
+class PassPrunedModel(nn.Module):
+    """prompt -> slim base network. Rebuilt from ``base_arch`` + ``spec`` alone."""
+
+    def __init__(self, base_arch: str, spec: dict, num_classes: int = 1000, in_chans: int = 3, **kwargs):
+        super().__init__()
+        fmt = spec.get("format")
+        if fmt not in _SUPPORTED_FORMATS:
+            raise SpecMismatchError(f"slim spec format '{fmt}' is not supported by this pass-zoo "
+                                    f"(supported: {', '.join(_SUPPORTED_FORMATS)})")
+        if not timm.is_model(base_arch):
+            raise SpecMismatchError(f"config.json names an unknown base architecture '{base_arch}'")
+        kwargs.pop("pretrained_cfg", None)
+        img_size = int(spec["img_size"])
+        self.base_arch, self.spec = base_arch, spec
+        self.prompt = create_prompt(spec["prompt"]["kind"], img_size, int(spec["prompt"]["width"]))
+        self.model = timm.create_model(base_arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        replay_pruning_history(self.model, spec["pruning_history"], torch.zeros(1, in_chans, img_size, img_size))
+        self.num_classes = num_classes
+        head = self.model.get_classifier()
+        self.num_features = getattr(head, "in_features", getattr(self.model, "num_features", None))
+
+    # timm's model API, forwarded to the slim network
+    def get_classifier(self):
+        return self.model.get_classifier()
+
+    def reset_classifier(self, num_classes: int, *args, **kwargs):
+        self.model.reset_classifier(num_classes, *args, **kwargs)
+        self.num_classes = num_classes
+
+    def forward_features(self, x):
+        return self.model.forward_features(self.prompt(x))
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return self.model.forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x):
+        return self.model(self.prompt(x))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict loading with one clear line when the file and the spec disagree."""
+        if strict:
+            own = self.state_dict()
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            if missing or unexpected:
+                raise SpecMismatchError(f"weights do not match the slim spec: missing {missing[:2]}, "
+                                        f"unexpected {unexpected[:2]}")
+            for k, v in own.items():
+                if tuple(state_dict[k].shape) != tuple(v.shape):
+                    raise SpecMismatchError(f"weights do not match the slim spec in config.json: '{k}' is "
+                                            f"{tuple(state_dict[k].shape)} in the file, {tuple(v.shape)} in the spec")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def replay_pruning_history(model: nn.Module, history: List, example_input: torch.Tensor) -> nn.Module:
+    """Re-apply Torch-Pruning's recorded pruning steps to a fresh base model (shapes only)."""
+    if not history:
+        return model
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        graph.load_pruning_history([[name, bool(is_out), list(idxs)] for name, is_out, idxs in history])
+    except AttributeError as exc:
+        raise SpecMismatchError(f"slim spec names a layer the base architecture does not have: {exc}") from exc
+    except (IndexError, RuntimeError, ValueError) as exc:
+        raise SpecMismatchError(f"slim spec does not fit the base architecture: {exc}") from exc
+    finally:
+        model.train(was_training)
+    return model
+
+
+def _create_pass_pruned(variant: str, pretrained: bool = False, **kwargs) -> PassPrunedModel:
+    kwargs.pop("pretrained_model_args", None)
+    if "base_arch" not in kwargs or "spec" not in kwargs:
+        raise PassZooError("pass_pruned is built from a pass-zoo export: use "
+                           "timm.create_model('local-dir:RUN_DIR' or 'hf-hub:ORG/NAME', pretrained=True)")
+    return build_model_with_cfg(PassPrunedModel, variant, pretrained, pretrained_strict=True, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "pass_pruned": {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "interpolation": "bicubic",
+                    "crop_pct": 1.0, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                    "first_conv": "prompt", "classifier": "model.classifier"},
+})
+
+
+@register_model
+def pass_pruned(pretrained: bool = False, **kwargs) -> PassPrunedModel:
+    """A PASS-pruned slim network with its learned prompt (see ``pass_zoo.export``)."""
+    return _create_pass_pruned("pass_pruned", pretrained=pretrained, **kwargs)
+
+
+def export_pretrained_cfg(base_cfg: dict, img_size: int, classifier: Optional[str]) -> dict:
+    """The base model's preprocessing, at the exported input size, with its weight locations cleared."""
+    cfg = {k: v for k, v in base_cfg.items() if k not in _BASE_ONLY_KEYS and v is not None}
+    cfg["input_size"] = [3, img_size, img_size]
+    if classifier:
+        cfg["classifier"] = f"model.{classifier}"
+    cfg["first_conv"] = "prompt"
+    for key, value in list(cfg.items()):
+        if isinstance(value, tuple):
+            cfg[key] = list(value)
+    return cfg
+
+
+def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num_classes: int,
+                    label_names: List[str], base_pretrained_cfg: dict, img_size: int) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for a prompted slim model."""
+    from safetensors.torch import save as st_save
+
+    out = Path(out)
+    prompt = prompted.prompt
+    classifier = base_pretrained_cfg.get("classifier")
+    spec = {"format": SPEC_FORMAT, "img_size": img_size,
+            "prompt": {"kind": prompt.kind, "width": prompt.width}, "pruning_history": history}
+    config = {
+        "architecture": "pass_pruned",
+        "num_classes": num_classes,
+        "num_features": getattr(prompted.model.get_classifier(), "in_features", None),
+        "label_names": list(label_names),
+        "model_args": {"base_arch": base_arch, "spec": spec},
+        "pretrained_cfg": export_pretrained_cfg(base_pretrained_cfg, img_size, classifier),
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in prompted.state_dict().items()}
+    atomic_write_bytes(out / "model.safetensors", st_save(state, metadata={"format": "pt", "pass_zoo": SPEC_FORMAT}))
+    atomic_write_json(out / "config.json", config)
+    return out
+
+
+def load_run_model(path) -> PassPrunedModel:
+    """Load an export (run folder, ``local-dir:``/``hf-hub:`` name) through timm, strictly."""
+    name = str(path)
+    if not name.startswith(("hf-hub:", "local-dir:")):
+        folder = Path(name)
+        if not (folder / "config.json").is_file():
+            raise PassZooError(f"{folder} is not an exported run (no config.json)")
+        name = f"local-dir:{folder}"
+    try:
+        return timm.create_model(name, pretrained=True).eval()
+    except PassZooError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PassZooError(f"cannot load {path}: {first}") from exc

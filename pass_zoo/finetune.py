@@ -1,0 +1,69 @@
+"""Stage 2 -- fine-tune the slim network jointly with its prompt (masks are now the architecture)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PassZooError
+from .prompt import PromptedModel
+from .training import cosine_lambda, cycle, progress
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 150
+    epochs: Optional[float] = None  # when set, replaces steps (epochs * batches per epoch)
+    lr: float = 0.01  # SGD for the network weights, momentum 0.9, cosine
+    lr_prompt: float = 0.01  # SGD for the prompt
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+
+
+def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator) -> List[float]:
+    """Train ``model`` (slim network + prompt) in place; returns the loss per step."""
+    if cfg.steps <= 0:
+        return []
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD([
+        {"params": list(model.model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": list(model.prompt.parameters()), "lr": cfg.lr_prompt, "weight_decay": 0.0},
+    ], momentum=cfg.momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg.steps))
+    wrapped, opt, loader = accelerator.prepare(model, opt, loader)
+    wrapped.train()
+    losses: List[float] = []
+    bar = progress(accelerator, cfg.steps, "finetune")
+    for step, (x, y) in zip(range(cfg.steps), cycle(loader)):
+        loss = F.cross_entropy(wrapped(x), y)
+        if not torch.isfinite(loss):
+            raise PassZooError(f"fine-tune loss became {float(loss)} at step {step}; lower --finetune-lr and retry")
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    accelerator.unwrap_model(wrapped).eval()
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, accelerator=None) -> float:
+    """Top-1 accuracy (fraction) over ``loader``; gathered over processes when an accelerator is given."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        pred = model(x).argmax(1)
+        if accelerator is not None:
+            pred, y = accelerator.gather_for_metrics((pred, y))
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    model.train(was_training)
+    return correct / max(total, 1)

@@ -1,0 +1,177 @@
+"""Masks: the one object every pruning method produces, and the budgeted selection that makes it.
+
+A mask set is a plain ``{group name: bool tensor over the group's root channels}``. PASS and every
+baseline hand the same object to ``slim``; only the way the scores were obtained differs.
+
+``select_units`` turns per-group scores into hard unit masks under an exact MACs budget:
+
+* *global* (the paper's choice): all units of all groups are ranked on one scale and the longest
+  prefix whose slim network fits the budget is kept. The MACs of a prefix are computed exactly by
+  the layer sequence (conv/linear MACs are bilinear in the kept channels of adjacent groups, so a
+  per-channel cost would only approximate them); a binary search finds the prefix because MACs
+  grow monotonically with it.
+* *uniform*: every group keeps the same fraction, the largest fraction that fits.
+
+``round_to`` keeps each group's kept channels a multiple of N: odd widths push CPU/GPU kernels off
+their fast paths, so a slim model can run slower than the dense one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Dict, List, Sequence
+
+import torch
+
+from .adapter import LayerSequence
+from .errors import BudgetError
+
+Masks = Dict[str, torch.Tensor]
+
+
+def _unit_step(round_to: int, ch_groups: int) -> int:
+    """Units per rounding step, so that kept channels (= units * ch_groups) are multiples of round_to."""
+    if round_to <= 1:
+        return 1
+    return max(1, round_to // math.gcd(round_to, ch_groups))
+
+
+def _rounded(count: int, total: int, step: int) -> int:
+    """Round a kept-unit count to a multiple of ``step``; at least one step, at most everything."""
+    if step > 1:
+        count = step * int(math.floor(count / step + 0.5))
+    return min(total, max(count, min(step, total)))
+
+
+def _kept_counts_global(order_gid: torch.Tensor, k: int, totals: List[int], steps: List[int]) -> List[int]:
+    counts = torch.bincount(order_gid[:k], minlength=len(totals)).tolist()
+    return [_rounded(c, t, s) for c, t, s in zip(counts, totals, steps)]
+
+
+def _fill(kept: List[int], scores, seq: LayerSequence, budget: float, totals, steps) -> List[int]:
+    """Rounding leaves budget unused: greedily add the best next step of any group that still fits."""
+    if all(s == 1 for s in steps):
+        return kept
+    ranked = [torch.sort(s.detach().float().flatten().cpu(), descending=True).values for s in scores]
+    kept = list(kept)
+    while True:
+        best, best_score = None, None
+        for g, (k, t, s) in enumerate(zip(kept, totals, steps)):
+            if k >= t:
+                continue
+            cand = list(kept)
+            cand[g] = min(t, k + s)
+            if (best_score is None or ranked[g][k] > best_score) and seq.macs(cand) <= budget:
+                best, best_score = cand, ranked[g][k]
+        if best is None:
+            return kept
+        kept = best
+
+
+def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target_macs: float,
+                 round_to: int = 1, selection: str = "global") -> List[torch.Tensor]:
+    """Hard unit masks (bool) keeping the best-scoring units with slim MACs <= target_macs * dense."""
+    if not 0.0 < target_macs <= 1.0:
+        raise BudgetError(f"target MACs fraction must be in (0, 1], got {target_macs}")
+    budget = target_macs * seq.dense_macs
+    totals = [g.units for g in seq.groups]
+    steps = [_unit_step(round_to, g.ch_groups) for g in seq.groups]
+    smallest = [_rounded(0, t, s) for t, s in zip(totals, steps)]
+    if seq.macs(smallest) > budget:
+        raise BudgetError(
+            f"target {target_macs:.3f} of the dense MACs cannot be met: the smallest network that keeps "
+            f"{max(round_to, 1)} channel(s) per group still has {seq.macs(smallest) / seq.dense_macs:.3f}")
+    if target_macs >= 1.0:
+        return [torch.ones(t, dtype=torch.bool) for t in totals]
+
+    flat = torch.cat([s.detach().float().flatten().cpu() for s in scores])
+    gid = torch.cat([torch.full((t,), i, dtype=torch.long) for i, t in enumerate(totals)])
+
+    if selection == "global":
+        order = torch.argsort(flat, descending=True, stable=True)
+        order_gid = gid[order]
+        lo, hi = 0, flat.numel()  # invariant: prefix lo fits (it keeps the minimum), find the largest
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if seq.macs(_kept_counts_global(order_gid, mid, totals, steps)) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        kept = _fill(_kept_counts_global(order_gid, lo, totals, steps), scores, seq, budget, totals, steps)
+    elif selection == "uniform":
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            cand = [_rounded(int(round(mid * t)), t, s) for t, s in zip(totals, steps)]
+            if seq.macs(cand) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        kept = [_rounded(int(round(lo * t)), t, s) for t, s in zip(totals, steps)]
+    else:
+        raise ValueError(f"unknown selection '{selection}' (global or uniform)")
+
+    masks = []
+    for s, k, t in zip(scores, kept, totals):
+        m = torch.zeros(t, dtype=torch.bool)
+        m[torch.argsort(s.detach().float().flatten().cpu(), descending=True, stable=True)[:k]] = True
+        masks.append(m)
+    return masks
+
+
+def to_channel_masks(unit_masks: Sequence[torch.Tensor], seq: LayerSequence) -> Masks:
+    """Unit masks (one per group, in walk order) -> the public ``{group name: channel mask}``."""
+    return {g.name: g.expand(m.bool().cpu()) for g, m in zip(seq.groups, unit_masks)}
+
+
+def to_unit_masks(masks: Masks, seq: LayerSequence) -> List[torch.Tensor]:
+    """The inverse of ``to_channel_masks``; checks the masks belong to this architecture."""
+    missing = [g.name for g in seq.groups if g.name not in masks]
+    extra = sorted(set(masks) - set(seq.names))
+    if missing or extra:
+        raise BudgetError(f"masks do not fit this model: missing groups {missing[:3]}, unknown groups {extra[:3]}")
+    out = []
+    for g in seq.groups:
+        m = masks[g.name].bool().flatten()
+        if m.numel() != g.channels:
+            raise BudgetError(f"mask for group '{g.name}' has {m.numel()} channels, the model has {g.channels}")
+        unit = m[: g.units]
+        if not torch.equal(g.expand(unit), m):
+            raise BudgetError(f"mask for group '{g.name}' is not the same in each of its {g.ch_groups} conv groups")
+        out.append(unit)
+    return out
+
+
+def masks_summary(masks: Masks, seq: LayerSequence) -> dict:
+    """JSON-able per-group kept/total and the MACs the masks imply."""
+    units = to_unit_masks(masks, seq)
+    kept = [int(u.sum()) for u in units]
+    macs = seq.macs(kept)
+    return {
+        "format": "pass-zoo-masks/1",
+        "macs_dense": int(seq.dense_macs),
+        "macs_slim": int(macs),
+        "macs_ratio": macs / seq.dense_macs,
+        "groups": [
+            {"name": g.name, "order": i, "kept": int(masks[g.name].sum()), "total": g.channels,
+             "ch_groups": g.ch_groups}
+            for i, g in enumerate(seq.groups)
+        ],
+    }
+
+
+def save_masks(masks: Masks, summary: dict, folder) -> None:
+    """``masks.safetensors`` (uint8 per group) + ``masks.json``, both written atomically."""
+    from safetensors.torch import save as st_save
+
+    from .runio import atomic_write_bytes, atomic_write_text
+
+    tensors = {name: m.to(torch.uint8).contiguous() for name, m in masks.items()}
+    atomic_write_bytes(folder / "masks.safetensors", st_save(tensors, metadata={"format": "pass-zoo-masks/1"}))
+    atomic_write_text(folder / "masks.json", json.dumps(summary, indent=2))
+
+
+def load_masks(path) -> Masks:
+    from safetensors.torch import load_file
+
+    return {k: v.bool() for k, v in load_file(str(path)).items()}

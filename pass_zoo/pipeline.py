@@ -1,0 +1,195 @@
+"""``prune``: backbone -> data -> layer sequence -> PASS search -> slim -> fine-tune -> run folder.
+
+Each stage is one public function over plain objects; this module only wires them together, so a
+user who wants a different loop can call the stages directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .adapter import build_layer_sequence
+from .backbone import BUNDLED_ARCH, create_backbone
+from .data import DataSpec, load_task_data, make_loader, subset
+from .errors import BudgetError, PassZooError
+from .finetune import FinetuneConfig, evaluate, finetune
+from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
+from .masks import masks_summary, save_masks
+from .prompt import PromptedModel, create_prompt
+from .runio import atomic_write_json, prepare_run_dir
+from .search import SearchConfig, search
+from .slim import count_macs, count_params, slim
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneConfig:
+    """Everything a ``prune`` run depends on (the CLI flags and recipe keys map 1:1 onto it)."""
+
+    model: str = BUNDLED_ARCH
+    pretrained: str = "auto"  # auto = bundled for tf_efficientnet_lite0, timm's weights otherwise
+    dataset: str = "fashion-mnist"
+    target_macs: float = 0.5
+    img_size: Optional[int] = None  # None = the backbone's own input size
+    out: Optional[str] = None
+    overwrite: bool = False
+    method: str = "pass"
+    head: str = "auto"  # auto | flm | new
+    prompt: str = "additive"  # additive | pad
+    prompt_size: Optional[int] = None  # None = 16 px at 224, scaled with the input size
+    batch_size: int = 64
+    train_subset: Optional[int] = None
+    val_subset: Optional[int] = None
+    flm_samples: int = 2000
+    workers: int = 0
+    seed: int = 0
+    mixed_precision: str = "no"
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_macs <= 1.0:
+            raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.head not in ("auto", "flm", "new"):
+            raise PassZooError(f"--head must be auto, flm or new, got '{self.head}'")
+        if self.method != "pass":
+            raise PassZooError(f"unknown --method '{self.method}' (available: pass)")
+        if self.batch_size <= 0 or self.search.steps < 0 or self.finetune.steps < 0:
+            raise PassZooError("batch size must be positive and step counts non-negative")
+        if self.search.round_to < 1:
+            raise PassZooError(f"--round-to must be >= 1, got {self.search.round_to}")
+
+    def default_out(self) -> str:
+        data = self.dataset.split(":")[0]
+        return f"runs/{self.model}-{data}-pass{round(self.target_macs * 100)}"
+
+
+def _resolve_pretrained(cfg: PruneConfig) -> str:
+    if cfg.pretrained != "auto":
+        return cfg.pretrained
+    return "bundled" if cfg.model == BUNDLED_ARCH else "timm"
+
+
+def data_spec_for(model, img_size: Optional[int]) -> DataSpec:
+    from timm.data import resolve_data_config
+
+    args = {"input_size": (3, img_size, img_size)} if img_size else {}
+    dc = resolve_data_config(args, model=model)
+    return DataSpec(img_size=dc["input_size"][-1], mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                    interpolation=dc.get("interpolation", "bilinear"), crop_pct=dc.get("crop_pct", 1.0))
+
+
+def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> dict:
+    """Run the whole pipeline and write the run folder; returns the metrics dict."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg.validate()
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    main = accelerator.is_main_process
+    out = Path(cfg.out or cfg.default_out())
+    if main:
+        prepare_run_dir(out, cfg.overwrite)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    t0 = time.time()
+
+    # backbone + data
+    backbone = create_backbone(cfg.model, _resolve_pretrained(cfg)).eval()
+    spec = data_spec_for(backbone, cfg.img_size)
+    task = load_task_data(cfg.dataset, spec)
+    train_ds = subset(task.train, cfg.train_subset, cfg.seed)
+    val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
+    train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.workers)
+    val_loader = accelerator.prepare(make_loader(val_ds, cfg.batch_size * 2, False, cfg.seed, cfg.workers))
+
+    # task head: fold the frequency label mapping into the classifier, or a fresh head
+    head = cfg.head
+    if head == "auto":
+        head = "flm" if backbone.num_classes == 1000 and task.num_classes <= 1000 else "new"
+    metrics: dict = {}
+    if head == "flm":
+        if backbone.num_classes < task.num_classes:
+            raise PassZooError(f"--head flm needs at least {task.num_classes} source classes, "
+                               f"the backbone has {backbone.num_classes}; use --head new")
+        flm_loader = accelerator.prepare(make_loader(subset(task.train, cfg.flm_samples, cfg.seed + 2),
+                                                     cfg.batch_size * 2, False, cfg.seed, cfg.workers))
+        counts = prediction_counts(backbone, flm_loader, task.num_classes, backbone.num_classes, accelerator)
+        mapping = frequency_label_mapping(counts)
+        fold_label_mapping(backbone, mapping)
+        metrics["label_mapping"] = mapping
+        metrics["top1_dense_zero_shot"] = evaluate(backbone, val_loader, accelerator)
+    else:
+        backbone.reset_classifier(task.num_classes)
+
+    # layer sequence + PASS search
+    example = torch.zeros(1, 3, spec.img_size, spec.img_size)
+    seq = build_layer_sequence(backbone, example)
+    prompt_size = cfg.prompt_size if cfg.prompt_size is not None else max(1, round(spec.img_size * 16 / 224))
+    prompt = create_prompt(cfg.prompt, spec.img_size, prompt_size)
+    t_search = time.time()
+    result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
+                    train_head=(head == "new"))
+    t_search = time.time() - t_search
+
+    # slim + fine-tune
+    slim_model, history = slim(backbone, result.masks, example)
+    prompted = PromptedModel(slim_model, prompt)
+    top1_after_search = evaluate(prompted, val_loader, accelerator)
+    if cfg.finetune.epochs:
+        cfg.finetune.steps = max(1, round(cfg.finetune.epochs * len(accelerator.prepare(
+            make_loader(train_ds, cfg.batch_size, True, cfg.seed)))))
+    t_ft = time.time()
+    ft_losses = finetune(prompted, train_loader, cfg.finetune, accelerator)
+    t_ft = time.time() - t_ft
+    prompted = accelerator.unwrap_model(prompted).eval()
+    top1 = evaluate(prompted, val_loader, accelerator)
+
+    metrics.update({
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "method": cfg.method,
+        "head": head,
+        "target_macs": cfg.target_macs,
+        "img_size": spec.img_size,
+        "macs_dense": count_macs(backbone, example),
+        "macs_slim": count_macs(slim_model, example),
+        "params_dense": count_params(backbone),
+        "params_slim": count_params(slim_model),
+        "hypernet_params": count_params(result.hypernet),
+        "top1": top1,
+        "top1_after_search": top1_after_search,
+        "search_loss_first": result.losses[0] if result.losses else None,
+        "search_loss_last": result.losses[-1] if result.losses else None,
+        "finetune_loss_last": ft_losses[-1] if ft_losses else None,
+        "search_seconds": round(t_search, 2),
+        "finetune_seconds": round(t_ft, 2),
+        "total_seconds": round(time.time() - t0, 2),
+        "train_images": len(train_ds),
+        "val_images": len(val_ds),
+        "world_size": accelerator.num_processes,
+        "seed": cfg.seed,
+        "command": command or "pass_zoo.prune(...)",
+        "config": asdict(cfg),
+        "class_names": task.class_names,
+    })
+    metrics["macs_ratio"] = metrics["macs_slim"] / metrics["macs_dense"]
+
+    if main:
+        save_masks(result.masks, masks_summary(result.masks, seq), out)
+        from .export import save_slim_model
+        save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
+                        label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),
+                        img_size=spec.img_size)
+        atomic_write_json(out / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return metrics

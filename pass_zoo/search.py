@@ -1,0 +1,143 @@
+"""Stage 1 -- learning to prune: train prompt + hypernetwork with the backbone frozen.
+
+Every optimisation step: the hypernetwork walks the groups and scores every unit; the global
+budgeted selection turns the scores into hard masks (exact MACs <= budget); the masks gate the
+frozen network through straight-through estimators; cross-entropy of the prompted, masked
+network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapter import LayerSequence
+from .errors import PassZooError
+from .hypernet import PassHyperNetwork
+from .masks import Masks, select_units, to_channel_masks
+from .training import cosine_lambda, cycle, progress
+
+
+@dataclass
+class SearchConfig:
+    """Stage-1 hyperparameters (defaults sized for a quick CPU run; the paper trains for epochs)."""
+
+    steps: int = 150
+    lr_prompt: float = 0.05  # SGD, momentum 0.9, cosine
+    lr_hypernet: float = 2e-3  # AdamW, cosine
+    lr_head: float = 1e-3  # a new classifier head (``--head new``) is trained with the hypernetwork
+    weight_decay: float = 1e-4
+    hidden: int = 64
+    core: str = "lstm"  # lstm (paper) | mlp | cnn (ablations)
+    use_prompt: bool = True
+    use_weights: bool = True
+    selection: str = "global"  # global (paper) | uniform
+    round_to: int = 8
+
+
+class MaskedSearchModel(nn.Module):
+    """Frozen backbone, gated by the masks the hypernetwork proposes on every forward pass."""
+
+    def __init__(self, backbone: nn.Module, seq: LayerSequence, prompt: nn.Module,
+                 hypernet: PassHyperNetwork, target_macs: float, cfg: SearchConfig):
+        super().__init__()
+        self.backbone, self.prompt, self.hypernet = backbone, prompt, hypernet
+        object.__setattr__(self, "seq", seq)  # plain reference, not a submodule
+        self.target_macs, self.round_to, self.selection = target_macs, cfg.round_to, cfg.selection
+        self.last_masks: Optional[List[torch.Tensor]] = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen BN statistics: gating stays exactly equal to slimming
+        return self
+
+    def propose(self):
+        """(straight-through unit masks, hard unit masks) for the current prompt and hypernetwork."""
+        scores = self.hypernet(self.prompt.image(), self.seq.weight_stats)
+        hard = select_units(scores, self.seq, self.target_macs, self.round_to, self.selection)
+        flat = torch.cat(scores)
+        # One shared scale over all groups keeps scores comparable across groups for the STE.
+        mu, sd = flat.mean(), flat.std() + 1e-8
+        ste = []
+        for s, h in zip(scores, hard):
+            z = (s - mu) / sd
+            ste.append(h.to(z.device, z.dtype) + z - z.detach())
+        with torch.no_grad():
+            kept = torch.cat([s[h.to(s.device)] for s, h in zip(scores, hard)])
+            dropped = torch.cat([s[~h.to(s.device)] for s, h in zip(scores, hard)])
+            if dropped.numel():
+                self.hypernet.threshold.fill_(float((kept.min() + dropped.max()) / 2))
+            else:
+                self.hypernet.threshold.fill_(float(kept.min()) - 1.0)
+        return ste, hard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ste, hard = self.propose()
+        self.last_masks = hard
+        with self.seq.gated(ste):
+            return self.backbone(self.prompt(x))
+
+
+@dataclass
+class SearchResult:
+    masks: Masks
+    unit_masks: List[torch.Tensor]
+    hypernet: PassHyperNetwork
+    losses: List[float] = field(default_factory=list)
+
+
+def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target_macs: float,
+           cfg: SearchConfig, accelerator, train_head: bool = False) -> SearchResult:
+    """Run stage 1; ``prompt`` is trained in place. Returns the final masks and the hypernetwork."""
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    head_params = []
+    if train_head:
+        head_params = list(backbone.get_classifier().parameters())
+        for p in head_params:
+            p.requires_grad_(True)
+    hypernet = PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core,
+                                use_prompt=cfg.use_prompt, use_weights=cfg.use_weights)
+    model = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg)
+    with torch.no_grad():  # a first selection sets the walk's provisional threshold
+        model.propose()
+
+    opt_prompt = torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9)
+    groups = [{"params": list(hypernet.parameters()), "lr": cfg.lr_hypernet}]
+    if head_params:
+        groups.append({"params": head_params, "lr": cfg.lr_head})
+    opt_hyper = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(cfg.steps)) for o in (opt_prompt, opt_hyper)]
+
+    wrapped, opt_prompt, opt_hyper, loader = accelerator.prepare(model, opt_prompt, opt_hyper, loader)
+    wrapped.train()
+    losses: List[float] = []
+    bar = progress(accelerator, cfg.steps, "search")
+    for step, (x, y) in zip(range(cfg.steps), cycle(loader)):
+        logits = wrapped(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise PassZooError(f"search loss became {float(loss)} at step {step}; lower --search-lr-* and retry")
+        opt_prompt.zero_grad(set_to_none=True)
+        opt_hyper.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt_prompt.step()
+        opt_hyper.step()
+        for s in scheds:
+            s.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+
+    model = accelerator.unwrap_model(wrapped)
+    model.eval()
+    with torch.no_grad():
+        _, hard = model.propose()
+    for p in head_params:
+        p.requires_grad_(False)
+    return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, losses)
