@@ -98,9 +98,13 @@ class PassHyperNetwork(nn.Module):
         self.max_units = max(self.units)
         self.hidden = hidden
         self.use_prompt, self.use_weights = use_prompt, use_weights
-        self.encoder = PromptEncoder(hidden)
-        self.h0 = nn.Parameter(torch.zeros(hidden))  # initial hidden state when the prompt is ablated
-        self.c0 = nn.Parameter(torch.zeros(hidden))  # the learnable embedding: initial cell state
+        # Only parameters that take part in the forward pass exist (distributed training requires it).
+        if use_prompt:
+            self.encoder = PromptEncoder(hidden)
+        else:
+            self.h0 = nn.Parameter(torch.zeros(hidden))  # ablation: a learned initial state, no prompt
+        if core == "lstm":
+            self.c0 = nn.Parameter(torch.zeros(hidden))  # the learnable embedding: initial cell state
         self.core = CORES[core](2 * self.max_units, hidden)
         self.heads = nn.ModuleList(nn.Linear(hidden, u) for u in self.units)
         # Raw-score threshold of the last global selection: the walk's provisional masks use it.
@@ -110,7 +114,7 @@ class PassHyperNetwork(nn.Module):
                 stats_fn: Callable[[int, List[Optional[torch.Tensor]]], torch.Tensor]) -> List[torch.Tensor]:
         n = self.max_units
         h = self.encoder(prompt_image) if self.use_prompt else self.h0
-        state = (h, self.c0, h)
+        state = (h, self.c0 if hasattr(self, "c0") else None, h)
         prev = torch.zeros(n, device=h.device)
         scores: List[torch.Tensor] = []
         provisional: List[Optional[torch.Tensor]] = []

@@ -90,11 +90,12 @@ def data_spec_for(model, img_size: Optional[int]) -> DataSpec:
 
 def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> dict:
     """Run the whole pipeline and write the run folder; returns the metrics dict."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from .training import make_accelerator
+
     cfg.validate()
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     main = accelerator.is_main_process
     out = Path(cfg.out or cfg.default_out())
     if main:

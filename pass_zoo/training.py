@@ -7,6 +7,18 @@ import sys
 from tqdm.auto import tqdm
 
 
+def make_accelerator(mixed_precision: str = "no"):
+    """An ``Accelerator`` that also distributes on machines without GPUs.
+
+    Accelerate only picks its multi-CPU (gloo) mode when told ``cpu=True``; without it, two
+    processes started by ``accelerate launch``/``torchrun`` would each train alone.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
 def cosine_lambda(total_steps: int):
     """Multiplier for LambdaLR: cosine from 1 to 0 over ``total_steps``."""
     total = max(1, total_steps)
