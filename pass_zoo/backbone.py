@@ -106,7 +106,8 @@ def create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
         path = Path(pretrained)
         if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
             raise BackboneError(f"unknown --pretrained '{pretrained}'; use {PRETRAINED_HELP}")
-    model = timm.create_model(name, pretrained=False)
+    model_kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    model = timm.create_model(name, pretrained=False, **model_kwargs)
     load_weights_into(model, load_state_dict_file(path), str(path))
     if kwargs.get("num_classes") is not None and kwargs["num_classes"] != model.num_classes:
         model.reset_classifier(kwargs["num_classes"])

@@ -6,6 +6,7 @@ Images come out resized to the model's input size and normalised with the backbo
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -57,10 +58,15 @@ def _read_idx(path: Path) -> torch.Tensor:
     dtype, ndim = raw[2], raw[3]
     if dtype != 0x08:
         raise DataError(f"{path} is not a uint8 IDX file")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: its header declares {ndim} dimensions but ends after {len(raw)} bytes")
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     data = raw[4 + 4 * ndim:]
-    if len(data) != int(torch.tensor(dims).prod()):
-        raise DataError(f"{path} is truncated: expected {int(torch.tensor(dims).prod())} bytes, found {len(data)}")
+    expected = math.prod(dims)
+    if len(data) != expected:
+        raise DataError(f"{path} is truncated: expected {expected} bytes, found {len(data)}")
+    if expected == 0:
+        return torch.zeros(dims, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims)
 
 
@@ -76,9 +82,15 @@ class GrayscaleTensorDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
+        # timm's eval transform on a tensor: resize to img_size / crop_pct with the model's
+        # interpolation, centre-crop img_size; so config.json's pretrained_cfg tells the truth.
+        size = self.spec.img_size
+        scaled = int(math.floor(size / self.spec.crop_pct))
+        mode = self.spec.interpolation if self.spec.interpolation in ("bilinear", "bicubic") else "bilinear"
         x = self.images[i].float().div(255.0)[None, None]
-        x = F.interpolate(x, size=(self.spec.img_size, self.spec.img_size), mode="bilinear", align_corners=False)
-        x = x[0].expand(3, -1, -1)
+        x = F.interpolate(x, size=(scaled, scaled), mode=mode, align_corners=False).clamp_(0.0, 1.0)
+        top = (scaled - size) // 2
+        x = x[0, :, top:top + size, top:top + size].expand(3, -1, -1)
         if self.train and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return (x - self.mean) / self.std, self.labels[i]

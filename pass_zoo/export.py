@@ -139,6 +139,7 @@ def export_pretrained_cfg(base_cfg: dict, img_size: int, classifier: Optional[st
     """The base model's preprocessing, at the exported input size, with its weight locations cleared."""
     cfg = {k: v for k, v in base_cfg.items() if k not in _BASE_ONLY_KEYS and v is not None}
     cfg["input_size"] = [3, img_size, img_size]
+    cfg.pop("num_classes", None)  # the top-level num_classes of config.json is the one that counts
     if classifier:
         cfg["classifier"] = f"model.{classifier}"
     cfg["first_conv"] = "prompt"

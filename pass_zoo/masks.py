@@ -79,8 +79,8 @@ def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target_macs
     smallest = [_rounded(0, t, s) for t, s in zip(totals, steps)]
     if seq.macs(smallest) > budget:
         raise BudgetError(
-            f"target {target_macs:.3f} of the dense MACs cannot be met: the smallest network that keeps "
-            f"{max(round_to, 1)} channel(s) per group still has {seq.macs(smallest) / seq.dense_macs:.3f}")
+            f"target {target_macs:.3g} of the dense MACs cannot be met: the smallest network that keeps "
+            f"{max(round_to, 1)} channel(s) per group still has {seq.macs(smallest) / seq.dense_macs:.3g}")
     if target_macs >= 1.0:
         return [torch.ones(t, dtype=torch.bool) for t in totals]
 
@@ -135,6 +135,8 @@ def to_unit_masks(masks: Masks, seq: LayerSequence) -> List[torch.Tensor]:
         m = masks[g.name].bool().flatten()
         if m.numel() != g.channels:
             raise BudgetError(f"mask for group '{g.name}' has {m.numel()} channels, the model has {g.channels}")
+        if not m.any():
+            raise BudgetError(f"mask for group '{g.name}' keeps no channel; every group must keep at least one")
         unit = m[: g.units]
         if not torch.equal(g.expand(unit), m):
             raise BudgetError(f"mask for group '{g.name}' is not the same in each of its {g.ch_groups} conv groups")
