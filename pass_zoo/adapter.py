@@ -52,6 +52,7 @@ class ChannelGroup:
     root_fn: object = field(repr=False)
     producers: List[_Slot] = field(default_factory=list, repr=False)  # out-channel layers
     consumers: List[_Slot] = field(default_factory=list, repr=False)  # in-channel layers
+    norms: List[_Slot] = field(default_factory=list, repr=False)  # BatchNorms over the group's channels
 
     @property
     def units(self) -> int:
@@ -165,7 +166,7 @@ class LayerSequence:
             root = tp_group[0].dep.target.module
             root_name = self.module_names[root]
             n = self.graph.get_out_channels(root)
-            producers, consumers, seen_orders, ch_groups = [], [], [], 1
+            producers, consumers, norms, seen_orders, ch_groups = [], [], [], [], 1
             for item in tp_group.items:
                 mod = item.dep.target.module
                 if not isinstance(mod, nn.Module) or mod not in self.module_names:
@@ -183,6 +184,8 @@ class LayerSequence:
                              torch.as_tensor(item.root_idxs, dtype=torch.long))
                 if isinstance(mod, _GATEABLE):
                     (producers if is_out else consumers).append(slot)
+                elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    norms.append(slot)
                 elif not isinstance(mod, _PER_CHANNEL):
                     raise AdapterError(
                         f"layer '{name}' ({type(mod).__name__}) mixes the channels of group '{root_name}'; "
@@ -190,9 +193,9 @@ class LayerSequence:
             if n % ch_groups:
                 raise AdapterError(f"group '{root_name}': {n} channels do not split into {ch_groups} conv groups")
             group = ChannelGroup(root_name, min(seen_orders) if seen_orders else 10**9, n, ch_groups,
-                                 root, tp_group[0].dep.handler, producers, consumers)
+                                 root, tp_group[0].dep.handler, producers, consumers, norms)
             units = group.units
-            for slot in producers + consumers:
+            for slot in producers + consumers + norms:
                 slot.units = slot.units % units
             groups.append(group)
         if not groups:
@@ -299,7 +302,9 @@ class LayerSequence:
     def weight_stats(self, index: int, unit_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         """Mean |W| per unit of group ``index``, over (c_in, k, k) with masked inputs removed.
 
-        Averaged over every layer producing the group's channels (all branches of a residual sum).
+        Averaged over every layer producing the group's channels (all branches of a residual sum),
+        and scaled by the BatchNorm gain |gamma| / sigma of those channels where there is one: BN
+        rescales every output channel, so the folded weight is what the next layer actually sees.
         """
         g = self.groups[index]
         stats = []
@@ -318,7 +323,21 @@ class LayerSequence:
             stats.append(per_unit / (len(slot.positions) // g.units))
         if not stats:  # a group with no weighted producer (e.g. only a BN): nothing to read
             return torch.zeros(g.units)
-        return torch.stack(stats).mean(0)
+        out = torch.stack(stats).mean(0)
+        if g.norms:
+            out = out * self._bn_gain(g)
+        return out
+
+    def _bn_gain(self, g: ChannelGroup) -> torch.Tensor:
+        gains = []
+        for slot in g.norms:
+            bn = self._module(slot.module_name)
+            if bn.weight is None or bn.running_var is None:
+                continue
+            gain = (bn.weight.detach().abs() / torch.sqrt(bn.running_var.detach() + bn.eps))[slot.positions]
+            per_unit = torch.zeros(g.units, dtype=gain.dtype).index_add_(0, slot.units, gain)
+            gains.append(per_unit / (len(slot.positions) // g.units))
+        return torch.stack(gains).mean(0) if gains else torch.ones(g.units)
 
 
 def build_layer_sequence(model: nn.Module, example_input: torch.Tensor,

@@ -54,6 +54,32 @@ def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator) -> 
 
 
 @torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, loader, batches: int = 20) -> None:
+    """Re-estimate BatchNorm running statistics of a slimmed network on training batches.
+
+    Removing channels changes what every BN downstream sees; the dense network's running
+    statistics no longer fit. A forward pass over a few batches (cumulative average) fixes that.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    saved = [bn.momentum for bn in bns]
+    was_training = model.training
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average over the calibration batches
+        bn.train()
+    try:
+        for _, (x, _) in zip(range(batches), loader):
+            model(x)
+    finally:
+        for bn, m in zip(bns, saved):
+            bn.momentum = m
+        model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, accelerator=None) -> float:
     """Top-1 accuracy (fraction) over ``loader``; gathered over processes when an accelerator is given."""
     was_training = model.training

@@ -86,11 +86,16 @@ def _standardise(v: torch.Tensor) -> torch.Tensor:
     return (v - v.mean()) / (v.std() + 1e-8)
 
 
+def _log_ratio(v: torch.Tensor) -> torch.Tensor:
+    v = v.clamp_min(0) + 1e-12
+    return torch.log(v / v.mean())
+
+
 class PassHyperNetwork(nn.Module):
     """Maps (prompt image, weight statistics) to one score vector per group, in walk order."""
 
     def __init__(self, units: Sequence[int], hidden: int = 64, core: str = "lstm",
-                 use_prompt: bool = True, use_weights: bool = True):
+                 use_prompt: bool = True, use_weights: bool = True, use_prior: bool = True):
         super().__init__()
         if core not in CORES:
             raise ValueError(f"unknown hypernetwork core '{core}' (choose from {', '.join(CORES)})")
@@ -107,6 +112,15 @@ class PassHyperNetwork(nn.Module):
             self.c0 = nn.Parameter(torch.zeros(hidden))  # the learnable embedding: initial cell state
         self.core = CORES[core](2 * self.max_units, hidden)
         self.heads = nn.ModuleList(nn.Linear(hidden, u) for u in self.units)
+        self.use_prior = use_prior and use_weights
+        if self.use_prior:
+            # Magnitude prior: the score starts as log(stat / mean stat of the group), a scale-free
+            # magnitude ranking that is comparable across groups, and the learned part starts small.
+            # Without it the first masks are random and a short search spends its steps undoing that.
+            self.prior_gain = nn.Parameter(torch.ones(len(self.units)))
+            for head in self.heads:
+                nn.init.normal_(head.weight, std=0.01)
+                nn.init.zeros_(head.bias)
         # Raw-score threshold of the last global selection: the walk's provisional masks use it.
         self.register_buffer("threshold", torch.zeros(()))
 
@@ -120,11 +134,14 @@ class PassHyperNetwork(nn.Module):
         provisional: List[Optional[torch.Tensor]] = []
         for i, units in enumerate(self.units):
             if self.use_weights:
-                stats = _standardise(stats_fn(i, provisional).to(h.device, h.dtype))
+                raw = stats_fn(i, provisional).to(h.device, h.dtype)
+                stats = _standardise(raw)
             else:
                 stats = torch.zeros(units, device=h.device)
             out, state = self.core(torch.cat([_pad(stats, n), prev]), state)
             s = self.heads[i](out)
+            if self.use_prior:
+                s = s + self.prior_gain[i] * _log_ratio(raw.detach())
             scores.append(s)
             hard = (s.detach() > self.threshold).to(s.dtype)
             mask = hard + s - s.detach()  # straight-through: gradients pass the threshold unchanged

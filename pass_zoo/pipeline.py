@@ -20,7 +20,7 @@ from .adapter import build_layer_sequence
 from .backbone import BUNDLED_ARCH, create_backbone
 from .data import DataSpec, load_task_data, make_loader, subset
 from .errors import BudgetError, PassZooError
-from .finetune import FinetuneConfig, evaluate, finetune
+from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .masks import masks_summary, save_masks
 from .prompt import PromptedModel, create_prompt
@@ -50,6 +50,7 @@ class PruneConfig:
     train_subset: Optional[int] = None
     val_subset: Optional[int] = None
     flm_samples: int = 2000
+    bn_calibration_batches: int = 20  # re-estimate BN statistics of the slim network before fine-tuning
     workers: int = 0
     seed: int = 0
     mixed_precision: str = "no"
@@ -107,6 +108,11 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     # backbone + data
     backbone = create_backbone(cfg.model, _resolve_pretrained(cfg)).eval()
     spec = data_spec_for(backbone, cfg.img_size)
+    prompt_size = cfg.prompt_size if cfg.prompt_size is not None else max(1, round(spec.img_size * 16 / 224))
+    try:  # before any data is read: a typo should fail in a second, as one line
+        prompt = create_prompt(cfg.prompt, spec.img_size, prompt_size)
+    except ValueError as exc:
+        raise PassZooError(f"--prompt-size: {exc}") from exc
     task = load_task_data(cfg.dataset, spec)
     train_ds = subset(task.train, cfg.train_subset, cfg.seed)
     val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
@@ -135,8 +141,6 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     # layer sequence + PASS search
     example = torch.zeros(1, 3, spec.img_size, spec.img_size)
     seq = build_layer_sequence(backbone, example)
-    prompt_size = cfg.prompt_size if cfg.prompt_size is not None else max(1, round(spec.img_size * 16 / 224))
-    prompt = create_prompt(cfg.prompt, spec.img_size, prompt_size)
     t_search = time.time()
     result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
                     train_head=(head == "new"))
@@ -145,6 +149,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     # slim + fine-tune
     slim_model, history = slim(backbone, result.masks, example)
     prompted = PromptedModel(slim_model, prompt)
+    # Same batches on every process (unsharded loader, same seed): BN statistics stay identical.
+    recalibrate_bn(prompted, make_loader(train_ds, cfg.batch_size, True, cfg.seed + 3), cfg.bn_calibration_batches)
     top1_after_search = evaluate(prompted, val_loader, accelerator)
     if cfg.finetune.epochs:
         cfg.finetune.steps = max(1, round(cfg.finetune.epochs * len(accelerator.prepare(

@@ -35,8 +35,31 @@ class SearchConfig:
     core: str = "lstm"  # lstm (paper) | mlp | cnn (ablations)
     use_prompt: bool = True
     use_weights: bool = True
+    use_prior: bool = True  # start scores from the log-magnitude ranking (see hypernet.py)
     selection: str = "global"  # global (paper) | uniform
+    bn_mode: str = "batch"  # batch: BN normalises with batch statistics (running stats kept) | frozen
     round_to: int = 8
+
+
+def _batch_norms(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class _KeepRunningStats:
+    """BN momentum 0 inside the block: batch statistics are used, running statistics never move."""
+
+    def __init__(self, model: nn.Module):
+        self.bns = _batch_norms(model)
+
+    def __enter__(self):
+        self.saved = [bn.momentum for bn in self.bns]
+        for bn in self.bns:
+            bn.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for bn, m in zip(self.bns, self.saved):
+            bn.momentum = m
 
 
 class MaskedSearchModel(nn.Module):
@@ -48,11 +71,17 @@ class MaskedSearchModel(nn.Module):
         self.backbone, self.prompt, self.hypernet = backbone, prompt, hypernet
         object.__setattr__(self, "seq", seq)  # plain reference, not a submodule
         self.target_macs, self.round_to, self.selection = target_macs, cfg.round_to, cfg.selection
+        self.bn_mode = cfg.bn_mode
         self.last_masks: Optional[List[torch.Tensor]] = None
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.backbone.eval()  # frozen BN statistics: gating stays exactly equal to slimming
+        self.backbone.eval()  # weights and dropout frozen
+        if mode and self.bn_mode == "batch":
+            # A masked network is far from the dense one's BN statistics; normalising with batch
+            # statistics keeps it in a working regime, so the loss judges the mask, not the drift.
+            for bn in _batch_norms(self.backbone):
+                bn.train()
         return self
 
     def propose(self):
@@ -101,7 +130,7 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         for p in head_params:
             p.requires_grad_(True)
     hypernet = PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core,
-                                use_prompt=cfg.use_prompt, use_weights=cfg.use_weights)
+                                use_prompt=cfg.use_prompt, use_weights=cfg.use_weights, use_prior=cfg.use_prior)
     model = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg)
     with torch.no_grad():  # a first selection sets the walk's provisional threshold
         model.propose()
@@ -115,8 +144,24 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
 
     wrapped, opt_prompt, opt_hyper, loader = accelerator.prepare(model, opt_prompt, opt_hyper, loader)
     wrapped.train()
-    losses: List[float] = []
     bar = progress(accelerator, cfg.steps, "search")
+    try:
+        with _KeepRunningStats(backbone):
+            losses = _search_loop(wrapped, loader, opt_prompt, opt_hyper, scheds, cfg, accelerator, bar)
+    finally:
+        bar.close()
+
+    model = accelerator.unwrap_model(wrapped)
+    model.eval()
+    with torch.no_grad():
+        _, hard = model.propose()
+    for p in head_params:
+        p.requires_grad_(False)
+    return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, losses)
+
+
+def _search_loop(wrapped, loader, opt_prompt, opt_hyper, scheds, cfg: SearchConfig, accelerator, bar) -> List[float]:
+    losses: List[float] = []
     for step, (x, y) in zip(range(cfg.steps), cycle(loader)):
         logits = wrapped(x)
         loss = F.cross_entropy(logits, y)
@@ -132,12 +177,4 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-
-    model = accelerator.unwrap_model(wrapped)
-    model.eval()
-    with torch.no_grad():
-        _, hard = model.propose()
-    for p in head_params:
-        p.requires_grad_(False)
-    return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, losses)
+    return losses
