@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # test this checkout, not an installed copy of the package
     sys.path.insert(0, str(ROOT))
 
+# One intra-op thread: the models here are tiny, and on a busy 2-core machine OpenMP workers
+# spin-waiting for a core make a 32 px forward pass ~50x slower than running single-threaded.
+torch.set_num_threads(1)
+
 import timm  # noqa: E402
 
 import pass_zoo  # noqa: E402,F401  (registers pass_pruned with timm)

@@ -136,7 +136,7 @@ def test_dense_macs_equal_hook_count(name, model_seq, example_input):
     assert len(unit) == len(seq) and all(u > 0 for u in unit)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "regnetx_002", "tf_efficientnet_lite0"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_arbitrary_kept_counts_slim_equals_gated(name, model_seq):
     """Arbitrary kept counts and positions (not only what the budgeted selection produces)."""
     model, seq = model_seq(name)

@@ -204,6 +204,22 @@ def test_bad_round_to_and_unreachable_budget(tmp_path):
     assert rc != 0 and "cannot be met" in _one_error_line(stderr)
 
 
+def test_out_that_is_a_file_and_bad_batch_size(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    rc, _, stderr = _run(_tiny_args(tmp_path))
+    assert rc != 0 and f"--out {tmp_path / 'run'} exists and is not a folder" in _one_error_line(stderr)
+    rc, _, stderr = _run(_tiny_args(tmp_path / "sub", "--batch-size", "0"))
+    assert rc != 0 and "batch size must be positive" in _one_error_line(stderr)
+
+
+def test_prompt_that_does_not_fit_the_image(tmp_path):
+    """A user typo (--prompt-size wider than half the image) must be a one-line error, not a traceback."""
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--head", "new", "--prompt-size", "20"))
+    assert rc != 0
+    line = _one_error_line(stderr)
+    assert "20" in line and "32 px" in line
+
+
 # ------------------------------------------------------------------------------ image folder, new head
 def test_imagefolder_run_with_a_new_head(tmp_path):
     data = write_image_folder(tmp_path / "imgs", ["ant", "bee", "cat"], n_train=6, n_val=3)

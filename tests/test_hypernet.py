@@ -119,6 +119,26 @@ def test_variants_score_every_group_and_train(core, use_prompt, use_weights):
     assert seq.macs([int(m.sum()) for m in model.last_masks]) <= TARGET * seq.dense_macs
 
 
+@pytest.mark.parametrize("core", ["lstm", "mlp", "cnn"])
+def test_tiny_groups_and_single_unit_groups(core):
+    """Groups narrower than the CNN core's pooling width, and a 1-unit group (no spread to standardise)."""
+    units = [1, 3, 5]
+    hn = PassHyperNetwork(units, hidden=8, core=core)
+    g = torch.Generator().manual_seed(0)
+    calls = []
+
+    def stats_fn(i, provisional):
+        calls.append((i, len(provisional)))
+        return torch.rand(units[i], generator=g)
+
+    scores = hn(torch.zeros(3, 16, 16), stats_fn)
+    assert [s.shape[0] for s in scores] == units
+    assert all(torch.isfinite(s).all() for s in scores)
+    assert calls == [(0, 0), (1, 1), (2, 2)]  # step i sees the masks of the i earlier groups
+    torch.cat(scores).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in hn.parameters())
+
+
 def test_weight_inputs_change_the_scores():
     """use_weights=True reads the backbone: rescaling one group's weights changes the walk."""
     model, seq = _setup()

@@ -196,6 +196,20 @@ def test_to_unit_masks_errors(model_seq):
         to_unit_masks(uneven, seq)
 
 
+def test_a_mask_that_empties_a_group_is_refused(model_seq, example_input):
+    """Removing every channel of a group leaves a 0-channel conv that cannot run: the mask
+    validator (used by ``slim`` and ``masks_summary``) must say so instead of returning it."""
+    model, seq = model_seq("resnet10t")
+    units = [torch.ones(g.units, dtype=torch.bool) for g in seq.groups]
+    units[2][:] = False
+    masks = to_channel_masks(units, seq)
+    name = re.escape(seq.groups[2].name)
+    with pytest.raises(BudgetError, match=rf"'{name}'"):
+        to_unit_masks(masks, seq)
+    with pytest.raises(BudgetError, match=rf"'{name}'"):
+        slim(model, masks, example_input)
+
+
 def test_save_and_load_masks_round_trip(model_seq, tmp_path):
     from safetensors import safe_open
 
