@@ -180,10 +180,19 @@ def load_run_model(path) -> PassPrunedModel:
         if not (folder / "config.json").is_file():
             raise PassZooError(f"{folder} is not an exported run (no config.json)")
         name = f"local-dir:{folder}"
+    folder = Path(name[len("local-dir:"):])
+    # Without it, timm would load the first other *.safetensors in the folder (masks.safetensors).
+    if name.startswith("local-dir:") and (folder / "config.json").is_file() \
+            and not (folder / "model.safetensors").is_file():
+        raise PassZooError(f"cannot load {path}: {folder / 'model.safetensors'} is missing")
     try:
         return timm.create_model(name, pretrained=True).eval()
-    except PassZooError:
-        raise
+    except PassZooError as exc:
+        raise type(exc)(f"cannot load {path}: {exc}") from exc
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if type(exc).__name__ == "SafetensorError":  # raised by timm's loader, names no file
+            first = f"model.safetensors is truncated or corrupt ({first})"
+        elif isinstance(exc, json.JSONDecodeError):
+            first = f"config.json is not valid JSON ({first})"
         raise PassZooError(f"cannot load {path}: {first}") from exc
