@@ -37,6 +37,8 @@ _SUPPORTED_FORMATS = (SPEC_FORMAT,)
 _BASE_ONLY_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "tag", "file", "source", "state_dict",
                    "architecture", "license", "pool_size", "test_input_size", "test_crop_pct")
 
+_TUPLE_KEYS = ("input_size", "test_input_size", "min_input_size", "mean", "std", "pool_size")
+
 
 class SpecMismatchError(PassZooError):
     """The weights do not fit the slim shape that config.json describes."""
@@ -119,6 +121,10 @@ def _create_pass_pruned(variant: str, pretrained: bool = False, **kwargs) -> Pas
     if "base_arch" not in kwargs or "spec" not in kwargs:
         raise PassZooError("pass_pruned is built from a pass-zoo export: use "
                            "timm.create_model('local-dir:RUN_DIR' or 'hf-hub:ORG/NAME', pretrained=True)")
+    cfg = kwargs.get("pretrained_cfg")
+    if isinstance(cfg, dict):  # JSON gave lists; timm's own cfgs (and resolve_data_config) use tuples
+        kwargs["pretrained_cfg"] = {k: tuple(v) if k in _TUPLE_KEYS and isinstance(v, list) else v
+                                    for k, v in cfg.items()}
     return build_model_with_cfg(PassPrunedModel, variant, pretrained, pretrained_strict=True, **kwargs)
 
 
