@@ -87,10 +87,11 @@ def export_graph(model: nn.Module, path, img_size: int, opset: int = DEFAULT_OPS
 
 
 def onnx_metadata(model: nn.Module) -> dict:
-    """``metadata_props`` for a timm model: its preprocessing and class names, as JSON strings."""
+    """``metadata_props`` for a timm model: its preprocessing and class names; every value is JSON."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    meta = {"pass_zoo_format": ONNX_FORMAT,
-            "input": "float32 NCHW RGB image, resized/cropped as below, scaled to [0, 1], then (x - mean) / std"}
+    meta = {"pass_zoo_format": json.dumps(ONNX_FORMAT),
+            "input": json.dumps("float32 NCHW RGB image, resized/cropped as below, scaled to [0, 1], "
+                                "then (x - mean) / std")}
     for key in _META_KEYS:
         if cfg.get(key) is not None:
             meta[key] = json.dumps(list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key])
