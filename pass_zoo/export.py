@@ -36,7 +36,7 @@ _SUPPORTED_FORMATS = (SPEC_FORMAT,)
 # pretrained_cfg keys that describe the base model's own weights: cleared in an export.
 _BASE_ONLY_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "tag", "file", "source", "state_dict",
                    "architecture", "license", "pool_size", "test_input_size", "test_crop_pct")
-
+# pretrained_cfg keys timm keeps as tuples (JSON turns them into lists).
 _TUPLE_KEYS = ("input_size", "test_input_size", "min_input_size", "mean", "std", "pool_size")
 
 
@@ -186,11 +186,11 @@ def load_run_model(path) -> PassPrunedModel:
         if not (folder / "config.json").is_file():
             raise PassZooError(f"{folder} is not an exported run (no config.json)")
         name = f"local-dir:{folder}"
-    folder = Path(name[len("local-dir:"):])
-    # Without it, timm would load the first other *.safetensors in the folder (masks.safetensors).
-    if name.startswith("local-dir:") and (folder / "config.json").is_file() \
-            and not (folder / "model.safetensors").is_file():
-        raise PassZooError(f"cannot load {path}: {folder / 'model.safetensors'} is missing")
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        # Without it, timm would load the first other *.safetensors in the folder (masks.safetensors).
+        if (folder / "config.json").is_file() and not (folder / "model.safetensors").is_file():
+            raise PassZooError(f"cannot load {path}: {folder / 'model.safetensors'} is missing")
     try:
         return timm.create_model(name, pretrained=True).eval()
     except PassZooError as exc:
