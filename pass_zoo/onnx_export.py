@@ -155,6 +155,7 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
     than ``tolerance`` (default ``PARITY_TOLERANCE``) on either input.
     """
     import onnx
+    import onnxruntime
 
     from .export import load_run_model
 
@@ -164,7 +165,7 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
     tol = PARITY_TOLERANCE if tolerance is None else tolerance
     model = load_run_model(run_dir)
     img_size = int(model.spec["img_size"])
-    real_source = "given batch"
+    real_source = None if real_inputs is None else f"given batch of {len(real_inputs)} images"
     if real_inputs is None:
         real_inputs, real_source = _run_val_batch(run_dir, model, dataset)
     random_inputs = torch.randn(5, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
@@ -172,7 +173,7 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
     report = {"format": ONNX_FORMAT, "onnx_file": "model.onnx", "opset": None, "exporter": None,
               "tolerance": tol, "max_abs_diff_random": None, "max_abs_diff_real": None,
               "real_inputs": real_source, "sha256": None, "passed": False,
-              "torch": torch.__version__, "onnx": onnx.__version__}
+              "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
     def build(tmp: str) -> None:
         report["exporter"] = export_graph(model, tmp, img_size, opset, exporter)
@@ -199,7 +200,7 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
         # A model.onnx from an earlier export no longer matches what export.json says: remove it.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(run_dir / "model.onnx")
-        report["error"] = _first_line(exc)
+        report.update(passed=False, sha256=None, error=_first_line(exc))
         atomic_write_json(run_dir / "export.json", report)
         error = exc if isinstance(exc, OnnxExportError) else \
             OnnxExportError(f"ONNX export of {run_dir} failed: {_first_line(exc)}")

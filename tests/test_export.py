@@ -18,14 +18,15 @@ import pass_zoo
 import pass_zoo.onnx_export as onnx_export
 from pass_zoo import PassZooError, build_layer_sequence, load_run_model, save_slim_model, select_units, slim
 from pass_zoo.cli import main
-from pass_zoo.evaluation import val_split
+from pass_zoo.data import FASHION_MNIST_CLASSES, make_loader
+from pass_zoo.evaluation import evaluate_target, val_split
 from pass_zoo.export import SpecMismatchError
 from pass_zoo.masks import to_channel_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
 
 S = 32
 ARCHS = ["resnet10t", "tf_efficientnet_lite0", "mobilenetv3_small_050", "regnetx_002"]
-CLASSES = [f"class{i}" for i in range(10)]
+CLASSES = list(FASHION_MNIST_CLASSES)  # so that eval on Fashion-MNIST accepts the exports
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,9 +96,17 @@ def test_reload_local_dir_and_offline_hub_match_in_memory(exported, tmp_path, mo
     assert isinstance(local, pass_zoo.PassPrunedModel)
     assert _max_diff(local, prompted, x) <= 1e-6
 
-    hub = timm.create_model(_hf_cache(tmp_path, monkeypatch, run_dir), pretrained=True).eval()
+    name = _hf_cache(tmp_path, monkeypatch, run_dir)
+    hub = timm.create_model(name, pretrained=True).eval()
     assert hub.base_arch == arch and hub.pretrained_cfg["label_names"] == CLASSES
     assert _max_diff(hub, prompted, x) <= 1e-6  # random prompt and weights: only the cached files give this
+
+    # eval resolves hf-hub: names too, and counts what the in-memory model predicts
+    r = evaluate_target(name, dataset="fashion-mnist", val_subset=16, seed=5, batch_size=8)
+    ds, _ = val_split("fashion-mnist", onnx_export.data_spec_of(hub), 16, 5)
+    with torch.no_grad():
+        correct = sum(int((prompted(xb).argmax(1) == yb).sum()) for xb, yb in make_loader(ds, 8, False, 5))
+    assert r["images"] == 16 and r["correct"] == correct and r["backend"] == "torch"
 
 
 def test_reloaded_model_keeps_base_preprocessing(exported):
