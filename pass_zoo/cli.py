@@ -77,6 +77,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
+    g.add_argument("--no-onnx", action="store_true",
+                   help="skip writing the verified model.onnx (run 'pass-zoo export' later)")
 
 
 def _prune_config(args):
@@ -89,7 +91,7 @@ def _prune_config(args):
         img_size=args.img_size, out=args.out, overwrite=args.overwrite, method=args.method, head=args.head,
         prompt=args.prompt, prompt_size=args.prompt_size, batch_size=args.batch_size,
         train_subset=args.train_subset, val_subset=args.val_subset, flm_samples=args.flm_samples,
-        workers=args.workers, seed=args.seed, mixed_precision=args.mixed_precision,
+        workers=args.workers, seed=args.seed, mixed_precision=args.mixed_precision, onnx=not args.no_onnx,
         search=SearchConfig(steps=args.search_steps, lr_prompt=args.search_lr_prompt,
                             lr_hypernet=args.search_lr_hypernet, hidden=args.hidden_size, core=args.hypernet,
                             use_prompt=not args.no_prompt_input, use_weights=not args.no_weight_input,
@@ -117,10 +119,88 @@ def cmd_prune(args) -> int:
         lines += [
             f"top-1 searched  {100 * m['top1_after_search']:.2f} %  (slim + prompt, before fine-tuning)",
             f"top-1 slim      {100 * m['top1']:.2f} %  (fine-tuned, {m['val_images']} val images)",
+        ]
+        if "onnx_max_abs_diff" in m:
+            lines.append(f"ONNX            model.onnx, max |logit diff| vs torch {m['onnx_max_abs_diff']:.2g}")
+        lines += [
             f"time            {m['total_seconds']:.0f} s  (search {m['search_seconds']:.0f} s, "
             f"fine-tune {m['finetune_seconds']:.0f} s, {m['world_size']} process(es))",
         ]
         print("\n".join(lines))
+    return 0
+
+
+def _val_subset(text: str):
+    """--val-subset: N images, 'all' for the whole validation split, 'run' for the run's own subset."""
+    if text in ("all", "run"):
+        return None if text == "all" else text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got '{text}'") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+def _write_json(path: Optional[str], obj) -> None:
+    if path:
+        from .runio import atomic_write_json
+
+        atomic_write_json(path, obj)
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .onnx_export import export_onnx
+    from .runio import atomic_write_json
+
+    run_dir = Path(args.run_dir.removeprefix("local-dir:"))
+    metrics_path = run_dir / "metrics.json"
+    try:
+        report, error = export_onnx(run_dir, opset=args.opset, exporter=args.exporter), None
+    except PassZooError as exc:
+        report, error = getattr(exc, "report", None), exc
+    if report is not None and metrics_path.is_file():  # keep prune's record in step with the files on disk
+        metrics = json.loads(metrics_path.read_text())
+        diffs = [d for d in (report["max_abs_diff_random"], report["max_abs_diff_real"]) if d is not None]
+        metrics["onnx_max_abs_diff"] = max(diffs) if diffs else None
+        metrics.pop("onnx_error", None)
+        if error is not None:
+            metrics["onnx_error"] = str(error)
+        atomic_write_json(metrics_path, metrics)
+    if error is not None:
+        raise error
+    real = "n/a" if report["max_abs_diff_real"] is None else f"{report['max_abs_diff_real']:.2g}"
+    print(f"wrote {run_dir / 'model.onnx'} (opset {report['opset']}, {report['exporter']} exporter)\n"
+          f"max |logit diff| vs torch: random {report['max_abs_diff_random']:.2g}, real {real} "
+          f"({report['real_inputs']}); tolerance {report['tolerance']:g}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_target
+
+    r = evaluate_target(args.target, dataset=args.dataset, val_subset=args.val_subset, seed=args.seed,
+                        batch_size=args.batch_size, threads=args.threads)
+    subset = "all" if r["val_subset"] is None else r["val_subset"]
+    line = (f"top-1 {100 * r['top1']:.2f} %  ({r['correct']}/{r['images']} {r['dataset']} validation images, "
+            f"subset {subset}, seed {r['seed']}, {r['backend']})")
+    if r["run_top1"] is not None:
+        line += f"\nrun's metrics.json top-1 {100 * r['run_top1']:.2f} %"
+    print(line)
+    _write_json(args.json, r)
+    return 0
+
+
+def cmd_latency(args) -> int:
+    from .latency import format_latency, measure_latency
+
+    report = measure_latency(args.run_dir, batches=args.batch, threads=args.threads, repeats=args.repeats,
+                             warmup=args.warmup, opset=args.opset)
+    print(format_latency(report))
+    _write_json(args.json, report)
     return 0
 
 
@@ -137,6 +217,40 @@ def build_parser() -> argparse.ArgumentParser:
                        "physically slim the network, fine-tune it with its prompt and write the run folder.")
     _add_prune_args(p)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="(re-)write a run's verified model.onnx and export.json",
+                       description="Export RUN_DIR's slim model with its prompt to ONNX, compare ONNX Runtime "
+                       "with torch on random and validation images, and keep model.onnx only if they agree.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 17 (default: %(default)s)")
+    p.add_argument("--exporter", default="auto", choices=["auto", "torchscript", "dynamo"],
+                   help="torch.onnx exporter; auto: TorchScript, dynamo if that fails (default: %(default)s)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="top-1 of a run folder, local-dir:/hf-hub: model or .onnx file",
+                       description="Evaluate TARGET on a validation split. Defaults repeat the run's own "
+                       "evaluation (dataset, --val-subset, --seed, batch size from its metrics.json).")
+    p.add_argument("target", metavar="TARGET", help="RUN_DIR | local-dir:PATH | hf-hub:ORG/NAME | FILE.onnx")
+    p.add_argument("--dataset", default=None, help="dataset (default: the run's)")
+    p.add_argument("--val-subset", type=_val_subset, default="run",
+                   help="N images or 'all' (default: the run's subset for the run's dataset, else all)")
+    p.add_argument("--seed", type=int, default=None, help="subset seed (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's eval batch)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: ORT's choice)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("latency", help="dense vs slim latency with ONNX Runtime on the CPU",
+                       description="Export the dense base model (random init) and the run's slim model to "
+                       "ONNX and time them interleaved with ONNX Runtime on the CPU.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=cmd_latency)
     return parser
 
 

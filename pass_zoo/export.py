@@ -36,6 +36,8 @@ _SUPPORTED_FORMATS = (SPEC_FORMAT,)
 # pretrained_cfg keys that describe the base model's own weights: cleared in an export.
 _BASE_ONLY_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "tag", "file", "source", "state_dict",
                    "architecture", "license", "pool_size", "test_input_size", "test_crop_pct")
+# pretrained_cfg keys timm keeps as tuples (JSON turns them into lists).
+_TUPLE_KEYS = ("input_size", "test_input_size", "min_input_size", "mean", "std", "pool_size")
 
 
 class SpecMismatchError(PassZooError):
@@ -119,6 +121,10 @@ def _create_pass_pruned(variant: str, pretrained: bool = False, **kwargs) -> Pas
     if "base_arch" not in kwargs or "spec" not in kwargs:
         raise PassZooError("pass_pruned is built from a pass-zoo export: use "
                            "timm.create_model('local-dir:RUN_DIR' or 'hf-hub:ORG/NAME', pretrained=True)")
+    cfg = kwargs.get("pretrained_cfg")
+    if isinstance(cfg, dict):  # JSON gave lists; timm's own cfgs (and resolve_data_config) use tuples
+        kwargs["pretrained_cfg"] = {k: tuple(v) if k in _TUPLE_KEYS and isinstance(v, list) else v
+                                    for k, v in cfg.items()}
     return build_model_with_cfg(PassPrunedModel, variant, pretrained, pretrained_strict=True, **kwargs)
 
 
@@ -181,10 +187,19 @@ def load_run_model(path) -> PassPrunedModel:
         if not (folder / "config.json").is_file():
             raise PassZooError(f"{folder} is not an exported run (no config.json)")
         name = f"local-dir:{folder}"
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        # Without it, timm would load the first other *.safetensors in the folder (masks.safetensors).
+        if (folder / "config.json").is_file() and not (folder / "model.safetensors").is_file():
+            raise PassZooError(f"cannot load {path}: {folder / 'model.safetensors'} is missing")
     try:
         return timm.create_model(name, pretrained=True).eval()
-    except PassZooError:
-        raise
+    except PassZooError as exc:
+        raise type(exc)(f"cannot load {path}: {exc}") from exc
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if type(exc).__name__ == "SafetensorError":  # raised by timm's loader, names no file
+            first = f"model.safetensors is truncated or corrupt ({first})"
+        elif isinstance(exc, json.JSONDecodeError):
+            first = f"config.json is not valid JSON ({first})"
         raise PassZooError(f"cannot load {path}: {first}") from exc

@@ -54,6 +54,7 @@ class PruneConfig:
     workers: int = 0
     seed: int = 0
     mixed_precision: str = "no"
+    onnx: bool = True  # export + verify model.onnx at the end (False: --no-onnx)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
@@ -191,12 +192,35 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     })
     metrics["macs_ratio"] = metrics["macs_slim"] / metrics["macs_dense"]
 
+    onnx_error = None
+
     if main:
         save_masks(result.masks, masks_summary(result.masks, seq), out)
         from .export import save_slim_model
         save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
                         label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),
                         img_size=spec.img_size)
+        if cfg.onnx:
+            onnx_error = _export_onnx(out, val_ds, metrics)
         atomic_write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
+    if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
+        raise onnx_error
     return metrics
+
+
+def _export_onnx(out: Path, val_ds, metrics: dict) -> Optional[PassZooError]:
+    """Write the verified model.onnx; record the parity (or the failure) in ``metrics``."""
+    from .onnx_export import export_onnx
+
+    real = torch.stack([val_ds[i][0] for i in range(min(32, len(val_ds)))])  # what the run evaluated on
+    try:
+        report = export_onnx(out, real_inputs=real)
+    except PassZooError as exc:
+        report, error = getattr(exc, "report", {}), exc
+        metrics["onnx_error"] = str(exc)
+    else:
+        error = None
+    diffs = [d for d in (report.get("max_abs_diff_random"), report.get("max_abs_diff_real")) if d is not None]
+    metrics["onnx_max_abs_diff"] = max(diffs) if diffs else None
+    return error

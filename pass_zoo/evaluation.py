@@ -1,0 +1,145 @@
+"""``eval``: top-1 of an exported model, through timm (torch) or ONNX Runtime.
+
+A target is a run folder, a ``local-dir:``/``hf-hub:`` name (loaded by timm, strictly) or an
+``.onnx`` file (preprocessing read from its ``metadata_props``). By default the evaluation repeats
+the one ``prune`` made: the run's dataset, validation subset, seed and batch size from
+``metrics.json``, so the torch path reproduces the run's ``top1`` exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .data import DataSpec, load_task_data, make_loader, subset
+from .errors import DataError, PassZooError
+
+RUN = "run"  # "take this setting from the run's metrics.json"
+_FALLBACK_BATCH = 64
+
+
+def target_kind(target: str) -> str:
+    """``onnx`` for an .onnx file, ``torch`` for anything timm loads."""
+    return "onnx" if str(target).endswith(".onnx") else "torch"
+
+
+def _metrics_path(target: str) -> Optional[Path]:
+    """Where the run's metrics.json is, if it can be found without the network."""
+    name = str(target)
+    if name.startswith("hf-hub:"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        repo, _, rev = name[len("hf-hub:"):].partition("@")
+        found = try_to_load_from_cache(repo, "metrics.json", revision=rev or None)
+        return Path(found) if isinstance(found, str) else None
+    path = Path(name.removeprefix("local-dir:"))
+    folder = path.parent if path.suffix == ".onnx" else path
+    return folder / "metrics.json" if (folder / "metrics.json").is_file() else None
+
+
+def run_eval_defaults(target) -> dict:
+    """What the run evaluated on: ``dataset``, ``val_subset``, ``seed``, ``batch_size``, ``top1`` (as known)."""
+    path = _metrics_path(str(target))
+    if path is None:
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PassZooError(f"cannot read {path}: {exc}") from exc
+    cfg = metrics.get("config") or {}
+    out = {"dataset": metrics.get("dataset", cfg.get("dataset")), "val_subset": cfg.get("val_subset"),
+           "seed": metrics.get("seed", cfg.get("seed", 0)), "top1": metrics.get("top1")}
+    if cfg.get("batch_size"):
+        out["batch_size"] = 2 * int(cfg["batch_size"])  # prune evaluates with twice the training batch
+    return out
+
+
+def val_split(dataset: str, spec: DataSpec, val_subset: Optional[int], seed: int):
+    """``(validation images, class names)``: the same fixed subset ``prune`` draws for this seed."""
+    task = load_task_data(dataset, spec)
+    return subset(task.val, val_subset, seed + 1), task.class_names
+
+
+def spec_from_metadata(meta: dict, path) -> DataSpec:
+    """The preprocessing recorded in an ONNX file's ``metadata_props``."""
+    missing = [k for k in ("input_size", "mean", "std") if k not in meta]
+    if missing:
+        raise PassZooError(f"{path} has no preprocessing metadata ({', '.join(missing)} missing); "
+                           "export it with 'pass-zoo export'")
+    return DataSpec(img_size=int(meta["input_size"][-1]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                    interpolation=meta.get("interpolation", "bilinear"), crop_pct=float(meta.get("crop_pct", 1.0)))
+
+
+def _check_classes(model_names, num_outputs: Optional[int], dataset: str, data_names) -> None:
+    if num_outputs is not None and num_outputs != len(data_names):
+        raise DataError(f"the model predicts {num_outputs} classes, {dataset} has {len(data_names)}")
+    if model_names and list(model_names) != list(data_names):
+        i = next((i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b), 0)
+        raise DataError(f"class {i} is '{model_names[i]}' in the model but '{data_names[i]}' in {dataset}")
+
+
+def _load(target: str, threads: Optional[int]) -> Tuple[object, DataSpec, list, Optional[int]]:
+    """``(predict function, preprocessing, class names, outputs)`` for either backend."""
+    if target_kind(target) == "onnx":
+        from .onnx_export import ort_session, read_onnx_metadata
+
+        meta = read_onnx_metadata(target)
+        session = ort_session(target, threads)
+        name = session.get_inputs()[0].name
+        out_dim = session.get_outputs()[0].shape[-1]
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {name: x.float().numpy()})[0]).argmax(1)
+
+        return predict, spec_from_metadata(meta, target), meta.get("class_names"), \
+            out_dim if isinstance(out_dim, int) else None
+
+    from .export import load_run_model
+    from .onnx_export import data_spec_of
+
+    model = load_run_model(target)
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return model(x).argmax(1)
+
+    return predict, data_spec_of(model), model.pretrained_cfg.get("label_names"), model.num_classes
+
+
+def evaluate_target(target, dataset: Optional[str] = None, val_subset=RUN, seed: Optional[int] = None,
+                    batch_size: Optional[int] = None, threads: Optional[int] = None) -> dict:
+    """Top-1 of ``target`` on a validation split; ``val_subset=None`` means the whole split.
+
+    Settings left at their defaults come from the run when ``dataset`` is the run's own.
+    """
+    target = str(target)
+    if target_kind(target) == "onnx" and not Path(target).is_file():
+        raise PassZooError(f"ONNX file {target} does not exist")
+    run = run_eval_defaults(target)
+    same_task = dataset is None or dataset == run.get("dataset")
+    dataset = dataset or run.get("dataset")
+    if not dataset:
+        raise PassZooError(f"no dataset recorded for {target}; pass --dataset")
+    if val_subset == RUN:
+        val_subset = run.get("val_subset") if same_task else None
+    if seed is None:
+        seed = run.get("seed", 0) if same_task else 0
+    batch_size = batch_size or (run.get("batch_size") if same_task else None) or _FALLBACK_BATCH
+
+    # the run's top-1 is only comparable on the very same images
+    same_setup = same_task and val_subset == run.get("val_subset") and seed == run.get("seed", 0)
+    predict, spec, names, outputs = _load(target, threads)
+    ds, data_names = val_split(dataset, spec, val_subset, seed)
+    _check_classes(names, outputs, dataset, data_names)
+    correct = total = 0
+    for x, y in make_loader(ds, batch_size, False, seed):
+        correct += int((predict(x) == y).sum())
+        total += int(y.numel())
+    return {"target": target, "backend": "onnxruntime" if target_kind(target) == "onnx" else "torch",
+            "dataset": dataset, "val_subset": val_subset, "seed": seed, "batch_size": batch_size,
+            "images": total, "correct": correct, "top1": correct / max(total, 1),
+            "run_top1": run.get("top1") if same_setup else None}

@@ -1,0 +1,92 @@
+"""``latency``: dense vs slim on ONNX Runtime CPU, measured -- MACs do not predict speed.
+
+Both networks are exported the same way (same exporter, opset and input size) to temporary files:
+the dense one is ``base_arch`` at random init with the run's number of classes (weights do not
+change the speed), the slim one is the run's model with its prompt. They run interleaved (dense,
+slim, dense, slim, ...) on the same input so that drifts in machine load hit both equally; the
+median of each is reported.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import PassZooError
+
+
+def _time_once(session, feed) -> float:
+    t = time.perf_counter()
+    session.run(None, feed)
+    return (time.perf_counter() - t) * 1000.0
+
+
+def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2, repeats: int = 20,
+                    warmup: int = 3, opset: int = 17) -> dict:
+    """Median ms per batch for the dense base model and the slim run model, and their ratio."""
+    import onnxruntime as ort
+    import timm
+
+    from .export import load_run_model
+    from .onnx_export import INPUT_NAME, export_graph, ort_session
+    from .slim import count_macs
+
+    if repeats < 1 or warmup < 0 or threads < 1 or not batches or min(batches) < 1:
+        raise PassZooError("latency needs --repeats >= 1, --warmup >= 0, --threads >= 1 and batch sizes >= 1")
+    run_dir = Path(str(run_dir).removeprefix("local-dir:"))
+    slim_model = load_run_model(run_dir)
+    base_arch, img_size = slim_model.base_arch, int(slim_model.spec["img_size"])
+    dense_model = timm.create_model(base_arch, pretrained=False, num_classes=slim_model.num_classes).eval()
+
+    macs_ratio = None
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        macs_ratio = json.loads(metrics_path.read_text()).get("macs_ratio")
+    if macs_ratio is None:  # count it: the prompt adds no MACs
+        example = torch.zeros(1, 3, img_size, img_size)
+        macs_ratio = count_macs(slim_model.model, example) / count_macs(dense_model, example)
+
+    with tempfile.TemporaryDirectory(prefix="pass-zoo-latency-") as tmp:
+        exporters = {}
+        sessions = {}
+        for name, model in (("dense", dense_model), ("slim", slim_model)):
+            path = Path(tmp) / f"{name}.onnx"
+            exporters[name] = export_graph(model, path, img_size, opset)
+            sessions[name] = ort_session(path, threads)
+        rows = []
+        for batch in batches:
+            x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
+            feed = {INPUT_NAME: x.numpy()}
+            for _ in range(warmup):
+                for s in sessions.values():
+                    s.run(None, feed)
+            times = {"dense": [], "slim": []}
+            for _ in range(repeats):
+                for name in ("dense", "slim"):
+                    times[name].append(_time_once(sessions[name], feed))
+            dense_ms, slim_ms = statistics.median(times["dense"]), statistics.median(times["slim"])
+            rows.append({"batch": batch, "dense_ms": round(dense_ms, 3), "slim_ms": round(slim_ms, 3),
+                         "speedup": round(dense_ms / slim_ms, 3),
+                         "dense_ms_all": [round(t, 3) for t in times["dense"]],
+                         "slim_ms_all": [round(t, 3) for t in times["slim"]]})
+    return {"run": str(run_dir), "base_arch": base_arch, "img_size": img_size, "threads": threads,
+            "repeats": repeats, "warmup": warmup, "opset": opset, "exporter": exporters["slim"],
+            "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "macs_ratio": macs_ratio,
+            "results": rows}
+
+
+def format_latency(report: dict) -> str:
+    """The table ``pass-zoo latency`` prints."""
+    lines = [f"{report['base_arch']} at {report['img_size']} px: dense (random init) vs slim ({report['run']})",
+             f"{report['runtime']}, {report['threads']} thread(s), opset {report['opset']}, "
+             f"median of {report['repeats']} interleaved runs after {report['warmup']} warm-up",
+             f"{'batch':>5}  {'dense ms':>10}  {'slim ms':>10}  {'speedup':>8}  {'MACs kept':>9}"]
+    for r in report["results"]:
+        lines.append(f"{r['batch']:>5}  {r['dense_ms']:>10.2f}  {r['slim_ms']:>10.2f}  {r['speedup']:>7.2f}x  "
+                     f"{100 * report['macs_ratio']:>8.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""ONNX export of a run: ``model.onnx``, verified against the timm-loaded model before it exists.
+
+What the graph holds, so that ONNX Runtime reproduces the fine-tuned predictions with no extra step:
+
+* the learned prompt -- ``PassPrunedModel.prompt`` is traced with the network (an ``Add`` of a
+  constant frame for the additive prompt; resize + pad + add for the pad prompt);
+* the label mapping -- already folded into the classifier rows at prune time
+  (``label_mapping.fold_label_mapping``): output ``i`` is task class ``i``, named in the metadata;
+* BatchNorm -- folded into the convolutions by the exporter (eval mode) or ORT at load time.
+
+What it does not hold: resizing and the mean/std normalisation. The input is the normalised
+``float32`` NCHW image, exactly what the timm model takes; the recipe travels in ``metadata_props``
+(``mean``, ``std``, ``input_size``, ``interpolation``, ``crop_pct``, ``class_names``, as JSON strings).
+
+The file is written under a temporary name, checked (``onnx.checker``), compared with the torch
+model on random and real inputs, and only then renamed to ``model.onnx``; ``export.json`` records
+the comparison either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import PassZooError
+from .runio import atomic_save_with, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+ONNX_FORMAT = "pass-zoo-onnx/1"
+DEFAULT_OPSET = 17
+# Max |logit difference| ORT vs torch. Read at call time, so tests can tighten it.
+PARITY_TOLERANCE = 1e-4
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+EXPORTERS = ("auto", "torchscript", "dynamo")
+_REAL_BATCH = 32
+_META_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct", "crop_mode")
+
+
+class OnnxExportError(PassZooError):
+    """The model cannot be exported to ONNX, or the export does not reproduce it."""
+
+
+def export_graph(model: nn.Module, path, img_size: int, opset: int = DEFAULT_OPSET,
+                 exporter: str = "auto") -> str:
+    """Write ``model`` (eval mode, batch axis dynamic) as ONNX to ``path``; returns the exporter used.
+
+    ``auto`` uses the TorchScript exporter and falls back to the dynamo one only if it fails. The
+    TorchScript exporter is deprecated but, for timm CNNs (tf_efficientnet_lite0's dynamic 'same'
+    padding included), it matches torch to ~1e-6 like dynamo, emits the requested opset (dynamo
+    cannot write Pad at opset 17 and silently stays at 18) and takes ~2 s instead of ~20 s.
+    """
+    if exporter not in EXPORTERS:
+        raise OnnxExportError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
+    model.eval()
+    example = torch.zeros(2, 3, img_size, img_size)  # batch 2: batch 1 would invite specialisation
+    first_error = None
+    for name in (("torchscript", "dynamo") if exporter == "auto" else (exporter,)):
+        try:
+            if name == "torchscript":
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+                    warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+                    torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
+                                      output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
+                                      do_constant_folding=True,
+                                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            else:
+                with contextlib.redirect_stdout(io.StringIO()):  # progress lines
+                    torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
+                                      output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
+            return name
+        except Exception as exc:
+            first_error = first_error or exc
+            log.info("%s ONNX exporter failed: %s", name, _first_line(exc))
+    raise OnnxExportError(f"cannot export {type(model).__name__} to ONNX: {_first_line(first_error)}") from first_error
+
+
+def onnx_metadata(model: nn.Module) -> dict:
+    """``metadata_props`` for a timm model: its preprocessing and class names; every value is JSON."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    meta = {"pass_zoo_format": json.dumps(ONNX_FORMAT),
+            "input": json.dumps("float32 NCHW RGB image, resized/cropped as below, scaled to [0, 1], "
+                                "then (x - mean) / std")}
+    for key in _META_KEYS:
+        if cfg.get(key) is not None:
+            meta[key] = json.dumps(list(cfg[key]) if isinstance(cfg[key], tuple) else cfg[key])
+    names = cfg.get("label_names")
+    meta["class_names"] = json.dumps(list(names) if names else [str(i) for i in range(model.num_classes)])
+    if getattr(model, "base_arch", None):
+        meta["base_arch"] = json.dumps(model.base_arch)
+    return meta
+
+
+def read_onnx_metadata(path) -> dict:
+    """``metadata_props`` of an ONNX file, JSON values decoded (plain strings kept as they are)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise OnnxExportError(f"cannot read ONNX file {path}: {_first_line(exc)}") from exc
+    meta = {}
+    for prop in proto.metadata_props:
+        try:
+            meta[prop.key] = json.loads(prop.value)
+        except ValueError:
+            meta[prop.key] = prop.value
+    return meta
+
+
+def ort_session(path, threads: Optional[int] = None):
+    """An ONNX Runtime CPU session; ``threads`` fixes the intra-op pool (None = ORT's default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT's warnings about unused initialisers are noise here
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxExportError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from exc
+
+
+def max_abs_diff(model: nn.Module, session, x: torch.Tensor) -> float:
+    """max |torch logits - ORT logits| on one batch."""
+    with torch.no_grad():
+        ref = model(x).float().numpy()
+    out = session.run(None, {session.get_inputs()[0].name: x.float().numpy()})[0]
+    if out.shape != ref.shape:
+        raise OnnxExportError(f"ONNX output has shape {out.shape}, torch gives {ref.shape}")
+    return float(abs(out - ref).max())
+
+
+def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[torch.Tensor] = None,
+                dataset: Optional[str] = None, exporter: str = "auto",
+                tolerance: Optional[float] = None) -> dict:
+    """(Re-)write ``RUN/model.onnx`` and ``RUN/export.json``; returns what export.json holds.
+
+    ``real_inputs``: a batch of normalised task images; by default the first images of the run's
+    validation subset (dataset, subset and seed from ``metrics.json``), when that data is available.
+    Raises ``OnnxExportError`` -- and leaves no ``model.onnx`` -- when ORT and torch differ by more
+    than ``tolerance`` (default ``PARITY_TOLERANCE``) on either input.
+    """
+    import onnx
+    import onnxruntime
+
+    from .export import load_run_model
+
+    if opset < DEFAULT_OPSET:
+        raise OnnxExportError(f"--opset must be at least {DEFAULT_OPSET}, got {opset}")
+    run_dir = Path(str(run_dir).removeprefix("local-dir:"))
+    tol = PARITY_TOLERANCE if tolerance is None else tolerance
+    model = load_run_model(run_dir)
+    img_size = int(model.spec["img_size"])
+    real_source = None if real_inputs is None else f"given batch of {len(real_inputs)} images"
+    if real_inputs is None:
+        real_inputs, real_source = _run_val_batch(run_dir, model, dataset)
+    random_inputs = torch.randn(5, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+
+    report = {"format": ONNX_FORMAT, "onnx_file": "model.onnx", "opset": None, "exporter": None,
+              "tolerance": tol, "max_abs_diff_random": None, "max_abs_diff_real": None,
+              "real_inputs": real_source, "sha256": None, "passed": False,
+              "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+    def build(tmp: str) -> None:
+        report["exporter"] = export_graph(model, tmp, img_size, opset, exporter)
+        proto = onnx.load(tmp)
+        for key, value in onnx_metadata(model).items():
+            proto.metadata_props.add(key=key, value=value)
+        proto.doc_string = f"pass-zoo slim {model.base_arch} with its prompt; label mapping folded into the classifier"
+        onnx.save(proto, tmp)
+        onnx.checker.check_model(tmp, full_check=True)
+        report["opset"] = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        session = ort_session(tmp)
+        report["max_abs_diff_random"] = max_abs_diff(model, session, random_inputs)
+        if real_inputs is not None:
+            report["max_abs_diff_real"] = max_abs_diff(model, session, real_inputs)
+        worst = max(d for d in (report["max_abs_diff_random"], report["max_abs_diff_real"]) if d is not None)
+        if not worst <= tol:  # also catches NaN
+            raise OnnxExportError(f"ONNX Runtime and torch disagree: max |logit difference| {worst:.3g} "
+                                  f"> {tol:g}; no model.onnx written (details in {run_dir / 'export.json'})")
+        report["sha256"], report["passed"] = _sha256(tmp), True  # the bytes the rename publishes
+
+    try:
+        atomic_save_with(run_dir / "model.onnx", build)
+    except Exception as exc:
+        # A model.onnx from an earlier export no longer matches what export.json says: remove it.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(run_dir / "model.onnx")
+        report.update(passed=False, sha256=None, error=_first_line(exc))
+        atomic_write_json(run_dir / "export.json", report)
+        error = exc if isinstance(exc, OnnxExportError) else \
+            OnnxExportError(f"ONNX export of {run_dir} failed: {_first_line(exc)}")
+        error.report = report  # the numbers, for callers that record them elsewhere (prune's metrics)
+        if error is exc:
+            raise
+        raise error from exc
+    atomic_write_json(run_dir / "export.json", report)
+    return report
+
+
+def _run_val_batch(run_dir: Path, model: nn.Module, dataset: Optional[str]):
+    """The first images of the run's validation subset, or ``(None, reason)`` when not available."""
+    from .errors import DataError
+    from .evaluation import run_eval_defaults, val_split
+
+    defaults = run_eval_defaults(run_dir)
+    dataset = dataset or defaults.get("dataset")
+    if not dataset:
+        log.warning("no dataset known for %s: ONNX parity is checked on random inputs only", run_dir)
+        return None, "none (no dataset in metrics.json)"
+    try:
+        ds, _ = val_split(dataset, data_spec_of(model), defaults.get("val_subset"), defaults.get("seed", 0))
+    except DataError as exc:
+        log.warning("ONNX parity on random inputs only: %s", exc)
+        return None, f"none ({exc})"
+    n = min(_REAL_BATCH, len(ds))
+    return torch.stack([ds[i][0] for i in range(n)]), f"{dataset} validation, first {n} images"
+
+
+def data_spec_of(model: nn.Module):
+    """The preprocessing timm resolves for ``model`` (its exported ``pretrained_cfg``)."""
+    from timm.data import resolve_data_config
+
+    from .data import DataSpec
+
+    dc = resolve_data_config({}, model=model)
+    return DataSpec(img_size=dc["input_size"][-1], mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                    interpolation=dc.get("interpolation", "bilinear"), crop_pct=dc.get("crop_pct", 1.0))
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_line(exc: Optional[BaseException]) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return text.splitlines()[0] if text else type(exc).__name__
