@@ -19,6 +19,7 @@ EPILOG = """examples (offline):
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     from .backbone import PRETRAINED_HELP
+    from .baselines import METHODS
     from .data import DATASET_HELP
     from .finetune import FinetuneConfig
     from .pipeline import PruneConfig
@@ -37,7 +38,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the model's own)")
     g.add_argument("--out", default=None, help="run folder (default: runs/MODEL-DATASET-passPCT)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    g.add_argument("--method", default=d.method, choices=["pass"], help="how masks are chosen (default: pass)")
+    g.add_argument("--method", default=d.method, choices=list(METHODS),
+                   help="how masks are chosen: pass, or a Torch-Pruning baseline under the same budget, slimming "
+                        "and fine-tuning (default: pass)")
 
     g = p.add_argument_group("task head and prompt")
     g.add_argument("--head", default=d.head, choices=["auto", "flm", "new"],

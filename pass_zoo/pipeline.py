@@ -5,10 +5,8 @@ user who wants a different loop can call the stages directly.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,12 +15,13 @@ from typing import Optional
 import torch
 
 from .adapter import build_layer_sequence
+from .baselines import METHODS, baseline_scores
 from .backbone import BUNDLED_ARCH, create_backbone
 from .data import DataSpec, load_task_data, make_loader, subset
 from .errors import BudgetError, PassZooError
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
-from .masks import masks_summary, save_masks
+from .masks import masks_summary, save_masks, select_units, to_channel_masks
 from .prompt import PromptedModel, create_prompt
 from .runio import atomic_write_json, prepare_run_dir
 from .search import SearchConfig, search
@@ -63,8 +62,8 @@ class PruneConfig:
             raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         if self.head not in ("auto", "flm", "new"):
             raise PassZooError(f"--head must be auto, flm or new, got '{self.head}'")
-        if self.method != "pass":
-            raise PassZooError(f"unknown --method '{self.method}' (available: pass)")
+        if self.method not in METHODS:
+            raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.batch_size <= 0 or self.search.steps < 0 or self.finetune.steps < 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
         if self.search.round_to < 1:
@@ -139,25 +138,33 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     else:
         backbone.reset_classifier(task.num_classes)
 
-    # layer sequence + PASS search
+    # layer sequence + mask search (PASS, or a baseline criterion under the same budget)
     example = torch.zeros(1, 3, spec.img_size, spec.img_size)
     seq = build_layer_sequence(backbone, example)
     t_search = time.time()
-    result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
-                    train_head=(head == "new"))
+    search_losses, hypernet_params = [], None
+    if cfg.method == "pass":
+        result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
+                        train_head=(head == "new"))
+        masks, search_losses, hypernet_params = result.masks, result.losses, count_params(result.hypernet)
+    else:
+        scores = baseline_scores(cfg.method, backbone, seq, prompt, train_loader, cfg.search.steps, accelerator)
+        masks = to_channel_masks(select_units(scores, seq, cfg.target_macs, cfg.search.round_to,
+                                              cfg.search.selection), seq)
     t_search = time.time() - t_search
 
     # slim + fine-tune
-    slim_model, history = slim(backbone, result.masks, example)
+    slim_model, history = slim(backbone, masks, example)
     prompted = PromptedModel(slim_model, prompt)
     # Same batches on every process (unsharded loader, same seed): BN statistics stay identical.
     recalibrate_bn(prompted, make_loader(train_ds, cfg.batch_size, True, cfg.seed + 3), cfg.bn_calibration_batches)
     top1_after_search = evaluate(prompted, val_loader, accelerator)
-    if cfg.finetune.epochs:
-        cfg.finetune.steps = max(1, round(cfg.finetune.epochs * len(accelerator.prepare(
-            make_loader(train_ds, cfg.batch_size, True, cfg.seed)))))
+    ft_cfg = cfg.finetune
+    if ft_cfg.epochs:  # batches per epoch as each process sees them
+        per_epoch = len(accelerator.prepare(make_loader(train_ds, cfg.batch_size, True, cfg.seed)))
+        ft_cfg = dataclasses.replace(ft_cfg, steps=max(1, round(ft_cfg.epochs * per_epoch)))
     t_ft = time.time()
-    ft_losses = finetune(prompted, train_loader, cfg.finetune, accelerator)
+    ft_losses = finetune(prompted, train_loader, ft_cfg, accelerator)
     t_ft = time.time() - t_ft
     prompted = accelerator.unwrap_model(prompted).eval()
     top1 = evaluate(prompted, val_loader, accelerator)
@@ -173,11 +180,12 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
         "macs_slim": count_macs(slim_model, example),
         "params_dense": count_params(backbone),
         "params_slim": count_params(slim_model),
-        "hypernet_params": count_params(result.hypernet),
+        "hypernet_params": hypernet_params,
         "top1": top1,
         "top1_after_search": top1_after_search,
-        "search_loss_first": result.losses[0] if result.losses else None,
-        "search_loss_last": result.losses[-1] if result.losses else None,
+        "search_loss_first": search_losses[0] if search_losses else None,
+        "search_loss_last": search_losses[-1] if search_losses else None,
+        "finetune_steps": ft_cfg.steps,
         "finetune_loss_last": ft_losses[-1] if ft_losses else None,
         "search_seconds": round(t_search, 2),
         "finetune_seconds": round(t_ft, 2),
@@ -195,7 +203,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     onnx_error = None
 
     if main:
-        save_masks(result.masks, masks_summary(result.masks, seq), out)
+        save_masks(masks, masks_summary(masks, seq), out)
         from .export import save_slim_model
         save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
                         label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),

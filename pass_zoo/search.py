@@ -7,7 +7,6 @@ network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
