@@ -207,6 +207,16 @@ def cmd_latency(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import results_table, run_bench
+
+    doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run,
+                    log=lambda msg: print(msg, file=sys.stderr))
+    if doc["runs"]:
+        print(results_table(doc))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pass-zoo", description="PASS structured pruning for timm models: search masks with a visual "
@@ -254,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("bench", help="run (or resume) a grid of prune runs from a YAML spec",
+                       description="Methods x MACs levels x seeds, each an ordinary prune run under OUT/cells/; "
+                       "results.json after every cell (finished cells are never rerun) and PNG plots.")
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("--out", required=True, help="results folder (results.json, plots, cells/)")
+    p.add_argument("--only", nargs="+", default=[], metavar="ID", help="run only cells whose id starts with ID")
+    p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,248 @@
+"""``pass-zoo bench``: a grid of prune runs (methods x MACs levels x seeds) from one YAML spec.
+
+Every cell is an ordinary ``prune`` run folder under ``OUT/cells/``; ``results.json`` collects one
+record per finished cell and is rewritten atomically after each, so an interrupted grid resumes
+where it stopped (a cell with a ``metrics.json`` is never run again). Plots are redrawn from
+``results.json`` alone.
+
+Spec::
+
+    name: b1_lite0_fmnist
+    base:                       # PruneConfig fields (nested search:/finetune: sections)
+      model: tf_efficientnet_lite0
+      pretrained: bundled
+      dataset: fashion-mnist
+      img_size: 64
+    grid:
+      method: [pass, taylor, random]
+      target_macs: [0.5, 0.25, 0.1]
+      seed: [0, 1, 2]
+    variants:                   # optional: named PASS variants (ablations), each a method label
+      mlp: {method: pass, search: {core: mlp}}
+    dense: true                 # also fine-tune the unpruned network (the ceiling), once per seed
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from .errors import PassZooError
+from .finetune import FinetuneConfig
+from .pipeline import PruneConfig
+from .runio import atomic_write_json
+from .search import SearchConfig
+
+_RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
+                "top1", "top1_after_search", "top1_dense_zero_shot", "search_seconds", "finetune_seconds",
+                "total_seconds", "seed", "command")
+
+
+def _apply(cfg: PruneConfig, overrides: dict, where: str) -> PruneConfig:
+    """A copy of ``cfg`` with ``overrides`` (nested search/finetune sections) applied; unknown keys refused."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        if key in ("search", "finetune"):
+            sub = getattr(cfg, key)
+            known = {f.name for f in dataclasses.fields(sub)}
+            bad = sorted(set(value) - known)
+            if bad:
+                raise PassZooError(f"{where}: unknown {key} keys {bad}")
+            setattr(cfg, key, dataclasses.replace(sub, **value))
+        elif key in {f.name for f in dataclasses.fields(PruneConfig)}:
+            setattr(cfg, key, value)
+        else:
+            raise PassZooError(f"{where}: unknown key '{key}'")
+    return cfg
+
+
+def load_spec(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PassZooError(f"benchmark spec {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PassZooError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(spec, dict) or "grid" not in spec:
+        raise PassZooError(f"{path}: a benchmark spec needs a 'grid' mapping")
+    unknown = sorted(set(spec) - {"name", "base", "grid", "variants", "dense", "description"})
+    if unknown:
+        raise PassZooError(f"{path}: unknown top-level keys {unknown}")
+    return spec
+
+
+def plan_cells(spec: dict) -> List[Dict]:
+    """Every cell of the grid: ``{"id", "label", "target_macs", "seed", "config": PruneConfig}``."""
+    base = _apply(PruneConfig(), spec.get("base") or {}, "base")
+    grid = spec["grid"]
+    labels = list(grid.get("method", ["pass"]))
+    variants = spec.get("variants") or {}
+    labels += [v for v in variants if v not in labels]
+    targets = list(grid.get("target_macs", [base.target_macs]))
+    seeds = list(grid.get("seed", [base.seed]))
+    cells = []
+    for label, target, seed in itertools.product(labels, targets, seeds):
+        overrides = dict(variants.get(label, {"method": label}))
+        cfg = _apply(base, overrides, f"variant '{label}'")
+        cfg.target_macs, cfg.seed = float(target), int(seed)
+        cells.append({"id": f"{label}-t{target:g}-s{seed}", "label": label, "target_macs": float(target),
+                      "seed": int(seed), "config": cfg})
+    if spec.get("dense"):
+        for seed in seeds:
+            cfg = _apply(base, {"method": "random"}, "dense")  # at 1.0 every method keeps everything
+            cfg.target_macs, cfg.seed = 1.0, int(seed)
+            cfg.search = dataclasses.replace(cfg.search, steps=0)
+            cells.append({"id": f"dense-s{seed}", "label": "dense", "target_macs": 1.0, "seed": int(seed),
+                          "config": cfg})
+    return cells
+
+
+def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, log=print) -> dict:
+    """Run (or resume) every cell; returns the results document."""
+    from .pipeline import prune
+
+    spec = load_spec(spec_path)
+    out = Path(out)
+    cells = plan_cells(spec)
+    if only:
+        cells = [c for c in cells if any(c["id"].startswith(o) for o in only)]
+    results_path = out / "results.json"
+    doc = {"name": spec.get("name", Path(spec_path).stem), "spec": str(spec_path), "runs": []}
+    if results_path.is_file():
+        doc = json.loads(results_path.read_text())
+    done = {r["id"] for r in doc["runs"]}
+    for i, cell in enumerate(cells):
+        run_dir = out / "cells" / cell["id"]
+        if cell["id"] in done:
+            continue
+        if (run_dir / "metrics.json").is_file():  # finished before an interruption, not yet collected
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            if dry_run:
+                log(f"[{i + 1}/{len(cells)}] would run {cell['id']}")
+                continue
+            log(f"[{i + 1}/{len(cells)}] {cell['id']}")
+            cfg = cell["config"]
+            cfg.out, cfg.overwrite = str(run_dir), True
+            t0 = time.time()
+            metrics = prune(cfg, command=f"pass-zoo bench {spec_path} --out {out} --only {cell['id']}")
+            metrics["wall_seconds"] = round(time.time() - t0, 2)
+        record = {"id": cell["id"], "label": cell["label"], "run_dir": str(run_dir.relative_to(out))}
+        record.update({k: metrics.get(k) for k in _RECORD_KEYS})
+        record["target_macs"] = cell["target_macs"]
+        record["wall_seconds"] = metrics.get("wall_seconds", metrics.get("total_seconds"))
+        doc["runs"].append(record)
+        done.add(cell["id"])
+        atomic_write_json(results_path, doc)
+    doc["summary"] = summarise(doc["runs"])
+    if not dry_run:
+        atomic_write_json(results_path, doc)
+        if doc["runs"]:
+            plot_results(doc, out)
+    return doc
+
+
+def summarise(runs: List[dict]) -> List[dict]:
+    """Mean and std of top-1 (after fine-tuning and right after slimming) per label and MACs level."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["label"], r["target_macs"]), []).append(r)
+    rows = []
+    for (label, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        top1 = [r["top1"] for r in rs]
+        after = [r["top1_after_search"] for r in rs if r.get("top1_after_search") is not None]
+        rows.append({
+            "label": label, "target_macs": target, "n": len(rs),
+            "macs_ratio": statistics.fmean(r["macs_ratio"] for r in rs),
+            "top1_mean": statistics.fmean(top1), "top1_std": statistics.pstdev(top1) if len(top1) > 1 else 0.0,
+            "top1_after_search_mean": statistics.fmean(after) if after else None,
+            "top1_after_search_std": statistics.pstdev(after) if len(after) > 1 else 0.0,
+        })
+    return rows
+
+
+def plot_results(doc: dict, out) -> List[Path]:
+    """Accuracy-vs-MACs curves with seed spread, and the per-group kept-channel chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    rows = doc.get("summary") or summarise(doc["runs"])
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
+    for ax, key, title in ((axes[0], "top1", "after fine-tuning"), (axes[1], "top1_after_search", "right after slimming")):
+        for label in sorted({r["label"] for r in rows}):
+            pts = sorted((r for r in rows if r["label"] == label and r.get(f"{key}_mean") is not None),
+                         key=lambda r: r["macs_ratio"])
+            if not pts:
+                continue
+            if label == "dense":
+                ax.axhline(100 * pts[0][f"{key}_mean"], color="k", ls="--", lw=1, label="dense")
+                continue
+            ax.errorbar([100 * p["macs_ratio"] for p in pts], [100 * p[f"{key}_mean"] for p in pts],
+                        yerr=[100 * p[f"{key}_std"] for p in pts], marker="o", capsize=3, label=label)
+        ax.set_xlabel("MACs kept (%)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{doc.get('name', '')}: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    p = out / "accuracy_vs_macs.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+
+    # per-group kept fraction for each label at the harshest budget, seed of the first run
+    runs = [r for r in doc["runs"] if r["label"] != "dense"]
+    if runs:
+        harsh = min(r["target_macs"] for r in runs)
+        fig, ax = plt.subplots(figsize=(11, 4))
+        for label in sorted({r["label"] for r in runs}):
+            r = next((r for r in runs if r["label"] == label and r["target_macs"] == harsh), None)
+            masks_json = out / r["run_dir"] / "masks.json" if r else None
+            if not masks_json or not masks_json.is_file():
+                continue
+            groups = json.loads(masks_json.read_text())["groups"]
+            ax.plot(range(len(groups)), [100 * g["kept"] / g["total"] for g in groups], marker=".", label=label)
+        ax.set_xlabel("channel group (forward order)")
+        ax.set_ylabel("channels kept (%)")
+        ax.set_title(f"kept channels per group at {100 * harsh:g} % MACs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out / "kept_channels.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def results_table(doc: dict) -> str:
+    """Markdown table: mean +- std top-1 per label (rows) and MACs level (columns)."""
+    rows = doc.get("summary") or summarise(doc["runs"])
+    targets = sorted({r["target_macs"] for r in rows if r["label"] != "dense"}, reverse=True)
+    labels = sorted({r["label"] for r in rows})
+    head = "| method | " + " | ".join(f"{100 * t:g} % MACs" for t in targets) + " |"
+    lines = [head, "|---" * (len(targets) + 1) + "|"]
+    for label in labels:
+        cells = []
+        for t in targets:
+            r = next((r for r in rows if r["label"] == label and (r["target_macs"] == t or label == "dense")), None)
+            if r is None:
+                cells.append("-")
+            else:
+                after = r.get("top1_after_search_mean")
+                extra = f" ({100 * after:.1f})" if after is not None and label != "dense" else ""
+                cells.append(f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}{extra}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The benchmark harness on a tiny grid: schema, budgets, resume, plots (not accuracy numbers)."""
+import json
+
+import pytest
+import yaml
+
+from pass_zoo import bench as bench_mod
+from pass_zoo.cli import main
+from pass_zoo.errors import PassZooError
+
+SPEC = {
+    "name": "tiny",
+    "base": {"model": "mobilenetv3_small_050", "pretrained": "none", "head": "new", "img_size": 32,
+             "train_subset": 64, "val_subset": 32, "batch_size": 16, "onnx": False,
+             "search": {"steps": 1}, "finetune": {"steps": 1}},
+    "grid": {"method": ["pass", "random"], "target_macs": [0.5, 0.3], "seed": [0]},
+    "variants": {"pass-mlp": {"method": "pass", "search": {"core": "mlp"}}},
+    "dense": True,
+}
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    return path
+
+
+def test_plan_covers_the_grid_variants_and_dense(spec_file):
+    cells = bench_mod.plan_cells(bench_mod.load_spec(spec_file))
+    ids = [c["id"] for c in cells]
+    assert len(ids) == len(set(ids)) == 3 * 2 + 1
+    assert "pass-mlp-t0.3-s0" in ids and "dense-s0" in ids
+    mlp = next(c for c in cells if c["id"] == "pass-mlp-t0.5-s0")["config"]
+    assert mlp.method == "pass" and mlp.search.core == "mlp" and mlp.search.steps == 1
+    dense = next(c for c in cells if c["id"] == "dense-s0")["config"]
+    assert dense.target_macs == 1.0 and dense.search.steps == 0
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    bad = dict(SPEC, base={"modle": "resnet18"})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(PassZooError, match="modle"):
+        bench_mod.plan_cells(bench_mod.load_spec(path))
+    bad = dict(SPEC, variants={"x": {"search": {"coer": "mlp"}}})
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(PassZooError, match="coer"):
+        bench_mod.plan_cells(bench_mod.load_spec(path))
+
+
+def test_grid_runs_writes_results_and_plots_then_resumes(spec_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "res"
+    assert main(["bench", str(spec_file), "--out", str(out), "--only", "pass-t", "random-t0.5", "dense"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    ids = sorted(r["id"] for r in doc["runs"])
+    assert ids == ["dense-s0", "pass-t0.3-s0", "pass-t0.5-s0", "random-t0.5-s0"]
+    for r in doc["runs"]:
+        assert set(bench_mod._RECORD_KEYS) <= set(r)
+        assert (out / r["run_dir"] / "metrics.json").is_file()
+        assert r["macs_slim"] <= r["target_macs"] * r["macs_dense"] + 1e-9
+        assert 0.0 <= r["top1"] <= 1.0
+    dense = next(r for r in doc["runs"] if r["id"] == "dense-s0")
+    assert dense["macs_slim"] == dense["macs_dense"]
+    assert {s["label"] for s in doc["summary"]} == {"pass", "random", "dense"}
+    for png in ("accuracy_vs_macs.png", "kept_channels.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "| pass |" in table and "50 % MACs" in table
+
+    # Resume: finished cells are never rerun; a cell finished but not collected is picked up.
+    calls = []
+    real_prune = __import__("pass_zoo.pipeline", fromlist=["prune"]).prune
+
+    def counting_prune(cfg, **kw):
+        calls.append(cfg.out)
+        return real_prune(cfg, **kw)
+
+    monkeypatch.setattr("pass_zoo.pipeline.prune", counting_prune)
+    doc2 = bench_mod.run_bench(spec_file, out, only=["pass-t", "random-t0.5", "dense"], log=lambda m: None)
+    assert calls == []
+    assert len(doc2["runs"]) == 4
+    doc2 = bench_mod.run_bench(spec_file, out, only=["random-t0.3"], log=lambda m: None)
+    assert [c.endswith("random-t0.3-s0") for c in calls] == [True]
+    assert len(doc2["runs"]) == 5
