@@ -23,7 +23,6 @@ Spec::
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -33,32 +32,12 @@ from pathlib import Path
 from typing import Dict, List
 
 from .errors import PassZooError
-from .finetune import FinetuneConfig
-from .pipeline import PruneConfig
+from .pipeline import PruneConfig, apply_overrides
 from .runio import atomic_write_json
-from .search import SearchConfig
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
                 "top1", "top1_after_search", "top1_dense_zero_shot", "search_seconds", "finetune_seconds",
                 "total_seconds", "seed", "command")
-
-
-def _apply(cfg: PruneConfig, overrides: dict, where: str) -> PruneConfig:
-    """A copy of ``cfg`` with ``overrides`` (nested search/finetune sections) applied; unknown keys refused."""
-    cfg = copy.deepcopy(cfg)
-    for key, value in overrides.items():
-        if key in ("search", "finetune"):
-            sub = getattr(cfg, key)
-            known = {f.name for f in dataclasses.fields(sub)}
-            bad = sorted(set(value) - known)
-            if bad:
-                raise PassZooError(f"{where}: unknown {key} keys {bad}")
-            setattr(cfg, key, dataclasses.replace(sub, **value))
-        elif key in {f.name for f in dataclasses.fields(PruneConfig)}:
-            setattr(cfg, key, value)
-        else:
-            raise PassZooError(f"{where}: unknown key '{key}'")
-    return cfg
 
 
 def load_spec(path) -> dict:
@@ -81,7 +60,7 @@ def load_spec(path) -> dict:
 
 def plan_cells(spec: dict) -> List[Dict]:
     """Every cell of the grid: ``{"id", "label", "target_macs", "seed", "config": PruneConfig}``."""
-    base = _apply(PruneConfig(), spec.get("base") or {}, "base")
+    base = apply_overrides(PruneConfig(), spec.get("base") or {}, "base")
     grid = spec["grid"]
     labels = list(grid.get("method", ["pass"]))
     variants = spec.get("variants") or {}
@@ -91,13 +70,13 @@ def plan_cells(spec: dict) -> List[Dict]:
     cells = []
     for label, target, seed in itertools.product(labels, targets, seeds):
         overrides = dict(variants.get(label, {"method": label}))
-        cfg = _apply(base, overrides, f"variant '{label}'")
+        cfg = apply_overrides(base, overrides, f"variant '{label}'")
         cfg.target_macs, cfg.seed = float(target), int(seed)
         cells.append({"id": f"{label}-t{target:g}-s{seed}", "label": label, "target_macs": float(target),
                       "seed": int(seed), "config": cfg})
     if spec.get("dense"):
         for seed in seeds:
-            cfg = _apply(base, {"method": "random"}, "dense")  # at 1.0 every method keeps everything
+            cfg = apply_overrides(base, {"method": "random"}, "dense")  # at 1.0 every method keeps everything
             cfg.target_macs, cfg.seed = 1.0, int(seed)
             cfg.search = dataclasses.replace(cfg.search, steps=0)
             cells.append({"id": f"dense-s{seed}", "label": "dense", "target_macs": 1.0, "seed": int(seed),

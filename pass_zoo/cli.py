@@ -207,6 +207,22 @@ def cmd_latency(args) -> int:
     return 0
 
 
+def cmd_transfer(args) -> int:
+    from .pipeline import prune
+    from .transfer import transfer_config
+
+    cfg = transfer_config(args.source, args.mode, dataset=args.dataset, out=args.out, overwrite=args.overwrite,
+                          seed=args.seed, train_subset=args.train_subset, val_subset=args.val_subset,
+                          onnx=False if args.no_onnx else None,
+                          search={"steps": args.search_steps} if args.search_steps is not None else None,
+                          finetune={"steps": args.finetune_steps} if args.finetune_steps is not None else None)
+    m = prune(cfg, command="pass-zoo " + " ".join(shlex.quote(a) for a in args._argv))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"transfer ({args.mode}) {args.source} -> {args.dataset}: top-1 {100 * m['top1']:.2f} % "
+              f"at {100 * m['macs_ratio']:.1f} % MACs (searched {100 * m['top1_after_search']:.2f} %)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import results_table, run_bench
 
@@ -264,6 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("transfer", help="reuse a PASS run's masks or hypernetwork on another task",
+                       description="(a) --mode masks: the source run's masks, fine-tuned on the new dataset; "
+                       "(b) --mode hypernet: the source run's hypernetwork, frozen, applied to a prompt learned "
+                       "on the new dataset. Everything else comes from the source run's configuration.")
+    p.add_argument("source", metavar="SOURCE_RUN", help="a finished PASS run folder (task A)")
+    p.add_argument("--mode", choices=["hypernet", "masks"], default="hypernet", help="what to transfer")
+    p.add_argument("--dataset", required=True, help="task B (e.g. fashion-mnist@5-9 or sklearn-digits)")
+    p.add_argument("--out", required=True, help="run folder for task B")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--val-subset", type=int, default=None)
+    p.add_argument("--search-steps", type=int, default=None, help="prompt-learning steps for --mode hypernet")
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--no-onnx", action="store_true")
+    p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("bench", help="run (or resume) a grid of prune runs from a YAML spec",
                        description="Methods x MACs levels x seeds, each an ordinary prune run under OUT/cells/; "

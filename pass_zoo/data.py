@@ -22,7 +22,8 @@ from .errors import DataError
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-DATASET_HELP = "fashion-mnist[:DIR] (Debian package dataset-fashion-mnist) or imagefolder:PATH (PATH/train, PATH/val)"
+DATASET_HELP = ("fashion-mnist[:DIR] (Debian package dataset-fashion-mnist), imagefolder:PATH (PATH/train, PATH/val) "
+                "or sklearn-digits (scikit-learn's bundled 8x8 digits); append @0-4 or @1,3,5 to keep some classes")
 
 
 @dataclass
@@ -145,16 +146,81 @@ def _image_folder(root: str, spec: DataSpec) -> TaskData:
     return TaskData(train, val, list(train.classes))
 
 
+def _sklearn_digits(spec: DataSpec) -> TaskData:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download); a fixed 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataError("sklearn-digits needs scikit-learn (pip install scikit-learn)") from exc
+    digits = load_digits()
+    images = torch.as_tensor(digits.images * (255.0 / 16.0)).round().to(torch.uint8)
+    labels = torch.as_tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_train = int(0.8 * len(labels))
+    tr, va = order[:n_train], order[n_train:]
+    return TaskData(GrayscaleTensorDataset(images[tr], labels[tr], spec, train=True),
+                    GrayscaleTensorDataset(images[va], labels[va], spec, train=False),
+                    [str(i) for i in range(10)])
+
+
+def _parse_classes(text: str, n: int) -> List[int]:
+    try:
+        out = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError as exc:
+        raise DataError(f"cannot read the class list '@{text}' (use e.g. @0-4 or @1,3,5)") from exc
+    bad = [c for c in out if not 0 <= c < n]
+    if bad or len(set(out)) != len(out) or len(out) < 2:
+        raise DataError(f"class list '@{text}' must name at least two distinct classes in 0..{n - 1}")
+    return out
+
+
+def _labels_of(ds: Dataset) -> torch.Tensor:
+    if hasattr(ds, "labels"):
+        return torch.as_tensor(ds.labels)
+    if hasattr(ds, "targets"):
+        return torch.as_tensor(ds.targets)
+    raise DataError(f"cannot select classes of a {type(ds).__name__}")
+
+
+class _Relabel(Dataset):
+    """Keep some classes of a dataset and number them 0..k-1 in the order given."""
+
+    def __init__(self, ds: Dataset, classes: List[int]):
+        labels = _labels_of(ds)
+        self.ds = ds
+        self.new_label = {c: i for i, c in enumerate(classes)}
+        self.indices = [i for i, y in enumerate(labels.tolist()) if y in self.new_label]
+        self.labels = torch.as_tensor([self.new_label[int(labels[i])] for i in self.indices])
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        x, y = self.ds[self.indices[i]]
+        return x, self.new_label[int(y)]
+
+
 def load_task_data(name: str, spec: DataSpec) -> TaskData:
     """Resolve a dataset name (see ``DATASET_HELP``) into train/val datasets."""
-    kind, _, arg = name.partition(":")
+    source, _, classes = name.partition("@")
+    kind, _, arg = source.partition(":")
     if kind == "fashion-mnist":
-        return _fashion_mnist(arg or os.environ.get("PASS_ZOO_FASHION_MNIST", FASHION_MNIST_DIR), spec)
-    if kind == "imagefolder":
+        task = _fashion_mnist(arg or os.environ.get("PASS_ZOO_FASHION_MNIST", FASHION_MNIST_DIR), spec)
+    elif kind == "imagefolder":
         if not arg:
             raise DataError("imagefolder needs a path: imagefolder:PATH")
-        return _image_folder(arg, spec)
-    raise DataError(f"unknown dataset '{name}'; use {DATASET_HELP}")
+        task = _image_folder(arg, spec)
+    elif kind == "sklearn-digits":
+        task = _sklearn_digits(spec)
+    else:
+        raise DataError(f"unknown dataset '{name}'; use {DATASET_HELP}")
+    if classes:
+        keep = _parse_classes(classes, task.num_classes)
+        task = TaskData(_Relabel(task.train, keep), _Relabel(task.val, keep), [task.class_names[c] for c in keep])
+    return task
 
 
 def subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:

@@ -100,6 +100,7 @@ class PassHyperNetwork(nn.Module):
         if core not in CORES:
             raise ValueError(f"unknown hypernetwork core '{core}' (choose from {', '.join(CORES)})")
         self.units = [int(u) for u in units]
+        self.core_name = core
         self.max_units = max(self.units)
         self.hidden = hidden
         self.use_prompt, self.use_weights = use_prompt, use_weights
@@ -123,6 +124,10 @@ class PassHyperNetwork(nn.Module):
                 nn.init.zeros_(head.bias)
         # Raw-score threshold of the last global selection: the walk's provisional masks use it.
         self.register_buffer("threshold", torch.zeros(()))
+
+    def config(self) -> dict:
+        return {"units": self.units, "hidden": self.hidden, "core": self.core_name, "use_prompt": self.use_prompt,
+                "use_weights": self.use_weights, "use_prior": self.use_prior}
 
     def forward(self, prompt_image: torch.Tensor,
                 stats_fn: Callable[[int, List[Optional[torch.Tensor]]], torch.Tensor]) -> List[torch.Tensor]:
@@ -148,3 +153,38 @@ class PassHyperNetwork(nn.Module):
             provisional.append(mask)
             prev = _pad(mask, n)
         return scores
+
+
+def save_hypernet(hypernet: PassHyperNetwork, folder) -> None:
+    """``hypernet.safetensors`` + ``hypernet.json`` (what rebuilds it), written atomically."""
+    from pathlib import Path
+
+    from safetensors.torch import save as st_save
+
+    from .runio import atomic_write_bytes, atomic_write_json
+
+    folder = Path(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in hypernet.state_dict().items()}
+    atomic_write_bytes(folder / "hypernet.safetensors", st_save(state))
+    atomic_write_json(folder / "hypernet.json", hypernet.config())
+
+
+def load_hypernet(folder) -> PassHyperNetwork:
+    """Rebuild a saved hypernetwork (strict; no pickle)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .errors import PassZooError
+
+    folder = Path(folder)
+    cfg_path, weights = folder / "hypernet.json", folder / "hypernet.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise PassZooError(f"{folder} holds no PASS hypernetwork (hypernet.json + hypernet.safetensors)")
+    try:
+        net = PassHyperNetwork(**json.loads(cfg_path.read_text()))
+        net.load_state_dict(load_file(str(weights)), strict=True)
+    except Exception as exc:
+        raise PassZooError(f"cannot load the hypernetwork in {folder}: {str(exc).splitlines()[0]}") from exc
+    return net.eval()

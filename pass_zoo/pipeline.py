@@ -5,6 +5,7 @@ user who wants a different loop can call the stages directly.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -21,7 +22,8 @@ from .data import DataSpec, load_task_data, make_loader, subset
 from .errors import BudgetError, PassZooError
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
-from .masks import masks_summary, save_masks, select_units, to_channel_masks
+from .hypernet import load_hypernet, save_hypernet
+from .masks import load_masks, masks_summary, save_masks, select_units, to_channel_masks, to_unit_masks
 from .prompt import PromptedModel, create_prompt
 from .runio import atomic_write_json, prepare_run_dir
 from .search import SearchConfig, search
@@ -49,6 +51,8 @@ class PruneConfig:
     train_subset: Optional[int] = None
     val_subset: Optional[int] = None
     flm_samples: int = 2000
+    transfer_from: Optional[str] = None  # a PASS run folder of another task (see pass-zoo transfer)
+    transfer_mode: str = "hypernet"  # hypernet: its hypernetwork + a new prompt | masks: its masks
     bn_calibration_batches: int = 20  # re-estimate BN statistics of the slim network before fine-tuning
     workers: int = 0
     seed: int = 0
@@ -66,12 +70,35 @@ class PruneConfig:
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.batch_size <= 0 or self.search.steps < 0 or self.finetune.steps < 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
+        if self.transfer_mode not in ("hypernet", "masks"):
+            raise PassZooError(f"transfer mode must be hypernet or masks, got '{self.transfer_mode}'")
         if self.search.round_to < 1:
             raise PassZooError(f"--round-to must be >= 1, got {self.search.round_to}")
 
     def default_out(self) -> str:
         data = self.dataset.split(":")[0]
         return f"runs/{self.model}-{data}-pass{round(self.target_macs * 100)}"
+
+
+def apply_overrides(cfg: PruneConfig, overrides: dict, where: str) -> PruneConfig:
+    """A copy of ``cfg`` with ``overrides`` (nested search/finetune sections) applied; unknown keys refused.
+
+    Recipes, benchmark specs and a run's saved ``config`` all use this one mapping format.
+    """
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        if key in ("search", "finetune"):
+            sub = getattr(cfg, key)
+            known = {f.name for f in dataclasses.fields(sub)}
+            bad = sorted(set(value) - known)
+            if bad:
+                raise PassZooError(f"{where}: unknown {key} keys {bad}")
+            setattr(cfg, key, dataclasses.replace(sub, **value))
+        elif key in {f.name for f in dataclasses.fields(PruneConfig)}:
+            setattr(cfg, key, value)
+        else:
+            raise PassZooError(f"{where}: unknown key '{key}'")
+    return cfg
 
 
 def _resolve_pretrained(cfg: PruneConfig) -> str:
@@ -142,11 +169,15 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     example = torch.zeros(1, 3, spec.img_size, spec.img_size)
     seq = build_layer_sequence(backbone, example)
     t_search = time.time()
-    search_losses, hypernet_params = [], None
-    if cfg.method == "pass":
+    search_losses, hypernet = [], None
+    if cfg.transfer_from and cfg.transfer_mode == "masks":  # (a) masks found on another task
+        masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")
+        to_unit_masks(masks, seq)  # same architecture, or a clear error
+    elif cfg.method == "pass":
+        source = load_hypernet(cfg.transfer_from) if cfg.transfer_from else None  # (b) another task's hypernet
         result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
-                        train_head=(head == "new"))
-        masks, search_losses, hypernet_params = result.masks, result.losses, count_params(result.hypernet)
+                        train_head=(head == "new"), hypernet=source)
+        masks, search_losses, hypernet = result.masks, result.losses, result.hypernet
     else:
         scores = baseline_scores(cfg.method, backbone, seq, prompt, train_loader, cfg.search.steps, accelerator)
         masks = to_channel_masks(select_units(scores, seq, cfg.target_macs, cfg.search.round_to,
@@ -180,7 +211,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
         "macs_slim": count_macs(slim_model, example),
         "params_dense": count_params(backbone),
         "params_slim": count_params(slim_model),
-        "hypernet_params": hypernet_params,
+        "hypernet_params": count_params(hypernet) if hypernet is not None else None,
         "top1": top1,
         "top1_after_search": top1_after_search,
         "search_loss_first": search_losses[0] if search_losses else None,
@@ -204,6 +235,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
 
     if main:
         save_masks(masks, masks_summary(masks, seq), out)
+        if hypernet is not None:
+            save_hypernet(hypernet, out)
         from .export import save_slim_model
         save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
                         label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),

@@ -110,6 +110,19 @@ class MaskedSearchModel(nn.Module):
             return self.backbone(self.prompt(x))
 
 
+class _NoOptimizer:
+    def zero_grad(self, set_to_none: bool = True):
+        pass
+
+    def step(self):
+        pass
+
+
+def build_hypernet(seq: LayerSequence, cfg: SearchConfig) -> PassHyperNetwork:
+    return PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core,
+                            use_prompt=cfg.use_prompt, use_weights=cfg.use_weights, use_prior=cfg.use_prior)
+
+
 @dataclass
 class SearchResult:
     masks: Masks
@@ -119,8 +132,13 @@ class SearchResult:
 
 
 def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target_macs: float,
-           cfg: SearchConfig, accelerator, train_head: bool = False) -> SearchResult:
-    """Run stage 1; ``prompt`` is trained in place. Returns the final masks and the hypernetwork."""
+           cfg: SearchConfig, accelerator, train_head: bool = False,
+           hypernet: Optional[PassHyperNetwork] = None) -> SearchResult:
+    """Run stage 1; ``prompt`` is trained in place. Returns the final masks and the hypernetwork.
+
+    With ``hypernet`` given (transfer: a hypernetwork trained on another task), it stays frozen and
+    only the new task's prompt (and a new head) is learned; the masks then follow from that prompt.
+    """
     for p in backbone.parameters():
         p.requires_grad_(False)
     head_params = []
@@ -128,20 +146,31 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         head_params = list(backbone.get_classifier().parameters())
         for p in head_params:
             p.requires_grad_(True)
-    hypernet = PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core,
-                                use_prompt=cfg.use_prompt, use_weights=cfg.use_weights, use_prior=cfg.use_prior)
+    frozen_hypernet = hypernet is not None
+    if hypernet is None:
+        hypernet = build_hypernet(seq, cfg)
+    elif hypernet.units != [g.units for g in seq.groups]:
+        raise PassZooError("the transferred hypernetwork was trained on another architecture "
+                           f"({len(hypernet.units)} groups, this model has {len(seq.groups)})")
+    for p in hypernet.parameters():
+        p.requires_grad_(not frozen_hypernet)
     model = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg)
     with torch.no_grad():  # a first selection sets the walk's provisional threshold
         model.propose()
 
     opt_prompt = torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9)
-    groups = [{"params": list(hypernet.parameters()), "lr": cfg.lr_hypernet}]
+    groups = [] if frozen_hypernet else [{"params": list(hypernet.parameters()), "lr": cfg.lr_hypernet}]
     if head_params:
         groups.append({"params": head_params, "lr": cfg.lr_head})
-    opt_hyper = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(cfg.steps)) for o in (opt_prompt, opt_hyper)]
+    # A frozen hypernetwork and no new head leave nothing for AdamW: the prompt alone is trained.
+    opt_hyper = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay) if groups else _NoOptimizer()
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(cfg.steps)) for o in (opt_prompt, opt_hyper)
+              if isinstance(o, torch.optim.Optimizer)]
 
-    wrapped, opt_prompt, opt_hyper, loader = accelerator.prepare(model, opt_prompt, opt_hyper, loader)
+    if isinstance(opt_hyper, torch.optim.Optimizer):
+        wrapped, opt_prompt, opt_hyper, loader = accelerator.prepare(model, opt_prompt, opt_hyper, loader)
+    else:
+        wrapped, opt_prompt, loader = accelerator.prepare(model, opt_prompt, loader)
     wrapped.train()
     bar = progress(accelerator, cfg.steps, "search")
     try:
