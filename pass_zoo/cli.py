@@ -14,6 +14,8 @@ from .errors import PassZooError
 EPILOG = """examples (offline):
   pass-zoo prune --model tf_efficientnet_lite0 --pretrained bundled --dataset fashion-mnist \\
       --target-macs 0.5 --img-size 64 --out runs/lite0-fmnist-pass50
+  pass-zoo zoo build lite0-fmnist-pass50        # the same from recipes/, plus the model card
+  pass-zoo publish runs/lite0-fmnist-pass50 --repo-id ORG/lite0-fmnist-pass50 --dry-run
 """
 
 
@@ -38,6 +40,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the model's own)")
     g.add_argument("--out", default=None, help="run folder (default: runs/MODEL-DATASET-passPCT)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    g.add_argument("--recipe", default=None, metavar="FILE",
+                   help="take every setting from a recipe YAML (see pass_zoo/recipes.py); flags given here "
+                        "override it; --out defaults to runs/NAME")
     g.add_argument("--method", default=d.method, choices=list(METHODS),
                    help="how masks are chosen: pass, or a Torch-Pruning baseline under the same budget, slimming "
                         "and fine-tuning (default: pass)")
@@ -84,52 +89,147 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="skip writing the verified model.onnx (run 'pass-zoo export' later)")
 
 
-def _prune_config(args):
-    from .finetune import FinetuneConfig
-    from .pipeline import PruneConfig
-    from .search import SearchConfig
+# prune flag (argparse dest) -> PruneConfig field ("section.field" inside SearchConfig/FinetuneConfig;
+# "!" = the flag sets the negated boolean). One table for defaults, recipes and overrides.
+PRUNE_FLAGS = {
+    "model": "model", "pretrained": "pretrained", "dataset": "dataset", "target_macs": "target_macs",
+    "round_to": "search.round_to", "img_size": "img_size", "out": "out", "overwrite": "overwrite",
+    "method": "method", "head": "head", "prompt": "prompt", "prompt_size": "prompt_size",
+    "batch_size": "batch_size", "train_subset": "train_subset", "val_subset": "val_subset",
+    "flm_samples": "flm_samples", "workers": "workers", "search_steps": "search.steps",
+    "search_lr_prompt": "search.lr_prompt", "search_lr_hypernet": "search.lr_hypernet",
+    "hidden_size": "search.hidden", "hypernet": "search.core", "selection": "search.selection",
+    "no_prompt_input": "!search.use_prompt", "no_weight_input": "!search.use_weights",
+    "finetune_steps": "finetune.steps", "finetune_epochs": "finetune.epochs", "finetune_lr": "finetune.lr",
+    "finetune_lr_prompt": "finetune.lr_prompt", "seed": "seed", "mixed_precision": "mixed_precision",
+    "no_onnx": "!onnx",
+}
 
-    return PruneConfig(
-        model=args.model, pretrained=args.pretrained, dataset=args.dataset, target_macs=args.target_macs,
-        img_size=args.img_size, out=args.out, overwrite=args.overwrite, method=args.method, head=args.head,
-        prompt=args.prompt, prompt_size=args.prompt_size, batch_size=args.batch_size,
-        train_subset=args.train_subset, val_subset=args.val_subset, flm_samples=args.flm_samples,
-        workers=args.workers, seed=args.seed, mixed_precision=args.mixed_precision, onnx=not args.no_onnx,
-        search=SearchConfig(steps=args.search_steps, lr_prompt=args.search_lr_prompt,
-                            lr_hypernet=args.search_lr_hypernet, hidden=args.hidden_size, core=args.hypernet,
-                            use_prompt=not args.no_prompt_input, use_weights=not args.no_weight_input,
-                            selection=args.selection, round_to=args.round_to),
-        finetune=FinetuneConfig(steps=args.finetune_steps, epochs=args.finetune_epochs, lr=args.finetune_lr,
-                                lr_prompt=args.finetune_lr_prompt),
-    )
+
+def _prune_config(args, base=None, given=None):
+    """``base`` (a recipe's PruneConfig; default: PruneConfig()) with the flags in ``given`` applied
+    (default: every flag, i.e. the parser's defaults, which are PruneConfig's own)."""
+    import copy
+
+    from .pipeline import PruneConfig
+
+    cfg = copy.deepcopy(base) if base is not None else PruneConfig()
+    for dest, field in PRUNE_FLAGS.items():
+        if given is not None and dest not in given:
+            continue
+        value = getattr(args, dest)
+        if field.startswith("!"):
+            field, value = field[1:], not value
+        *sections, leaf = field.split(".")
+        target = cfg
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, leaf, value)
+    return cfg
+
+
+def explicit_prune_flags(argv: List[str]) -> set:
+    """The prune flags typed on the command line (not defaults): ``argv`` parsed again with every
+    default suppressed, so only given options appear in the namespace."""
+    parser = argparse.ArgumentParser(prog="pass-zoo prune", add_help=False)
+    _add_prune_args(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    rest = argv[argv.index("prune") + 1:] if "prune" in argv else argv
+    return set(vars(parser.parse_args(rest)))
+
+
+def _summary(out, cfg, m) -> str:
+    lines = [
+        f"run folder      {out}",
+        f"MACs            {m['macs_dense'] / 1e6:.1f} M -> {m['macs_slim'] / 1e6:.1f} M  "
+        f"({100 * m['macs_ratio']:.1f} % kept, target {100 * cfg.target_macs:.0f} %)",
+        f"params          {m['params_dense'] / 1e6:.2f} M -> {m['params_slim'] / 1e6:.2f} M",
+    ]
+    if "top1_dense_zero_shot" in m:
+        lines.append(f"top-1 dense     {100 * m['top1_dense_zero_shot']:.2f} %  (label mapping, no training)")
+    lines += [
+        f"top-1 searched  {100 * m['top1_after_search']:.2f} %  (slim + prompt, before fine-tuning)",
+        f"top-1 slim      {100 * m['top1']:.2f} %  (fine-tuned, {m['val_images']} val images)",
+    ]
+    if "onnx_max_abs_diff" in m:
+        lines.append(f"ONNX            model.onnx, max |logit diff| vs torch {m['onnx_max_abs_diff']:.2g}")
+    lines += [
+        f"time            {m['total_seconds']:.0f} s  (search {m['search_seconds']:.0f} s, "
+        f"fine-tune {m['finetune_seconds']:.0f} s, {m['world_size']} process(es))",
+    ]
+    return "\n".join(lines)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_prune(args) -> int:
     from .pipeline import prune
 
-    cfg = _prune_config(args)
+    recipe = None
+    if args.recipe:
+        from .recipes import load_recipe, recipe_record
+
+        name, base, extras = load_recipe(args.recipe)
+        given = explicit_prune_flags(args._argv)
+        cfg = _prune_config(args, base, given)
+        if "out" not in given:
+            cfg.out = f"runs/{name}"
+        recipe = recipe_record(name, extras)
+    else:
+        cfg = _prune_config(args)
     command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
-    m = prune(cfg, command=command)
-    if int(os.environ.get("RANK", "0")) == 0:
-        lines = [
-            f"run folder      {cfg.out or cfg.default_out()}",
-            f"MACs            {m['macs_dense'] / 1e6:.1f} M -> {m['macs_slim'] / 1e6:.1f} M  "
-            f"({100 * m['macs_ratio']:.1f} % kept, target {100 * cfg.target_macs:.0f} %)",
-            f"params          {m['params_dense'] / 1e6:.2f} M -> {m['params_slim'] / 1e6:.2f} M",
-        ]
-        if "top1_dense_zero_shot" in m:
-            lines.append(f"top-1 dense     {100 * m['top1_dense_zero_shot']:.2f} %  (label mapping, no training)")
-        lines += [
-            f"top-1 searched  {100 * m['top1_after_search']:.2f} %  (slim + prompt, before fine-tuning)",
-            f"top-1 slim      {100 * m['top1']:.2f} %  (fine-tuned, {m['val_images']} val images)",
-        ]
-        if "onnx_max_abs_diff" in m:
-            lines.append(f"ONNX            model.onnx, max |logit diff| vs torch {m['onnx_max_abs_diff']:.2g}")
-        lines += [
-            f"time            {m['total_seconds']:.0f} s  (search {m['search_seconds']:.0f} s, "
-            f"fine-tune {m['finetune_seconds']:.0f} s, {m['world_size']} process(es))",
-        ]
-        print("\n".join(lines))
+    m = prune(cfg, command=command, recipe=recipe)
+    if _is_main_process():
+        print(_summary(cfg.out or cfg.default_out(), cfg, m))
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .card import LATENCY_FILE, write_card
+
+    path = write_card(args.run_dir, repo_id=args.repo_id)
+    print(f"wrote {path} and {path.parent / 'kept_channels.png'}")
+    if not (path.parent / LATENCY_FILE).is_file():
+        print(f"note: latency not measured (pass-zoo latency {args.run_dir} --json "
+              f"{path.parent / LATENCY_FILE} adds it to the card)")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from .hub import format_size, publish
+
+    result = publish(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
+                     token=args.token, dry_run=args.dry_run)
+    listing = "\n".join(f"  {name:<20} {format_size(size):>22}" for name, size in result["files"])
+    if args.dry_run:
+        where = f"{args.repo_id}@{args.revision or 'main'}" + (" (private)" if args.private else "")
+        print(f"dry run: would upload to {where}:\n{listing}\n"
+              f"{'card (to be rendered):' if result['render_card'] else 'card (README.md):'}\n"
+              f"{result['card']}")
+        return 0
+    record = result["record"]
+    print(f"published {args.run_dir} to {args.repo_id}@{record['revision']}\n{listing}\n"
+          f"commit {record['commit_url']}")
+    return 0
+
+
+def cmd_zoo_list(args) -> int:
+    from .zoo import format_zoo, zoo_entries
+
+    print(format_zoo(zoo_entries(args.recipes_dir, args.runs_dir)))
+    return 0
+
+
+def cmd_zoo_build(args) -> int:
+    from .zoo import build_entry
+
+    m, cfg, card = build_entry(args.name, recipes_dir=args.recipes_dir, runs_dir=args.runs_dir,
+                               overwrite=args.overwrite, argv=args._argv)
+    if _is_main_process():
+        print(_summary(cfg.out, cfg, m) + f"\ncard            {card}")
     return 0
 
 
@@ -306,6 +406,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=[], metavar="ID", help="run only cells whose id starts with ID")
     p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("card", help="write a run's model card (README.md) and kept_channels.png",
+                       description="Render RUN_DIR's Hub model card from its metrics.json, masks.json, "
+                       "export.json and latency.json (if measured), plus a per-layer kept-channel plot.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--repo-id", default=None, metavar="ORG/NAME",
+                   help="the Hub repo the card's snippets load (default: hub.json's or the recipe's, else ORG/NAME)")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("publish", help="upload a verified run folder to the Hugging Face Hub",
+                       description="Check that RUN_DIR is complete and its ONNX export passed, render the card "
+                       "if needed, create the repo and upload the publishable files in one commit.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="Hub model repo to create or update")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default: main)")
+    p.add_argument("--dry-run", action="store_true", help="print the files and the card; change nothing")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN, then the stored login)")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("zoo", help="the model zoo: recipes/*.yaml and their runs",
+                       description="Zoo entries are recipes (recipes/*.yaml); 'build' runs one end to end "
+                       "into RUNS_DIR/NAME, a folder ready for 'pass-zoo publish'.")
+    zoo = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zoo.required = True
+    for name, help_ in (("list", "every entry, whether it was built locally, its top-1 and MACs"),
+                        ("build", "prune + export + card for one entry into RUNS_DIR/NAME")):
+        q = zoo.add_parser(name, help=help_, description=help_)
+        if name == "build":
+            q.add_argument("name", metavar="NAME")
+            q.add_argument("--overwrite", action="store_true", help="replace an existing RUNS_DIR/NAME")
+        q.add_argument("--runs-dir", default="runs", help="where runs live (default: %(default)s)")
+        q.add_argument("--recipes-dir", default=None, help="recipe folder (default: this checkout's recipes/)")
+        q.set_defaults(func=cmd_zoo_list if name == "list" else cmd_zoo_build)
     return parser
 
 

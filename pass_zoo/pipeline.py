@@ -116,8 +116,12 @@ def data_spec_for(model, img_size: Optional[int]) -> DataSpec:
                     interpolation=dc.get("interpolation", "bilinear"), crop_pct=dc.get("crop_pct", 1.0))
 
 
-def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> dict:
-    """Run the whole pipeline and write the run folder; returns the metrics dict."""
+def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, recipe: Optional[dict] = None) -> dict:
+    """Run the whole pipeline and write the run folder; returns the metrics dict.
+
+    ``recipe``: where the settings came from (``{"path", "name", "hub_id", "values"}``), recorded in
+    metrics.json so a model card can show it.
+    """
     from accelerate.utils import set_seed
 
     from .training import make_accelerator
@@ -229,6 +233,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
         "config": asdict(cfg),
         "class_names": task.class_names,
     })
+    if recipe is not None:
+        metrics["recipe"] = recipe
     metrics["macs_ratio"] = metrics["macs_slim"] / metrics["macs_dense"]
 
     onnx_error = None

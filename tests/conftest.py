@@ -93,6 +93,29 @@ def write_image_folder(root: Path, classes, n_train: int = 4, n_val: int = 2, si
     return root
 
 
+def offline_hf_cache(tmp_path, monkeypatch, files, repo: str = "passzoo/slim-test",
+                     rev: str = "0123456789abcdef0123456789abcdef01234567") -> str:
+    """Place ``files`` ({name: local path or bytes}) into a Hugging Face cache layout
+    (``models--ORG--NAME/refs/main`` + ``snapshots/REV/``) and go offline onto it; returns ``hf-hub:REPO``."""
+    import huggingface_hub.constants as hf_constants
+
+    org, name = repo.split("/")
+    cache = tmp_path / "hf-cache"
+    snap = cache / f"models--{org}--{name}" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for fname, content in files.items():
+        data = content if isinstance(content, bytes) else Path(content).read_bytes()
+        (snap / fname).write_bytes(data)
+    (cache / f"models--{org}--{name}" / "refs").mkdir()
+    (cache / f"models--{org}--{name}" / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # huggingface_hub reads both at import time: patch the module constants too
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    return f"hf-hub:{repo}"
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "imgs", ["ant", "bee", "cat"])

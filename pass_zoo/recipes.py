@@ -1,0 +1,182 @@
+"""Recipes: one YAML file per zoo entry, holding the ``PruneConfig`` that produces it.
+
+Schema (every key optional except what the entry needs to differ from the defaults)::
+
+    name: lite0-fmnist-pass50      # published name; may be a pattern, default "{arch}-pass{percent}"
+    hub_id: ORG/lite0-fmnist-pass50  # where `pass-zoo publish` should put it (optional)
+    model: tf_efficientnet_lite0   # any PruneConfig field (see pipeline.py), same names as the
+    pretrained: bundled            #   dataclass, same meaning as the CLI flags
+    dataset: fashion-mnist
+    target_macs: 0.5
+    img_size: 64
+    search:                        # SearchConfig fields (search.py)
+      steps: 150
+    finetune:                      # FinetuneConfig fields (finetune.py)
+      steps: 150
+
+Name patterns can use ``{arch}`` (the timm model name), ``{percent}`` (target MACs in percent) and
+``{dataset}`` (the dataset kind, e.g. ``fashion-mnist``). ``out`` and ``overwrite`` are choices of
+the command that runs a recipe, not of the recipe, so they are refused here. Unknown keys and
+values of the wrong type are refused with the key's name: a typo must not silently fall back to a
+default and produce a different model than the file describes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import PassZooError
+from .finetune import FinetuneConfig
+from .pipeline import PruneConfig
+from .search import SearchConfig
+
+DEFAULT_NAME = "{arch}-pass{percent}"
+EXTRA_KEYS = ("name", "hub_id")
+_COMMAND_KEYS = ("out", "overwrite")  # decided by the command that runs the recipe
+_SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a Hub repo name and a folder name
+
+
+class RecipeError(PassZooError):
+    """A recipe file is missing, malformed, or names an unknown setting."""
+
+
+def _plain(hint):
+    """``Optional[X]`` -> ``X``."""
+    if typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _check_type(where: str, value: Any, hint) -> None:
+    """Accept what the dataclass field declares (ints for floats; None only where Optional)."""
+    if value is None and type(None) in typing.get_args(hint):
+        return
+    want = _plain(hint)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(want, lambda v: True)
+    if not ok(value):
+        raise RecipeError(f"{where} must be {getattr(want, '__name__', want)}, got {value!r}")
+
+
+def _build(cls, values: Dict[str, Any], section: str, source: Path):
+    """``cls(**values)`` with one clear line for an unknown key or a wrongly typed value."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.name not in _SECTIONS and f.name not in _COMMAND_KEYS]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{section}.{key}" if section else key
+        if key not in known:
+            allowed = known if section else [*EXTRA_KEYS, *known, *_SECTIONS]
+            raise RecipeError(f"{source}: unknown recipe key '{where}' (known: {', '.join(allowed)})")
+        _check_type(f"{source}: '{where}'", value, hints[key])
+        kwargs[key] = float(value) if value is not None and _plain(hints[key]) is float else value
+    return cls(**kwargs)
+
+
+def recipe_config(values: Dict[str, Any], source="recipe") -> PruneConfig:
+    """A ``PruneConfig`` from a recipe mapping (without ``name``/``hub_id``)."""
+    source = Path(str(source))
+    top = {k: v for k, v in values.items() if k not in _SECTIONS}
+    bad = [k for k in top if k in _COMMAND_KEYS]
+    if bad:
+        raise RecipeError(f"{source}: '{bad[0]}' is not a recipe setting; it is chosen by the command "
+                          f"that runs the recipe (--{bad[0]})")
+    cfg = _build(PruneConfig, top, "", source)
+    for section, cls in _SECTIONS.items():
+        sub = values.get(section, {})
+        if sub is None:
+            sub = {}
+        if not isinstance(sub, dict):
+            raise RecipeError(f"{source}: '{section}' must be a mapping of {cls.__name__} fields")
+        setattr(cfg, section, _build(cls, sub, section, source))
+    try:
+        cfg.validate()
+    except PassZooError as exc:
+        raise RecipeError(f"{source}: {exc}") from exc
+    return cfg
+
+
+def recipe_name(pattern: Optional[str], cfg: PruneConfig, source="recipe") -> str:
+    """The published name: ``pattern`` with ``{arch}``, ``{percent}``, ``{dataset}`` filled in."""
+    try:
+        name = (pattern or DEFAULT_NAME).format(arch=cfg.model, percent=round(cfg.target_macs * 100),
+                                                dataset=cfg.dataset.split(":")[0])
+    except (KeyError, IndexError, ValueError) as exc:
+        raise RecipeError(f"{source}: name pattern '{pattern}' can use only {{arch}}, {{percent}} and "
+                          f"{{dataset}} ({exc})") from exc
+    if not _NAME_RE.match(name) or len(name) > 96:
+        raise RecipeError(f"{source}: name '{name}' is not a valid Hub repo / folder name "
+                          "(letters, digits, '.', '_', '-'; at most 96 characters)")
+    return name
+
+
+def load_recipe(path) -> Tuple[str, PruneConfig, dict]:
+    """``(name, PruneConfig, extras)`` from a recipe file; extras: ``hub_id``, ``path``, ``values``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RecipeError(f"recipe {path} is not valid YAML ({first})") from exc
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping of settings, got {type(values).__name__}")
+    name, hub_id = values.get("name"), values.get("hub_id")
+    for key, val in (("name", name), ("hub_id", hub_id)):
+        if val is not None and not isinstance(val, str):
+            raise RecipeError(f"{path}: '{key}' must be a string, got {val!r}")
+    if hub_id is not None and hub_id.count("/") != 1:
+        raise RecipeError(f"{path}: hub_id must look like ORG/NAME, got '{hub_id}'")
+    cfg = recipe_config({k: v for k, v in values.items() if k not in EXTRA_KEYS}, path)
+    return recipe_name(name, cfg, path), cfg, {"hub_id": hub_id, "path": str(path), "values": values}
+
+
+def recipe_record(name: str, extras: dict) -> dict:
+    """What metrics.json records about the recipe a run came from (the card shows it)."""
+    return {"path": extras["path"], "name": name, "hub_id": extras["hub_id"], "values": extras["values"]}
+
+
+def default_recipes_dir() -> Path:
+    """``recipes/`` of this checkout (or of the installed package), else ``./recipes``."""
+    here = Path(__file__).resolve().parent
+    for folder in (here.parent / "recipes", here / "zoo_recipes"):
+        if folder.is_dir():
+            return folder
+    return Path("recipes")
+
+
+def list_recipes(recipes_dir=None) -> List[Tuple[str, PruneConfig, dict]]:
+    """Every ``*.yaml`` recipe in ``recipes_dir``, sorted by name; names must be unique."""
+    folder = Path(recipes_dir) if recipes_dir is not None else default_recipes_dir()
+    if not folder.is_dir():
+        raise RecipeError(f"recipes folder {folder} does not exist")
+    entries, seen = [], {}
+    for path in sorted(folder.glob("*.yaml")):
+        name, cfg, extras = load_recipe(path)
+        if name in seen:
+            raise RecipeError(f"recipes {seen[name]} and {path} both define the name '{name}'")
+        seen[name] = path
+        entries.append((name, cfg, extras))
+    return sorted(entries, key=lambda e: e[0])
+
+
+def find_recipe(name: str, recipes_dir=None) -> Tuple[str, PruneConfig, dict]:
+    entries = list_recipes(recipes_dir)
+    for entry in entries:
+        if entry[0] == name:
+            return entry
+    known = ", ".join(e[0] for e in entries) or "none"
+    raise RecipeError(f"no zoo entry named '{name}' (known: {known})")
