@@ -134,6 +134,28 @@ def ort_session(path, threads: Optional[int] = None):
         raise OnnxExportError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from exc
 
 
+def conditioning_check(model: nn.Module, session, x: torch.Tensor) -> dict:
+    """ORT's and torch's own float32 error against a float64 torch reference on one batch.
+
+    Some trained networks amplify rounding (e.g. BN channels with zero variance and eps 1e-3 scale
+    differences by ~30 per layer), so even torch float32 differs from the exact function by more
+    than 1e-4. Then the fair test is that ONNX Runtime is as close to the exact function as torch.
+    """
+    import copy
+
+    ref64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        exact = ref64(x.double()).numpy()
+        torch32 = model(x).float().numpy()
+    ort32 = session.run(None, {session.get_inputs()[0].name: x.float().numpy()})[0]
+    return {"torch_fp32_vs_fp64": float(abs(torch32 - exact).max()),
+            "ort_fp32_vs_fp64": float(abs(ort32 - exact).max())}
+
+
+# ORT may be this many times further from the float64 reference than torch float32 is.
+CONDITIONING_FACTOR = 4.0
+
+
 def max_abs_diff(model: nn.Module, session, x: torch.Tensor) -> float:
     """max |torch logits - ORT logits| on one batch."""
     with torch.no_grad():
@@ -189,6 +211,16 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
         if real_inputs is not None:
             report["max_abs_diff_real"] = max_abs_diff(model, session, real_inputs)
         worst = max(d for d in (report["max_abs_diff_random"], report["max_abs_diff_real"]) if d is not None)
+        report["rule"] = f"max |ORT - torch| <= {tol:g}"
+        if not worst <= tol and worst == worst:
+            # Beyond the absolute tolerance: accept only if torch float32 itself is that far from
+            # float64 on the same inputs (an ill-conditioned network, not an export error).
+            checks = [conditioning_check(model, session, x) for x in (random_inputs, real_inputs) if x is not None]
+            report["conditioning"] = checks
+            if all(c["ort_fp32_vs_fp64"] <= max(tol, CONDITIONING_FACTOR * c["torch_fp32_vs_fp64"]) for c in checks):
+                report["rule"] = (f"max |ORT - fp64 torch| <= max({tol:g}, {CONDITIONING_FACTOR:g} x "
+                                  "max |fp32 torch - fp64 torch|)")
+                worst = tol
         if not worst <= tol:  # also catches NaN
             raise OnnxExportError(f"ONNX Runtime and torch disagree: max |logit difference| {worst:.3g} "
                                   f"> {tol:g}; no model.onnx written (details in {run_dir / 'export.json'})")

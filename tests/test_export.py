@@ -180,12 +180,29 @@ def test_failed_onnx_verification_leaves_no_model_onnx(tmp_path, monkeypatch):
     _export_slim("resnet10t", run_dir)
     (run_dir / "model.onnx").write_bytes(b"stale export")  # an earlier file must not survive either
     monkeypatch.setattr(onnx_export, "PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr(onnx_export, "CONDITIONING_FACTOR", -1.0)  # no float64 fallback either
     with pytest.raises(onnx_export.OnnxExportError, match="disagree"):
         onnx_export.export_onnx(run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "export.json", "model.safetensors"]
     report = json.loads((run_dir / "export.json").read_text())
     assert report["passed"] is False and report["sha256"] is None
     assert 0 <= report["max_abs_diff_random"] <= 1e-4  # the numbers are recorded; only the bar moved
+
+
+def test_ill_conditioned_networks_are_judged_against_float64(tmp_path, monkeypatch):
+    """Past the absolute bar, ORT passes only if it is as close to float64 as torch float32 is."""
+    run_dir = tmp_path / "run"
+    _export_slim("resnet10t", run_dir)
+    monkeypatch.setattr(onnx_export, "PARITY_TOLERANCE", 1e-12)  # below any float32 rounding
+    monkeypatch.setattr(onnx_export, "CONDITIONING_FACTOR", 1e6)
+    report = onnx_export.export_onnx(run_dir)
+    assert report["passed"] and "fp64" in report["rule"]
+    for check in report["conditioning"]:
+        assert check["torch_fp32_vs_fp64"] > 0 and check["ort_fp32_vs_fp64"] > 0
+    monkeypatch.setattr(onnx_export, "CONDITIONING_FACTOR", 1e-6)
+    with pytest.raises(onnx_export.OnnxExportError, match="disagree"):
+        onnx_export.export_onnx(run_dir)
+    assert not (run_dir / "model.onnx").exists()
 
 
 def test_tiny_run_exports_onnx_and_eval_reproduces_top1(tmp_path, capsys):
