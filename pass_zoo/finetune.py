@@ -14,7 +14,7 @@ from .training import cosine_lambda, cycle, progress
 
 @dataclass
 class FinetuneConfig:
-    steps: int = 150
+    steps: int = 300  # about 2 epochs of a 10k-image subset at batch 64
     epochs: Optional[float] = None  # when set, replaces steps (epochs * batches per epoch)
     lr: float = 0.01  # SGD for the network weights, momentum 0.9, cosine
     lr_prompt: float = 0.01  # SGD for the prompt

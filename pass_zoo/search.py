@@ -25,7 +25,7 @@ from .training import cosine_lambda, cycle, progress
 class SearchConfig:
     """Stage-1 hyperparameters (defaults sized for a quick CPU run; the paper trains for epochs)."""
 
-    steps: int = 150
+    steps: int = 100
     lr_prompt: float = 0.05  # SGD, momentum 0.9, cosine
     lr_hypernet: float = 2e-3  # AdamW, cosine
     lr_head: float = 1e-3  # a new classifier head (``--head new``) is trained with the hypernetwork
