@@ -29,7 +29,8 @@ RUN_FILES = ("config.json", "model.safetensors", "metrics.json", "masks.json", "
              "model.onnx", "export.json")
 CARD_FILES = (CARD_FILE, PLOT_FILE)
 PUBLISH_FILES = RUN_FILES + CARD_FILES
-OPTIONAL_FILES = (LATENCY_FILE,)
+# PASS runs also carry their hypernetwork: publishing it lets others transfer it to their task.
+OPTIONAL_FILES = (LATENCY_FILE, "hypernet.json", "hypernet.safetensors")
 HUB_RECORD = "hub.json"
 
 

@@ -51,14 +51,17 @@ class _KeepRunningStats:
         self.bns = _batch_norms(model)
 
     def __enter__(self):
-        self.saved = [bn.momentum for bn in self.bns]
+        self.saved = [(bn.momentum, None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone())
+                      for bn in self.bns]
         for bn in self.bns:
             bn.momentum = 0.0
         return self
 
     def __exit__(self, *exc):
-        for bn, m in zip(self.bns, self.saved):
-            bn.momentum = m
+        for bn, (momentum, tracked) in zip(self.bns, self.saved):
+            bn.momentum = momentum
+            if tracked is not None:  # train-mode forwards count batches; the backbone must come out untouched
+                bn.num_batches_tracked.copy_(tracked)
 
 
 class MaskedSearchModel(nn.Module):

@@ -21,7 +21,8 @@ from pass_zoo.slim import count_macs, count_params, slim
 
 from conftest import write_image_folder
 
-RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors"}
+RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors",
+             "model.onnx", "export.json", "hypernet.json", "hypernet.safetensors"}
 X = torch.zeros(1, 3, 32, 32)
 
 

@@ -13,7 +13,8 @@ from pass_zoo.slim import count_macs
 
 from conftest import ROOT
 
-RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors"}
+RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors",
+             "model.onnx", "export.json", "hypernet.json", "hypernet.safetensors"}
 
 
 def _free_port() -> int:

@@ -25,6 +25,8 @@ import pass_zoo
 from pass_zoo.card import CardError, render_card
 from pass_zoo.cli import PRUNE_FLAGS, _prune_config, build_parser, explicit_prune_flags, main
 from pass_zoo.hub import PUBLISH_FILES
+
+HYPERNET_FILES = {"hypernet.json", "hypernet.safetensors"}  # a PASS run publishes its hypernetwork too
 from pass_zoo.recipes import RecipeError, load_recipe
 
 from conftest import offline_hf_cache
@@ -126,7 +128,7 @@ def hub(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- zoo build + card
 def test_zoo_build_writes_a_publishable_folder_with_card(zoo):
     run = zoo["run"]
-    assert {p.name for p in run.iterdir()} == set(PUBLISH_FILES)  # nothing else, no temporary files
+    assert {p.name for p in run.iterdir()} == set(PUBLISH_FILES) | HYPERNET_FILES  # no temporary files
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["recipe"]["name"] == NAME and metrics["recipe"]["path"] == str(zoo["recipes"] / "tiny.yaml")
     assert metrics["command"].startswith("pass-zoo zoo build tiny-fmnist-pass50 --recipes-dir")
@@ -304,7 +306,7 @@ def test_publish_sends_every_file_to_the_hub_api_and_the_upload_loads_back(run_c
     commit = hub.commits[0]
     assert commit["repo"] == REPO and commit["revision"] == "main"
     assert commit["content_type"] == "application/x-ndjson"
-    assert set(commit["files"]) == set(PUBLISH_FILES)  # every publishable file, nothing else
+    assert set(commit["files"]) == set(PUBLISH_FILES) | HYPERNET_FILES  # every publishable file, nothing else
     for name, data in commit["files"].items():
         assert _sha(data) == _sha((run / name).read_bytes()), name
     assert {"model.safetensors", "model.onnx", "masks.safetensors", "kept_channels.png"} <= set(commit["lfs"])
@@ -357,7 +359,8 @@ def test_publish_to_a_branch_through_the_default_upload_pipeline(run_copy, hub, 
     assert hub.created == [{"name": "tiny-fmnist-pass50", "organization": "passzoo-test"}]  # Hub's default visibility
     assert hub.branches == [(REPO, "v1")]
     (commit,) = hub.commits
-    assert commit["revision"] == "v1" and set(commit["files"]) == set(PUBLISH_FILES) and commit["lfs"] == []
+    assert commit["revision"] == "v1" and set(commit["files"]) == set(PUBLISH_FILES) | HYPERNET_FILES
+    assert commit["lfs"] == []
     for name, data in commit["files"].items():
         assert _sha(data) == _sha((run / name).read_bytes()), name
     assert json.loads((run / "hub.json").read_text())["revision"] == "v1"
