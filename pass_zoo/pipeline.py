@@ -39,6 +39,9 @@ class PruneConfig:
     dataset: str = "fashion-mnist"
     target_macs: float = 0.5
     img_size: Optional[int] = None  # None = the backbone's own input size
+    # extra timm.create_model kwargs, recorded in the export (e.g. {"img_size": 64} for a ViT/Swin,
+    # whose patch grid / windows are fixed at creation)
+    model_kwargs: dict = field(default_factory=dict)
     out: Optional[str] = None
     overwrite: bool = False
     method: str = "pass"
@@ -106,7 +109,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     t0 = time.time()
 
     # backbone + data
-    backbone = create_backbone(cfg.model, _resolve_pretrained(cfg)).eval()
+    backbone = create_backbone(cfg.model, _resolve_pretrained(cfg), **cfg.model_kwargs).eval()
     spec = data_spec_for(backbone, cfg.img_size)
     prompt_size = cfg.prompt_size if cfg.prompt_size is not None else max(1, round(spec.img_size * 16 / 224))
     try:  # before any data is read: a typo should fail in a second, as one line
@@ -207,7 +210,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
         from .export import save_slim_model
         save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
                         label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),
-                        img_size=spec.img_size)
+                        img_size=spec.img_size, model_kwargs=cfg.model_kwargs)
         if cfg.onnx:
             onnx_error = _export_onnx(out, val_ds, metrics)
         atomic_write_json(out / "metrics.json", metrics)
