@@ -17,6 +17,16 @@ EPILOG = """examples (offline):
 """
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}'")
+    return value
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     from .backbone import PRETRAINED_HELP
     from .baselines import METHODS
@@ -36,6 +46,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--round-to", type=int, default=s.round_to,
                    help="keep each group's channels a multiple of N; odd widths waste real speed (default: %(default)s)")
     g.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the model's own)")
+    g.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help="extra timm.create_model arguments, recorded in the export, e.g. '{\"img_size\": 64}' "
+                        "for a ViT/Swin at 64 px")
     g.add_argument("--out", default=None, help="run folder (default: runs/MODEL-DATASET-passPCT)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     g.add_argument("--method", default=d.method, choices=list(METHODS),
@@ -91,7 +104,7 @@ def _prune_config(args):
 
     return PruneConfig(
         model=args.model, pretrained=args.pretrained, dataset=args.dataset, target_macs=args.target_macs,
-        img_size=args.img_size, out=args.out, overwrite=args.overwrite, method=args.method, head=args.head,
+        img_size=args.img_size, model_kwargs=args.model_kwargs, out=args.out, overwrite=args.overwrite, method=args.method, head=args.head,
         prompt=args.prompt, prompt_size=args.prompt_size, batch_size=args.batch_size,
         train_subset=args.train_subset, val_subset=args.val_subset, flm_samples=args.flm_samples,
         workers=args.workers, seed=args.seed, mixed_precision=args.mixed_precision, onnx=not args.no_onnx,
@@ -207,6 +220,28 @@ def cmd_latency(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .check import CURATED, markdown_table, run_all, run_check
+
+    if args.all == (args.model is not None):
+        raise PassZooError("check needs exactly one of --model NAME or --all")
+    if args.model:
+        from .backbone import _check_name
+
+        _check_name(args.model)
+        return 0 if run_check(args.model, args.img_size).passed else 1
+    results = run_all(CURATED, args.img_size, timeout=args.timeout, threads=args.threads)
+    passed = sum(r.passed for r in results)
+    print(f"{passed}/{len(results)} architectures pass every stage")
+    if args.md:
+        from .runio import atomic_write_text
+
+        command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
+        atomic_write_text(args.md, markdown_table(results, command))
+        print(f"wrote {args.md}")
+    return 0 if passed == len(results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pass-zoo", description="PASS structured pruning for timm models: search masks with a visual "
@@ -254,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("check", help="run every stage on a random-init timm model (or --all: a curated sweep)",
+                       description="adapter -> 2-step PASS search -> slim (exact MACs) -> masked == slim -> "
+                       "export -> strict timm reload -> ONNX parity, on a random-init model at a small input "
+                       "size; one line per stage. --all checks a curated list, each model in its own process.")
+    p.add_argument("--model", default=None, help="timm model name")
+    p.add_argument("--all", action="store_true", help="check the curated list of architectures")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size (default: 64; fixed-size models such as ViT/Swin are created at it)")
+    p.add_argument("--md", default=None, metavar="PATH", help="with --all: write the Markdown compatibility table")
+    p.add_argument("--timeout", type=float, default=900, help="with --all: seconds per model (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="with --all: torch threads per model (default: %(default)s)")
+    p.set_defaults(func=cmd_check)
     return parser
 
 
