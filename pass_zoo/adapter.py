@@ -44,6 +44,18 @@ _GATEABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
 
 
+def _weight_standardised():
+    """Convs that standardise each filter over its inputs: a zeroed input still counts in the mean
+    and variance, so gating an input channel is *not* removing it (NF-ResNets, BiT)."""
+    from timm.layers import std_conv
+
+    return tuple(getattr(std_conv, n) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                                "ScaledStdConv2dSame") if hasattr(std_conv, n))
+
+
+_NOT_GATEABLE_INPUTS = _weight_standardised()
+
+
 @dataclass
 class _Slot:
     """Positions of one layer dimension owned by a group, and the unit each position belongs to."""
@@ -249,6 +261,7 @@ class LayerSequence:
             except _Excluded as exc:
                 self.excluded.append((root_name, str(exc)))
                 log.info("adapter: group '%s' is not pruned: %s", root_name, exc)
+        self.excluded.sort(key=lambda e: (order.get(e[0], 10**9), e[0]))  # forward order reads best
         if not groups:
             why = "; ".join(f"group '{n}': {r}" for n, r in self.excluded[:4])
             raise AdapterError("no prunable channel group found"
@@ -285,6 +298,9 @@ class LayerSequence:
             slot = _Slot(name, torch.as_tensor(item.idxs, dtype=torch.long),
                          torch.as_tensor(item.root_idxs, dtype=torch.long))
             if isinstance(mod, _GATEABLE):
+                if not is_out and isinstance(mod, _NOT_GATEABLE_INPUTS):
+                    raise _Excluded(f"layer '{name}' ({type(mod).__name__}) standardises its weights over "
+                                    "input channels, so a gated input is not a removed one")
                 (producers if is_out else consumers).append(slot)
             elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 norms.append(slot)
