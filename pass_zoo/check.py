@@ -100,12 +100,13 @@ def check_setup(name: str, img_size: Optional[int] = None):
     """
     import timm
 
+    from .backbone import fixed_size_kwargs
+
     cfg = timm.get_pretrained_cfg(name)
-    fixed = bool(cfg and getattr(cfg, "fixed_input_size", False))
-    min_size = (getattr(cfg, "min_input_size", None) or (3, 0, 0))[-1] if cfg else 0
-    if fixed:
+    if cfg is not None and getattr(cfg, "fixed_input_size", False):
         size = img_size or SMALL_FIXED_SIZE
-        return size, {"img_size": size}
+        return size, fixed_size_kwargs(name, size)
+    min_size = (getattr(cfg, "min_input_size", None) or (3, 0, 0))[-1] if cfg else 0
     return img_size or max(SMALL_CNN_SIZE, min_size), {}
 
 

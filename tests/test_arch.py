@@ -314,20 +314,54 @@ def test_bad_fixups_are_clear_errors(tmp_path_factory, tmp_path):
         load_run_model(variant(lambda s: s.update(model_kwargs={"img_size": 32, "depth": 3})))
 
 
+def test_prune_cli_on_a_vit(tmp_path):
+    """The whole pipeline on a transformer: --img-size creates the ViT at that size (kwarg recorded)."""
+    out = tmp_path / "run"
+    assert main(["prune", "--model", "vit_tiny_patch16_224", "--pretrained", "none", "--head", "new",
+                 "--img-size", "32", "--model-kwargs", '{"depth": 1}', "--train-subset", "8", "--val-subset", "8",
+                 "--batch-size", "4", "--search-steps", "1", "--finetune-steps", "1", "--no-onnx",
+                 "--out", str(out)]) == 0
+    spec = json.loads((out / "config.json").read_text())["model_args"]["spec"]
+    assert spec["format"] == SPEC_FORMAT and spec["model_kwargs"] == {"img_size": 32, "depth": 1}
+    assert [f["module"] for f in spec["fixups"]] in (["blocks.0.attn"], [])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["macs_slim"] <= 0.5 * metrics["macs_dense"]
+    loaded = load_run_model(out)
+    assert loaded.model.blocks[0].mlp.fc1.out_features < 768
+    with torch.no_grad():
+        assert loaded(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
 # ------------------------------------------------------------------------------ check command
-def test_check_runs_every_stage(capsys):
-    result = run_check("resnet10t", img_size=32)
+def test_check_cli_runs_every_stage(capsys, monkeypatch):
+    import pass_zoo.check as check
+
+    results = []
+    monkeypatch.setattr(check, "run_check", lambda *a, **k: results.append(run_check(*a, **k)) or results[-1])
+    assert main(["check", "--model", "resnet10t", "--img-size", "32"]) == 0
+    (result,) = results
     assert result.passed and result.stages == {s: "ok" for s in STAGES}
     assert result.family == "resnet" and result.macs_slim <= 0.5 * result.macs_dense
     assert result.exact_diff <= 1e-5 and result.onnx_diff <= 1e-4
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("resnet10t (resnet) at 32 px")
-    assert [line.split()[:2] for line in lines[1:]] == [[s, "ok"] for s in STAGES]
+    assert lines[0] == "resnet10t (resnet) at 32 px"
+    assert [line.split() for line in lines[1:]] == [[s, "ok"] for s in STAGES]
 
 
-def test_check_cli_single_model_and_errors(capsys):
-    assert main(["check", "--model", "resnet10t", "--img-size", "32"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].split() == ["onnx", "ok"]
+def test_check_reports_the_failing_stage(monkeypatch):
+    import importlib
+
+    slim_module = importlib.import_module("pass_zoo.slim")  # the package re-exports slim(), shadowing it
+    monkeypatch.setattr(slim_module, "count_macs", lambda model, x: 7)  # a MACs model that disagrees
+    lines = []
+    result = run_check("resnet10t", img_size=32, echo=lines.append, search_steps=1)
+    assert result.stages == {"adapter": "ok", "search": "ok", "slim": "fail", "exact": "skip", "export": "skip",
+                             "reload": "skip", "onnx": "skip"}
+    assert result.reason.startswith("slim: layer sequence predicts") and result.reason.endswith("the slim model has 7")
+    assert lines[-1] == "slim     fail: " + result.reason[len("slim: "):]
+
+
+def test_check_cli_errors(capsys):
     assert main(["check"]) == 2
     assert "exactly one of --model NAME or --all" in capsys.readouterr().err
     assert main(["check", "--model", "resnet_nope"]) == 2
