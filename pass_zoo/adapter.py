@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -46,14 +48,15 @@ _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
 
 def _weight_standardised():
     """Convs that standardise each filter over its inputs: a zeroed input still counts in the mean
-    and variance, so gating an input channel is *not* removing it (NF-ResNets, BiT)."""
+    and variance, so gating an input channel is *not* removing it (NF-ResNets, BiT); the scaled ones
+    also carry a per-filter gain outside Torch-Pruning's conv pruner."""
     from timm.layers import std_conv
 
     return tuple(getattr(std_conv, n) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
                                                 "ScaledStdConv2dSame") if hasattr(std_conv, n))
 
 
-_NOT_GATEABLE_INPUTS = _weight_standardised()
+_WEIGHT_STANDARDISED = _weight_standardised()
 
 
 @dataclass
@@ -200,8 +203,56 @@ def _ch_groups(module: nn.Module) -> int:
     return 1
 
 
+def _dims(module: nn.Module) -> Tuple[int, int]:
+    """(output, input) channel counts of a conv/linear/per-channel layer."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.out_channels, module.in_channels
+    if isinstance(module, nn.PReLU):
+        return (module.weight.numel(),) * 2
+    return (module.num_features,) * 2
+
+
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and module.groups == module.out_channels
+
+
+# Torch-Pruning resolves one group in well under a second; on some graphs (ReXNet's in-place adds
+# into a channel slice) it never finishes. Past this many seconds on one group: a clear AdapterError.
+GROUP_TIME_LIMIT_S = 60
+
+
+def _each_within(groups, seconds: float, names: Dict[nn.Module, str]):
+    """Yield from Torch-Pruning's group generator, giving up if one group takes longer than ``seconds``.
+
+    Uses SIGALRM, so only in the main thread of a Unix process; elsewhere there is no limit.
+    """
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield from groups
+        return
+    groups, last = iter(groups), [None]
+
+    def _timeout(signum, frame):
+        after = f" after group '{last[0]}'" if last[0] else ""
+        raise AdapterError(f"Torch-Pruning's dependency analysis did not finish within {seconds:g} s{after} "
+                           "(channel slicing or in-place ops it cannot follow)")
+
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    try:
+        while True:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+            try:
+                group = next(groups)
+            except StopIteration:
+                return
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            last[0] = names.get(group[0].dep.target.module)
+            yield group
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class _Excluded(Exception):
@@ -254,7 +305,8 @@ class LayerSequence:
     # ------------------------------------------------------------------ construction
     def _collect_groups(self, order: Dict[str, int]) -> List[ChannelGroup]:
         groups = []
-        for tp_group in self.graph.get_all_groups(ignored_layers=self.ignored, root_module_types=_GATEABLE):
+        all_groups = self.graph.get_all_groups(ignored_layers=self.ignored, root_module_types=_GATEABLE)
+        for tp_group in _each_within(all_groups, GROUP_TIME_LIMIT_S, self.module_names):
             root_name = self.module_names[tp_group[0].dep.target.module]
             try:
                 groups.append(self._make_group(tp_group, order))
@@ -298,9 +350,10 @@ class LayerSequence:
             slot = _Slot(name, torch.as_tensor(item.idxs, dtype=torch.long),
                          torch.as_tensor(item.root_idxs, dtype=torch.long))
             if isinstance(mod, _GATEABLE):
-                if not is_out and isinstance(mod, _NOT_GATEABLE_INPUTS):
+                if isinstance(mod, _WEIGHT_STANDARDISED):
                     raise _Excluded(f"layer '{name}' ({type(mod).__name__}) standardises its weights over "
-                                    "input channels, so a gated input is not a removed one")
+                                    "input channels (a gated input is not a removed one) and has a per-filter "
+                                    "gain Torch-Pruning does not slice")
                 (producers if is_out else consumers).append(slot)
             elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 norms.append(slot)
@@ -321,7 +374,22 @@ class LayerSequence:
         if read.numel() < units:  # e.g. q/k rows of an attention type without a registered family
             raise _Excluded(f"{units - read.numel()} of its {units} units reach no conv/linear input that "
                             "could gate them (an unregistered attention module?)")
+        for slots, side in ((producers, 0), (consumers, 1), (norms, 0)):
+            for slot in slots:
+                self._check_slot(slot, units, _dims(self._module(slot.module_name))[side])
         return group
+
+    def _check_slot(self, slot: _Slot, units: int, size: int) -> None:
+        """Positions inside the layer, and every unit the same number of times in it: the MACs model
+        (removed positions = per-unit count x dropped units) needs it. Splits/concatenations that
+        Torch-Pruning cannot follow break one or the other (Res2Net's split, GhostNet's half-cat)."""
+        if len(slot.positions) and int(slot.positions.max()) >= size:
+            raise _Excluded(f"Torch-Pruning maps its channels outside layer '{slot.module_name}' "
+                            "(a split or concatenation it cannot follow)")
+        counts = torch.bincount(slot.units, minlength=units)
+        if bool((counts != counts[0]).any()):
+            raise _Excluded(f"layer '{slot.module_name}' carries only some of its units "
+                            "(a concatenation of differently pruned parts)")
 
     def _head_group(self, root_name, root, tp_group, producers, consumers, norms, seen_orders, attention):
         """The qkv group of a registered attention module: one unit per head, gated at proj's input."""

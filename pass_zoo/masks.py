@@ -69,6 +69,12 @@ def _fill(kept: List[int], scores, seq: LayerSequence, budget: float, totals, st
         kept = best
 
 
+def smallest_macs(seq: LayerSequence, round_to: int = 1) -> int:
+    """MACs of the smallest network a selection can produce (one rounding step kept per group):
+    budgets below it cannot be met. Groups left dense by the adapter set this floor."""
+    return seq.macs([_rounded(0, g.units, _unit_step(round_to, g.unit_width)) for g in seq.groups])
+
+
 def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target_macs: float,
                  round_to: int = 1, selection: str = "global") -> List[torch.Tensor]:
     """Hard unit masks (bool) keeping the best-scoring units with slim MACs <= target_macs * dense."""

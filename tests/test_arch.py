@@ -265,9 +265,29 @@ def test_weight_standardised_consumers_are_left_dense():
             return self.fc
 
     seq = build_layer_sequence(Net(), torch.randn(1, 3, 12, 12))
-    assert seq.names == ["b", "c"]  # b's outputs are fine to prune; a's would feed a standardised conv
-    assert seq.excluded == [("a", "layer 'b' (ScaledStdConv2d) standardises its weights over input channels, "
-                                  "so a gated input is not a removed one")]
+    assert seq.names == ["c"]
+    why = ("layer 'b' (ScaledStdConv2d) standardises its weights over input channels (a gated input is not "
+           "a removed one) and has a per-filter gain Torch-Pruning does not slice")
+    assert seq.excluded == [("a", why), ("b", why)]
+
+
+def test_a_group_torch_pruning_cannot_resolve_is_a_clear_error(monkeypatch):
+    import time
+
+    import torch_pruning as tp
+
+    import pass_zoo.adapter as adapter
+
+    def stuck(self, *args, **kwargs):
+        yield from ()
+        time.sleep(30)  # what Torch-Pruning does on ReXNet's in-place slice adds (forever)
+
+    monkeypatch.setattr(adapter, "GROUP_TIME_LIMIT_S", 0.2)
+    monkeypatch.setattr(tp.DependencyGraph, "get_all_groups", stuck)
+    start = time.time()
+    with pytest.raises(AdapterError, match=r"dependency analysis did not finish within 0.2 s \(channel slicing"):
+        build_layer_sequence(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)), torch.randn(1, 3, 4, 4))
+    assert time.time() - start < 10
 
 
 def test_nothing_prunable_names_every_reason():
@@ -373,7 +393,7 @@ def test_check_sweep_child_timeout_and_table():
     assert not slow.passed and slow.reason == "timed out after 1 s"
     assert slow.stages == {s: "skip" for s in STAGES}
     ok = CheckResult("resnet10t", family="resnet", img_size=32, groups=9, macs_dense=1_000_000, macs_slim=490_000,
-                     stages={s: "ok" for s in STAGES})
+                     target_macs=0.5, stages={s: "ok" for s in STAGES})
     table = markdown_table([ok, slow], "pass-zoo check --all")
     assert "**1/2 (50 %) pass every stage**" in table and "`pass-zoo check --all`" in table
     assert "| resnet10t | resnet | 32 | 9 (0) / 0 | 49.0 % of 1 M | ok | ok |" in table
