@@ -11,11 +11,23 @@ PASS walk. This module turns the graph into plain data the rest of the pipeline 
 * a search-time gate that multiplies every consumer's input by the group mask. Zeroing an input
   channel of a conv/linear is exactly the same function as removing it, so a gated network equals
   the physically slimmed one (BN in eval mode).
+
+Transformers: a registered attention module (``pass_zoo.families``) turns its ``qkv`` group into a
+*head* group -- one unit per head (its q, k, v rows and its ``proj`` columns), gated at ``proj``'s
+input. MLP hidden units (fc1 out / fc2 in) are ordinary channel groups.
+
+Groups that cannot be gated exactly -- their channels pass through LayerNorm/GroupNorm, a bare
+parameter (layer scale, position embeddings), or are the network's output -- are *excluded*: they
+stay dense, are listed in ``LayerSequence.excluded`` with the reason, and the rest of the network is
+still pruned. Only a model with nothing prunable is refused (``AdapterError`` naming the layers).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -24,11 +36,27 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .errors import AdapterError
+from .families import attention_modules
+
+log = logging.getLogger(__name__)
 
 # Layers whose channel dimension we can gate exactly at their input.
 _GATEABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)
 # Per-channel layers: pruning them is exact whatever happens upstream.
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
+
+
+def _weight_standardised():
+    """Convs that standardise each filter over its inputs: a zeroed input still counts in the mean
+    and variance, so gating an input channel is *not* removing it (NF-ResNets, BiT); the scaled ones
+    also carry a per-filter gain outside Torch-Pruning's conv pruner."""
+    from timm.layers import std_conv
+
+    return tuple(getattr(std_conv, n) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                                "ScaledStdConv2dSame") if hasattr(std_conv, n))
+
+
+_WEIGHT_STANDARDISED = _weight_standardised()
 
 
 @dataclass
@@ -53,14 +81,35 @@ class ChannelGroup:
     producers: List[_Slot] = field(default_factory=list, repr=False)  # out-channel layers
     consumers: List[_Slot] = field(default_factory=list, repr=False)  # in-channel layers
     norms: List[_Slot] = field(default_factory=list, repr=False)  # BatchNorms over the group's channels
+    kind: str = "channels"  # channels | heads
+    head_dim: int = 0  # heads: channels of proj's input per head
+    attention: Optional[str] = None  # heads: the attention module's name
+    unit_index: Optional[torch.Tensor] = field(default=None, repr=False)  # root channel -> unit (heads)
+
+    def __post_init__(self):
+        # cached: MACs queries read it for every layer of every candidate during selection
+        self._units = int(self.unit_index.max()) + 1 if self.unit_index is not None else self.channels // self.ch_groups
 
     @property
     def units(self) -> int:
-        return self.channels // self.ch_groups
+        return self._units
+
+    @property
+    def unit_width(self) -> int:
+        """Channels of the pruned width per unit (what ``round_to`` rounds): conv groups or head_dim."""
+        return self.head_dim if self.kind == "heads" else self.ch_groups
 
     def unit_of_channel(self) -> torch.Tensor:
-        """Root channel -> unit. Grouped convs prune the same position of every slice."""
+        """Root channel -> unit. Grouped convs prune the same position of every slice; a head's q, k, v
+        rows all belong to the head."""
+        if self.unit_index is not None:
+            return self.unit_index
         return torch.arange(self.channels) % self.units
+
+    def first_channels(self) -> torch.Tensor:
+        """One root channel per unit (the first), to read a unit mask off a channel mask."""
+        first = torch.full((self.units,), self.channels, dtype=torch.long)
+        return first.scatter_reduce(0, self.unit_of_channel(), torch.arange(self.channels), "amin")
 
     def expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
         """Unit mask -> root-channel mask."""
@@ -89,18 +138,49 @@ class LayerCost:
         return self.positions * self.kernel * out_kept * in_kept // self.groups
 
 
-def _module_positions(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str, int], Dict[str, int]]:
-    """Execution order of every module and output positions of every conv/linear."""
+@dataclass
+class AttentionCost:
+    """MACs of one attention module's ``q @ k^T`` and ``attn @ v``: linear in its kept heads."""
+
+    name: str
+    per_head: int  # MACs per head per sample (2 * windows * tokens^2 * head_dim)
+    heads: int  # dense heads
+    owner: Optional[int] = None  # the head group, None when its heads are not pruned
+
+    def macs(self, kept_units: Sequence[int], groups: Sequence[ChannelGroup]) -> int:
+        return self.per_head * (self.heads if self.owner is None else kept_units[self.owner])
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph with per-head parameters left to the attention families.
+
+    Used for the layer sequence *and* when an export replays its pruning history, so both see the
+    same groups. Torch-Pruning would cut e.g. Swin's bias table along its rows with qkv indices.
+    """
+    per_head = [p for _, mod, fam in attention_modules(model) for p in fam.per_head_params(mod)]
+    return tp.DependencyGraph().build_dependency(model, example_input, ignored_params=per_head, verbose=False)
+
+
+def _module_positions(model: nn.Module, example_input: torch.Tensor):
+    """Execution order of every module, output positions per sample of every conv/linear, and the
+    matmul MACs per head and sample of every registered attention module."""
     order: Dict[str, int] = {}
     positions: Dict[str, int] = {}
+    attn_per_head: Dict[str, int] = {}
+    batch = int(example_input.shape[0])
     handles = []
+    families = {name: fam for name, _, fam in attention_modules(model)}
 
     def hook(name):
         def _fn(mod, inp, out):
             order.setdefault(name, len(order))
             if isinstance(mod, _GATEABLE) and isinstance(out, torch.Tensor):
                 ch = mod.out_channels if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else mod.out_features
-                positions[name] = out[:1].numel() // ch
+                # all of the sample's outputs: Swin runs its linears on (batch * windows, tokens, C)
+                positions[name] = out.numel() // (ch * batch)
+            if name in families and name not in attn_per_head:
+                fam = families[name]
+                attn_per_head[name] = fam.matmul_macs(mod, inp[0]) // (fam.heads(mod) * batch)
         return _fn
 
     for name, mod in model.named_modules():
@@ -112,7 +192,7 @@ def _module_positions(model: nn.Module, example_input: torch.Tensor) -> Tuple[Di
     finally:
         for h in handles:
             h.remove()
-    return order, positions
+    return order, positions, attn_per_head
 
 
 def _ch_groups(module: nn.Module) -> int:
@@ -123,8 +203,60 @@ def _ch_groups(module: nn.Module) -> int:
     return 1
 
 
+def _dims(module: nn.Module) -> Tuple[int, int]:
+    """(output, input) channel counts of a conv/linear/per-channel layer."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.out_channels, module.in_channels
+    if isinstance(module, nn.PReLU):
+        return (module.weight.numel(),) * 2
+    return (module.num_features,) * 2
+
+
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and module.groups == module.out_channels
+
+
+# Torch-Pruning resolves one group in well under a second; on some graphs (ReXNet's in-place adds
+# into a channel slice) it never finishes. Past this many seconds on one group: a clear AdapterError.
+GROUP_TIME_LIMIT_S = 60
+
+
+def _each_within(groups, seconds: float, names: Dict[nn.Module, str]):
+    """Yield from Torch-Pruning's group generator, giving up if one group takes longer than ``seconds``.
+
+    Uses SIGALRM, so only in the main thread of a Unix process; elsewhere there is no limit.
+    """
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield from groups
+        return
+    groups, last = iter(groups), [None]
+
+    def _timeout(signum, frame):
+        after = f" after group '{last[0]}'" if last[0] else ""
+        raise AdapterError(f"Torch-Pruning's dependency analysis did not finish within {seconds:g} s{after} "
+                           "(channel slicing or in-place ops it cannot follow)")
+
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    try:
+        while True:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+            try:
+                group = next(groups)
+            except StopIteration:
+                return
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            last[0] = names.get(group[0].dep.target.module)
+            yield group
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _Excluded(Exception):
+    """A group that cannot be gated exactly: it stays dense (the reason is kept for the log)."""
 
 
 class LayerSequence:
@@ -144,15 +276,26 @@ class LayerSequence:
         try:
             for p in frozen:  # the graph is traced through autograd: frozen weights would hide every layer
                 p.requires_grad_(True)
-            self.graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
-            order, out_positions = _module_positions(model, example_input)
+            self.graph = build_graph(model, example_input)
+            order, out_positions, attn_per_head = _module_positions(model, example_input)
         finally:
             model.train(was_training)
             for p in frozen:
                 p.requires_grad_(False)
         self.module_names = {m: n for n, m in model.named_modules()}
+        self.param_names = {p: n for n, p in model.named_parameters()}
+        # qkv layer -> (attention module name, module, family), for the head groups
+        self._attention = {}
+        self._attention_skip: Dict[str, str] = {}
+        for name, mod, fam in attention_modules(model):
+            reason = fam.check(mod)
+            if reason:
+                self._attention_skip[name] = reason
+            else:
+                self._attention[fam.qkv(mod)] = (name, mod, fam)
+        self.excluded: List[Tuple[str, str]] = []  # (group root, why it stays dense)
         self.groups: List[ChannelGroup] = self._collect_groups(order)
-        self.costs: List[LayerCost] = self._collect_costs(out_positions)
+        self.costs: List = self._collect_costs(out_positions) + self._attention_costs(attn_per_head)
         self._consumer_slots: Dict[str, List[Tuple[int, _Slot]]] = {}
         for gi, g in enumerate(self.groups):
             for slot in g.consumers:
@@ -162,48 +305,107 @@ class LayerSequence:
     # ------------------------------------------------------------------ construction
     def _collect_groups(self, order: Dict[str, int]) -> List[ChannelGroup]:
         groups = []
-        for tp_group in self.graph.get_all_groups(ignored_layers=self.ignored, root_module_types=_GATEABLE):
-            root = tp_group[0].dep.target.module
-            root_name = self.module_names[root]
-            n = self.graph.get_out_channels(root)
-            producers, consumers, norms, seen_orders, ch_groups = [], [], [], [], 1
-            for item in tp_group.items:
-                mod = item.dep.target.module
-                if not isinstance(mod, nn.Module) or mod not in self.module_names:
-                    if isinstance(mod, nn.Parameter):
-                        raise AdapterError(
-                            f"group '{root_name}' reaches a bare parameter "
-                            f"'{self.graph._param_to_name.get(mod, '?')}' that the CNN adapter cannot gate")
-                    continue  # functional ops (add, cat, flatten): no weights
-                name = self.module_names[mod]
-                if name in order:
-                    seen_orders.append(order[name])
-                is_out = self.graph.is_out_channel_pruning_fn(item.dep.handler)
-                ch_groups = max(ch_groups, _ch_groups(mod))
-                slot = _Slot(name, torch.as_tensor(item.idxs, dtype=torch.long),
-                             torch.as_tensor(item.root_idxs, dtype=torch.long))
-                if isinstance(mod, _GATEABLE):
-                    (producers if is_out else consumers).append(slot)
-                elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                    norms.append(slot)
-                elif not isinstance(mod, _PER_CHANNEL):
-                    raise AdapterError(
-                        f"layer '{name}' ({type(mod).__name__}) mixes the channels of group '{root_name}'; "
-                        "the CNN adapter can only gate conv/linear inputs and per-channel layers")
-            if n % ch_groups:
-                raise AdapterError(f"group '{root_name}': {n} channels do not split into {ch_groups} conv groups")
-            group = ChannelGroup(root_name, min(seen_orders) if seen_orders else 10**9, n, ch_groups,
-                                 root, tp_group[0].dep.handler, producers, consumers, norms)
-            units = group.units
-            for slot in producers + consumers + norms:
-                slot.units = slot.units % units
-            groups.append(group)
+        all_groups = self.graph.get_all_groups(ignored_layers=self.ignored, root_module_types=_GATEABLE)
+        for tp_group in _each_within(all_groups, GROUP_TIME_LIMIT_S, self.module_names):
+            root_name = self.module_names[tp_group[0].dep.target.module]
+            try:
+                groups.append(self._make_group(tp_group, order))
+            except _Excluded as exc:
+                self.excluded.append((root_name, str(exc)))
+                log.info("adapter: group '%s' is not pruned: %s", root_name, exc)
+        self.excluded.sort(key=lambda e: (order.get(e[0], 10**9), e[0]))  # forward order reads best
         if not groups:
-            raise AdapterError("no prunable channel group found (the model has no conv/linear outside the classifier)")
+            why = "; ".join(f"group '{n}': {r}" for n, r in self.excluded[:4])
+            raise AdapterError("no prunable channel group found"
+                               + (f" ({why})" if why else " (the model has no conv/linear outside the classifier)"))
+        if self.excluded:
+            log.info("adapter: %d groups pruned, %d left dense", len(groups), len(self.excluded))
         groups.sort(key=lambda g: (g.order, g.name))
         for i, g in enumerate(groups):
             g.order = i
         return groups
+
+    def _make_group(self, tp_group, order: Dict[str, int]) -> ChannelGroup:
+        """One Torch-Pruning group -> a ``ChannelGroup``, or ``_Excluded`` if it cannot be gated exactly."""
+        root = tp_group[0].dep.target.module
+        root_name = self.module_names[root]
+        n = self.graph.get_out_channels(root)
+        attention = self._attention.get(root)
+        if attention is None and root_name.rsplit(".", 1)[0] in self._attention_skip:
+            raise _Excluded(f"attention heads of '{root_name.rsplit('.', 1)[0]}' cannot be pruned: "
+                            f"{self._attention_skip[root_name.rsplit('.', 1)[0]]}")
+        allowed_params = set(attention[2].per_head_params(attention[1])) if attention else set()
+        producers, consumers, norms, seen_orders, ch_groups = [], [], [], [], 1
+        for item in tp_group.items:
+            mod = item.dep.target.module
+            if not isinstance(mod, nn.Module) or mod not in self.module_names:
+                if isinstance(mod, nn.Parameter) and mod not in allowed_params:
+                    raise _Excluded(f"its channels reach the bare parameter '{self.param_names.get(mod, '?')}'")
+                continue  # functional ops (add, cat, flatten): no weights
+            name = self.module_names[mod]
+            if name in order:
+                seen_orders.append(order[name])
+            is_out = self.graph.is_out_channel_pruning_fn(item.dep.handler)
+            ch_groups = max(ch_groups, _ch_groups(mod))
+            slot = _Slot(name, torch.as_tensor(item.idxs, dtype=torch.long),
+                         torch.as_tensor(item.root_idxs, dtype=torch.long))
+            if isinstance(mod, _GATEABLE):
+                if isinstance(mod, _WEIGHT_STANDARDISED):
+                    raise _Excluded(f"layer '{name}' ({type(mod).__name__}) standardises its weights over "
+                                    "input channels (a gated input is not a removed one) and has a per-filter "
+                                    "gain Torch-Pruning does not slice")
+                (producers if is_out else consumers).append(slot)
+            elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                norms.append(slot)
+            elif not isinstance(mod, _PER_CHANNEL):
+                raise _Excluded(f"layer '{name}' ({type(mod).__name__}) mixes its channels")
+        if not consumers:
+            raise _Excluded("its channels are the network's output (no layer reads them)")
+        if attention is not None:
+            return self._head_group(root_name, root, tp_group, producers, consumers, norms, seen_orders, attention)
+        if n % ch_groups:
+            raise _Excluded(f"{n} channels do not split into {ch_groups} conv groups")
+        group = ChannelGroup(root_name, min(seen_orders) if seen_orders else 10**9, n, ch_groups,
+                             root, tp_group[0].dep.handler, producers, consumers, norms)
+        units = group.units
+        for slot in producers + consumers + norms:
+            slot.units = slot.units % units
+        read = torch.unique(torch.cat([s.units for s in consumers]))
+        if read.numel() < units:  # e.g. q/k rows of an attention type without a registered family
+            raise _Excluded(f"{units - read.numel()} of its {units} units reach no conv/linear input that "
+                            "could gate them (an unregistered attention module?)")
+        for slots, side in ((producers, 0), (consumers, 1), (norms, 0)):
+            for slot in slots:
+                self._check_slot(slot, units, _dims(self._module(slot.module_name))[side])
+        return group
+
+    def _check_slot(self, slot: _Slot, units: int, size: int) -> None:
+        """Positions inside the layer, and every unit the same number of times in it: the MACs model
+        (removed positions = per-unit count x dropped units) needs it. Splits/concatenations that
+        Torch-Pruning cannot follow break one or the other (Res2Net's split, GhostNet's half-cat)."""
+        if len(slot.positions) and int(slot.positions.max()) >= size:
+            raise _Excluded(f"Torch-Pruning maps its channels outside layer '{slot.module_name}' "
+                            "(a split or concatenation it cannot follow)")
+        counts = torch.bincount(slot.units, minlength=units)
+        if bool((counts != counts[0]).any()):
+            raise _Excluded(f"layer '{slot.module_name}' carries only some of its units "
+                            "(a concatenation of differently pruned parts)")
+
+    def _head_group(self, root_name, root, tp_group, producers, consumers, norms, seen_orders, attention):
+        """The qkv group of a registered attention module: one unit per head, gated at proj's input."""
+        attn_name, attn, fam = attention
+        proj = fam.proj(attn)
+        if norms or [s.module_name for s in producers] != [root_name] or \
+                [s.module_name for s in consumers] != [self.module_names[proj]]:
+            raise _Excluded(f"attention '{attn_name}': its heads reach layers other than qkv/proj "
+                            f"({[s.module_name for s in producers + consumers + norms]})")
+        head_of = fam.head_of_qkv_row(attn)
+        for slot in producers + consumers:
+            slot.units = head_of[slot.units]
+        group = ChannelGroup(root_name, min(seen_orders) if seen_orders else 10**9, len(head_of), 1,
+                             root, tp_group[0].dep.handler, producers, consumers, [], kind="heads",
+                             head_dim=fam.head_dim(attn), attention=attn_name, unit_index=head_of)
+        return group
 
     def _collect_costs(self, out_positions: Dict[str, int]) -> List[LayerCost]:
         owners_out: Dict[str, List[Tuple[int, int]]] = {}
@@ -226,6 +428,11 @@ class LayerSequence:
                                    owners_out.get(name, []), owners_in.get(name, [])))
         return costs
 
+    def _attention_costs(self, attn_per_head: Dict[str, int]) -> List[AttentionCost]:
+        owner = {g.attention: gi for gi, g in enumerate(self.groups) if g.kind == "heads"}
+        return [AttentionCost(name, attn_per_head[name], fam.heads(mod), owner.get(name))
+                for name, mod, fam in attention_modules(self.model) if name in attn_per_head]
+
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
         return len(self.groups)
@@ -242,7 +449,8 @@ class LayerSequence:
         return max(g.units for g in self.groups)
 
     def macs(self, kept_units: Sequence[int]) -> int:
-        """Exact conv/linear MACs of the slim network that keeps ``kept_units[i]`` units of group i."""
+        """Exact MACs of the slim network that keeps ``kept_units[i]`` units of group i: conv + linear
+        MACs, plus attention matmuls (q @ k^T, attn @ v) -- the same count as ``slim.count_macs``."""
         return sum(c.macs(kept_units, self.groups) for c in self.costs)
 
     def unit_macs(self) -> List[float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import timm
 import torch
@@ -28,6 +28,17 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise BackboneError(f"unknown timm model '{name}'{hint}")
+
+
+def fixed_size_kwargs(name: str, img_size: Optional[int]) -> Dict[str, int]:
+    """``{"img_size": N}`` for models whose input size is fixed at creation (ViT patch grids, Swin
+    windows: ``fixed_input_size`` in timm's cfg) when another size is asked for; ``{}`` otherwise."""
+    if not img_size or name.startswith(("hf-hub:", "local-dir:")):
+        return {}
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None or not getattr(cfg, "fixed_input_size", False) or tuple(cfg.input_size)[-1] == img_size:
+        return {}
+    return {"img_size": int(img_size)}
 
 
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:

@@ -59,7 +59,9 @@ def group_scores(seq: LayerSequence, importance: Callable) -> List[torch.Tensor]
         if imp.numel() != g.channels:
             raise PassZooError(f"{type(importance).__name__} returned {imp.numel()} scores for group "
                                f"'{g.name}' of {g.channels} channels")
-        scores.append(imp.view(g.ch_groups, g.units).mean(0))
+        unit = g.unit_of_channel()  # mean over the channels of a unit (conv-group slices, a head's rows)
+        per_unit = torch.zeros(g.units).index_add_(0, unit, imp)
+        scores.append(per_unit / torch.bincount(unit, minlength=g.units).float())
     return scores
 
 

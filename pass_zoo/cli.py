@@ -19,6 +19,16 @@ EPILOG = """examples (offline):
 """
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}'")
+    return value
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     from .backbone import PRETRAINED_HELP
     from .baselines import METHODS
@@ -38,6 +48,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--round-to", type=int, default=s.round_to,
                    help="keep each group's channels a multiple of N; odd widths waste real speed (default: %(default)s)")
     g.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the model's own)")
+    g.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help="extra timm.create_model arguments, recorded in the export, e.g. '{\"img_size\": 64}' "
+                        "for a ViT/Swin at 64 px")
     g.add_argument("--out", default=None, help="run folder (default: runs/MODEL-DATASET-passPCT)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     g.add_argument("--recipe", default=None, metavar="FILE",
@@ -102,7 +115,7 @@ PRUNE_FLAGS = {
     "no_prompt_input": "!search.use_prompt", "no_weight_input": "!search.use_weights",
     "finetune_steps": "finetune.steps", "finetune_epochs": "finetune.epochs", "finetune_lr": "finetune.lr",
     "finetune_lr_prompt": "finetune.lr_prompt", "seed": "seed", "mixed_precision": "mixed_precision",
-    "no_onnx": "!onnx",
+    "no_onnx": "!onnx", "model_kwargs": "model_kwargs",
 }
 
 
@@ -332,6 +345,27 @@ def cmd_bench(args) -> int:
         print(results_table(doc))
     return 0
 
+def cmd_check(args) -> int:
+    from .check import CURATED, markdown_table, run_all, run_check
+
+    if args.all == (args.model is not None):
+        raise PassZooError("check needs exactly one of --model NAME or --all")
+    if args.model:
+        from .backbone import _check_name
+
+        _check_name(args.model)
+        return 0 if run_check(args.model, args.img_size).passed else 1
+    results = run_all(CURATED, args.img_size, timeout=args.timeout, threads=args.threads)
+    passed = sum(r.passed for r in results)
+    print(f"{passed}/{len(results)} architectures pass every stage")
+    if args.md:
+        from .runio import atomic_write_text
+
+        command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
+        atomic_write_text(args.md, markdown_table(results, command))
+        print(f"wrote {args.md}")
+    return 0 if passed == len(results) else 1
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -440,6 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--runs-dir", default="runs", help="where runs live (default: %(default)s)")
         q.add_argument("--recipes-dir", default=None, help="recipe folder (default: this checkout's recipes/)")
         q.set_defaults(func=cmd_zoo_list if name == "list" else cmd_zoo_build)
+    p = sub.add_parser("check", help="run every stage on a random-init timm model (or --all: a curated sweep)",
+                       description="adapter -> 2-step PASS search -> slim (exact MACs) -> masked == slim -> "
+                       "export -> strict timm reload -> ONNX parity, on a random-init model at a small input "
+                       "size; one line per stage. --all checks a curated list, each model in its own process.")
+    p.add_argument("--model", default=None, help="timm model name")
+    p.add_argument("--all", action="store_true", help="check the curated list of architectures")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size (default: 64; fixed-size models such as ViT/Swin are created at it)")
+    p.add_argument("--md", default=None, metavar="PATH", help="with --all: write the Markdown compatibility table")
+    p.add_argument("--timeout", type=float, default=900, help="with --all: seconds per model (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="with --all: torch threads per model (default: %(default)s)")
+    p.set_defaults(func=cmd_check)
     return parser
 
 

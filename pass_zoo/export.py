@@ -3,15 +3,24 @@
 ``config.json`` (timm's Hub layout) carries::
 
     {"architecture": "pass_pruned", "num_classes": 10, "label_names": [...],
-     "model_args": {"base_arch": "tf_efficientnet_lite0",
-                    "spec": {"format": "pass-zoo-slim/1", "img_size": 64,
+     "model_args": {"base_arch": "vit_base_patch16_224",
+                    "spec": {"format": "pass-zoo-slim/2", "img_size": 64,
+                             "model_kwargs": {"img_size": 64},
                              "prompt": {"kind": "additive", "width": 5},
-                             "pruning_history": [[layer, is_out, [indices]], ...]}},
+                             "pruning_history": [[layer, is_out, [indices]], ...],
+                             "fixups": [{"module": "blocks.0.attn", "family": "timm.layers.Attention",
+                                         "head_dim": 64, "kept_heads": [0, 3, ...]}, ...]}},
      "pretrained_cfg": {<the base model's mean/std/interpolation/crop, input_size at img_size>}}
 
+Spec versions: ``/1`` is a CNN spec (base arch with timm's defaults + pruning history); ``/2`` adds
+``model_kwargs`` (passed to ``timm.create_model`` for the base, e.g. a ViT's ``img_size``) and
+``fixups`` (attention heads: Torch-Pruning's replay removes their qkv rows and proj columns, the
+fixup sets ``num_heads`` and slices per-head parameters such as Swin's bias table). An export is
+written as ``/1`` when it needs neither, so older readers still load CNN exports; both are read.
+
 ``pass_pruned`` builds the base architecture at random init, replays Torch-Pruning's pruning
-history on it (the slim shape, for any architecture the dependency graph can prune) and wraps it
-with the learned prompt. timm then loads ``model.safetensors`` strictly. The prompt and the label
+history and the fixups on it (the slim shape, for any architecture the dependency graph can prune)
+and wraps it with the learned prompt. timm then loads ``model.safetensors`` strictly. The prompt and the label
 mapping are therefore part of the model: ``timm.create_model("local-dir:RUN"|"hf-hub:ORG/NAME",
 pretrained=True)`` reproduces the fine-tuned predictions with no extra step.
 """
@@ -19,20 +28,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import timm
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .adapter import build_graph
 from .errors import PassZooError
+from .families import family_by_name
 from .prompt import create_prompt
 from .runio import atomic_write_bytes, atomic_write_json
 
-SPEC_FORMAT = "pass-zoo-slim/1"
-_SUPPORTED_FORMATS = (SPEC_FORMAT,)
+SPEC_FORMAT_V1 = "pass-zoo-slim/1"
+SPEC_FORMAT = "pass-zoo-slim/2"
+_SUPPORTED_FORMATS = (SPEC_FORMAT_V1, SPEC_FORMAT)
 # pretrained_cfg keys that describe the base model's own weights: cleared in an export.
 _BASE_ONLY_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "tag", "file", "source", "state_dict",
                    "architecture", "license", "pool_size", "test_input_size", "test_crop_pct")
@@ -58,9 +69,16 @@ class PassPrunedModel(nn.Module):
         kwargs.pop("pretrained_cfg", None)
         img_size = int(spec["img_size"])
         self.base_arch, self.spec = base_arch, spec
+        model_kwargs = _tuples(spec.get("model_kwargs") or {}) if fmt == SPEC_FORMAT else {}
         self.prompt = create_prompt(spec["prompt"]["kind"], img_size, int(spec["prompt"]["width"]))
-        self.model = timm.create_model(base_arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
-        replay_pruning_history(self.model, spec["pruning_history"], torch.zeros(1, in_chans, img_size, img_size))
+        try:
+            self.model = timm.create_model(base_arch, pretrained=False, num_classes=num_classes,
+                                           in_chans=in_chans, **model_kwargs)
+        except TypeError as exc:
+            raise SpecMismatchError(f"model_kwargs {model_kwargs} do not fit '{base_arch}': {exc}") from exc
+        fixups = spec.get("fixups", []) if fmt == SPEC_FORMAT else []
+        replay_pruning_history(self.model, spec["pruning_history"], torch.zeros(1, in_chans, img_size, img_size),
+                               fixups)
         self.num_classes = num_classes
         head = self.model.get_classifier()
         self.num_features = getattr(head, "in_features", getattr(self.model, "num_features", None))
@@ -98,15 +116,26 @@ class PassPrunedModel(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def replay_pruning_history(model: nn.Module, history: List, example_input: torch.Tensor) -> nn.Module:
-    """Re-apply Torch-Pruning's recorded pruning steps to a fresh base model (shapes only)."""
+def _tuples(kwargs: dict) -> dict:
+    """JSON turned tuple arguments (Swin's ``depths``) into lists; timm expects tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def replay_pruning_history(model: nn.Module, history: List, example_input: torch.Tensor,
+                           fixups: Sequence[dict] = ()) -> nn.Module:
+    """Re-apply Torch-Pruning's recorded pruning steps, then the head fixups, to a fresh base model."""
     if not history:
+        if fixups:
+            raise SpecMismatchError("slim spec has head fixups but no pruning history")
         return model
     was_training = model.training
     model.eval()
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        # the adapter's graph: per-head parameters are left to the fixups, exactly as when slimming
+        graph = build_graph(model, example_input)
         graph.load_pruning_history([[name, bool(is_out), list(idxs)] for name, is_out, idxs in history])
+        for fix in fixups:
+            _apply_fixup(model, fix)
     except AttributeError as exc:
         raise SpecMismatchError(f"slim spec names a layer the base architecture does not have: {exc}") from exc
     except (IndexError, RuntimeError, ValueError) as exc:
@@ -114,6 +143,23 @@ def replay_pruning_history(model: nn.Module, history: List, example_input: torch
     finally:
         model.train(was_training)
     return model
+
+
+def _apply_fixup(model: nn.Module, fix: dict) -> None:
+    try:
+        family = family_by_name(fix["family"])
+        attn = model.get_submodule(fix["module"])
+        kept, head_dim = [int(k) for k in fix["kept_heads"]], int(fix["head_dim"])
+    except KeyError as exc:
+        raise SpecMismatchError(f"slim spec fixup {str(fix)[:80]} names an unknown attention family or "
+                                f"lacks {exc}") from exc
+    if not isinstance(attn, family.module_type):
+        raise SpecMismatchError(f"slim spec fixup: '{fix['module']}' is a {type(attn).__name__}, "
+                                f"not a {family.name}")
+    try:
+        family.set_heads(attn, kept, head_dim)
+    except PassZooError as exc:
+        raise SpecMismatchError(f"slim spec fixup for '{fix['module']}' does not fit: {exc}") from exc
 
 
 def _create_pass_pruned(variant: str, pretrained: bool = False, **kwargs) -> PassPrunedModel:
@@ -156,15 +202,24 @@ def export_pretrained_cfg(base_cfg: dict, img_size: int, classifier: Optional[st
 
 
 def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num_classes: int,
-                    label_names: List[str], base_pretrained_cfg: dict, img_size: int) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for a prompted slim model."""
+                    label_names: List[str], base_pretrained_cfg: dict, img_size: int,
+                    model_kwargs: Optional[dict] = None, fixups: Optional[List[dict]] = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for a prompted slim model.
+
+    ``model_kwargs``: what the base model was created with (``timm.create_model(base_arch, **kw)``);
+    ``fixups``: default ``history.fixups`` (``pass_zoo.slim.PruningHistory``).
+    """
     from safetensors.torch import save as st_save
 
     out = Path(out)
     prompt = prompted.prompt
     classifier = base_pretrained_cfg.get("classifier")
-    spec = {"format": SPEC_FORMAT, "img_size": img_size,
-            "prompt": {"kind": prompt.kind, "width": prompt.width}, "pruning_history": history}
+    fixups = list(getattr(history, "fixups", []) if fixups is None else fixups)
+    model_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in (model_kwargs or {}).items()}
+    spec = {"format": SPEC_FORMAT if fixups or model_kwargs else SPEC_FORMAT_V1, "img_size": img_size,
+            "prompt": {"kind": prompt.kind, "width": prompt.width}, "pruning_history": list(history)}
+    if spec["format"] == SPEC_FORMAT:
+        spec.update(model_kwargs=model_kwargs, fixups=fixups)
     config = {
         "architecture": "pass_pruned",
         "num_classes": num_classes,
@@ -174,7 +229,7 @@ def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num
         "pretrained_cfg": export_pretrained_cfg(base_pretrained_cfg, img_size, classifier),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in prompted.state_dict().items()}
-    atomic_write_bytes(out / "model.safetensors", st_save(state, metadata={"format": "pt", "pass_zoo": SPEC_FORMAT}))
+    atomic_write_bytes(out / "model.safetensors", st_save(state, metadata={"format": "pt", "pass_zoo": spec["format"]}))
     atomic_write_json(out / "config.json", config)
     return out
 

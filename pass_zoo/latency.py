@@ -41,7 +41,10 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
     run_dir = Path(str(run_dir).removeprefix("local-dir:"))
     slim_model = load_run_model(run_dir)
     base_arch, img_size = slim_model.base_arch, int(slim_model.spec["img_size"])
-    dense_model = timm.create_model(base_arch, pretrained=False, num_classes=slim_model.num_classes).eval()
+    model_kwargs = dict(slim_model.spec.get("model_kwargs") or {})  # e.g. a ViT's img_size (spec /2)
+    model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
+    dense_model = timm.create_model(base_arch, pretrained=False, num_classes=slim_model.num_classes,
+                                    **model_kwargs).eval()
 
     macs_ratio = None
     metrics_path = run_dir / "metrics.json"

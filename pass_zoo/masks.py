@@ -29,11 +29,12 @@ from .errors import BudgetError
 Masks = Dict[str, torch.Tensor]
 
 
-def _unit_step(round_to: int, ch_groups: int) -> int:
-    """Units per rounding step, so that kept channels (= units * ch_groups) are multiples of round_to."""
+def _unit_step(round_to: int, unit_width: int) -> int:
+    """Units per rounding step, so that the kept width (= units * unit_width: channels per conv group
+    slice, or head_dim per attention head) is a multiple of round_to."""
     if round_to <= 1:
         return 1
-    return max(1, round_to // math.gcd(round_to, ch_groups))
+    return max(1, round_to // math.gcd(round_to, unit_width))
 
 
 def _rounded(count: int, total: int, step: int) -> int:
@@ -68,6 +69,12 @@ def _fill(kept: List[int], scores, seq: LayerSequence, budget: float, totals, st
         kept = best
 
 
+def smallest_macs(seq: LayerSequence, round_to: int = 1) -> int:
+    """MACs of the smallest network a selection can produce (one rounding step kept per group):
+    budgets below it cannot be met. Groups left dense by the adapter set this floor."""
+    return seq.macs([_rounded(0, g.units, _unit_step(round_to, g.unit_width)) for g in seq.groups])
+
+
 def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target_macs: float,
                  round_to: int = 1, selection: str = "global") -> List[torch.Tensor]:
     """Hard unit masks (bool) keeping the best-scoring units with slim MACs <= target_macs * dense."""
@@ -75,7 +82,7 @@ def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target_macs
         raise BudgetError(f"target MACs fraction must be in (0, 1], got {target_macs}")
     budget = target_macs * seq.dense_macs
     totals = [g.units for g in seq.groups]
-    steps = [_unit_step(round_to, g.ch_groups) for g in seq.groups]
+    steps = [_unit_step(round_to, g.unit_width) for g in seq.groups]
     smallest = [_rounded(0, t, s) for t, s in zip(totals, steps)]
     if seq.macs(smallest) > budget:
         raise BudgetError(
@@ -137,9 +144,10 @@ def to_unit_masks(masks: Masks, seq: LayerSequence) -> List[torch.Tensor]:
             raise BudgetError(f"mask for group '{g.name}' has {m.numel()} channels, the model has {g.channels}")
         if not m.any():
             raise BudgetError(f"mask for group '{g.name}' keeps no channel; every group must keep at least one")
-        unit = m[: g.units]
+        unit = m[g.first_channels()]
         if not torch.equal(g.expand(unit), m):
-            raise BudgetError(f"mask for group '{g.name}' is not the same in each of its {g.ch_groups} conv groups")
+            what = "head (q, k, v rows)" if g.kind == "heads" else f"of its {g.ch_groups} conv groups"
+            raise BudgetError(f"mask for group '{g.name}' is not the same in each {what}")
         out.append(unit)
     return out
 
@@ -156,8 +164,8 @@ def masks_summary(masks: Masks, seq: LayerSequence) -> dict:
         "macs_ratio": macs / seq.dense_macs,
         "groups": [
             {"name": g.name, "order": i, "kept": int(masks[g.name].sum()), "total": g.channels,
-             "ch_groups": g.ch_groups}
-            for i, g in enumerate(seq.groups)
+             "ch_groups": g.ch_groups, "kind": g.kind, "units": g.units, "kept_units": k}
+            for i, (g, k) in enumerate(zip(seq.groups, kept))
         ],
     }
 

@@ -17,7 +17,7 @@ import torch
 
 from .adapter import build_layer_sequence
 from .baselines import METHODS, baseline_scores
-from .backbone import BUNDLED_ARCH, create_backbone
+from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
 from .data import DataSpec, load_task_data, make_loader, subset
 from .errors import BudgetError, PassZooError
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
@@ -41,6 +41,9 @@ class PruneConfig:
     dataset: str = "fashion-mnist"
     target_macs: float = 0.5
     img_size: Optional[int] = None  # None = the backbone's own input size
+    # extra timm.create_model kwargs, recorded in the export (e.g. {"img_size": 64} for a ViT/Swin,
+    # whose patch grid / windows are fixed at creation)
+    model_kwargs: dict = field(default_factory=dict)
     out: Optional[str] = None
     overwrite: bool = False
     method: str = "pass"
@@ -137,8 +140,11 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     t0 = time.time()
 
     # backbone + data
-    backbone = create_backbone(cfg.model, _resolve_pretrained(cfg)).eval()
-    spec = data_spec_for(backbone, cfg.img_size)
+    # a ViT/Swin asked for another input size is created at it (and the export records the kwarg)
+    model_kwargs = {**fixed_size_kwargs(cfg.model, cfg.img_size), **cfg.model_kwargs}
+    backbone = create_backbone(cfg.model, _resolve_pretrained(cfg), **model_kwargs).eval()
+    created_size = model_kwargs.get("img_size")  # timm leaves pretrained_cfg's input_size at 224
+    spec = data_spec_for(backbone, cfg.img_size or (created_size if isinstance(created_size, int) else None))
     prompt_size = cfg.prompt_size if cfg.prompt_size is not None else max(1, round(spec.img_size * 16 / 224))
     try:  # before any data is read: a typo should fail in a second, as one line
         prompt = create_prompt(cfg.prompt, spec.img_size, prompt_size)
@@ -246,7 +252,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         from .export import save_slim_model
         save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
                         label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),
-                        img_size=spec.img_size)
+                        img_size=spec.img_size, model_kwargs=model_kwargs)
         if cfg.onnx:
             onnx_error = _export_onnx(out, val_ds, metrics)
         atomic_write_json(out / "metrics.json", metrics)

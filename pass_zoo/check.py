@@ -1,0 +1,356 @@
+"""``pass-zoo check``: does the whole product work on a timm architecture? One line per stage.
+
+On a random-init model at a small input size the check runs every stage a real run depends on::
+
+    adapter  layer sequence (groups pruned / left dense)
+    search   two steps of the real PASS search on a random batch -> masks under a 50 % MACs budget
+             (halfway between the floor and dense when the groups left dense cost more than 45 %)
+    slim     Torch-Pruning removes the masked units; the sequence's MACs equal count_macs(slim)
+    exact    the gated (masked) network equals the slim one (eval mode, float32)
+    export   save_slim_model -> config.json + model.safetensors
+    reload   timm.create_model('local-dir:...', pretrained=True) rebuilds it strictly, same outputs
+    onnx     model.onnx written and verified against torch by ONNX Runtime
+
+``--all`` runs a curated list of architectures, each in its own process with a timeout (one hang or
+crash cannot stop the sweep), and writes a Markdown compatibility table.
+
+Random weights hide errors: a LayerNorm gain of 1 or a layer scale of 1e-6 makes a wrong gate
+invisible. The check therefore perturbs every constant-initialised vector (norm gains and biases,
+layer scales) and BatchNorm's running statistics before comparing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .errors import PassZooError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("adapter", "search", "slim", "exact", "export", "reload", "onnx")
+# masked == slim and reload: relative to the output scale (random deep nets reach |logits| >> 1)
+EXACT_TOL, RELOAD_TOL = 1e-5, 1e-5
+SMALL_FIXED_SIZE = 64  # ViT/Swin-style models take img_size= at creation: a 4x4 grid at patch 16
+SMALL_CNN_SIZE = 64
+TARGET_MACS = 0.5
+
+# The curated sweep of ``--all``: the paper's seven architectures first, then one or more models per
+# timm family. Each entry is just a timm name; sizes and kwargs come from ``check_setup``.
+CURATED = [
+    "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "vgg16", "vit_base_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "resnet10t", "wide_resnet50_2", "vgg11_bn", "vit_small_patch16_224", "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "convnext_atto", "convnext_tiny",
+    "efficientnet_b0", "tf_efficientnet_lite0", "mobilenetv2_100", "mnasnet_100", "tinynet_a",
+    "mobilenetv3_large_100", "mobilenetv3_small_100", "lcnet_050", "regnetx_002", "regnety_008",
+    "densenet121", "resnext26ts", "gernet_s", "dla34", "res2net50_26w_4s", "ese_vovnet19b_dw",
+    "ghostnet_100", "rexnet_100", "mobilevit_xxs", "nf_resnet26",
+]
+
+
+@dataclass
+class CheckResult:
+    model: str
+    family: str = ""
+    img_size: int = 0
+    model_kwargs: dict = field(default_factory=dict)
+    groups: int = 0  # pruned groups
+    head_groups: int = 0
+    excluded: int = 0  # groups left dense
+    macs_dense: int = 0
+    macs_slim: int = 0
+    target_macs: float = 0.0
+    exact_diff: Optional[float] = None
+    reload_diff: Optional[float] = None
+    onnx_diff: Optional[float] = None
+    stages: Dict[str, str] = field(default_factory=dict)  # stage -> ok | fail | skip
+    reason: str = ""
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(self.stages.get(s) == "ok" for s in STAGES)
+
+
+def family_of(name: str) -> str:
+    """timm's model file (``resnet``, ``vision_transformer``, ...): one family per file."""
+    import timm.models
+
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+
+
+def check_setup(name: str, img_size: Optional[int] = None):
+    """``(img_size, model_kwargs)`` for a small, fast check of ``name``.
+
+    Models with a fixed input size (patch grids, windows: ``fixed_input_size`` in timm's cfg) are
+    created at the small size (``img_size=`` kwarg, recorded in the export so reload uses it); the
+    others simply run on a small input.
+    """
+    import timm
+
+    from .backbone import fixed_size_kwargs
+
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is not None and getattr(cfg, "fixed_input_size", False):
+        size = img_size or SMALL_FIXED_SIZE
+        return size, fixed_size_kwargs(name, size)
+    min_size = (getattr(cfg, "min_input_size", None) or (3, 0, 0))[-1] if cfg else 0
+    return img_size or max(SMALL_CNN_SIZE, min_size), {}
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial values for constant-initialised vectors and BN statistics (see module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.flatten()
+            if p.dim() == 1 and flat.numel() > 1 and bool((flat == flat[0]).all()):
+                if float(flat[0]) == 0.0:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # biases
+                else:
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)  # gains, layer scales
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def _scaled_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the output scale (at least 1)."""
+    return float((a - b).abs().max()) / max(1.0, float(a.abs().max()))
+
+
+class _Stage:
+    """Context for one stage: records ok / fail with the first line of the error."""
+
+    def __init__(self, result: CheckResult, name: str, echo):
+        self.result, self.name, self.echo = result, name, echo
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None:
+            self.result.stages[self.name] = "ok"
+            self.echo(f"{self.name:8s} ok")
+            return False
+        if not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt and friends
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, (PassZooError, _CheckFailed)):
+            text = f"{type(exc).__name__}: {text}"  # a bug or a library error, not a refusal
+            log.debug("%s", "".join(traceback.format_exception(exc_type, exc, tb)))
+        self.result.stages[self.name] = "fail"
+        self.result.reason = f"{self.name}: {text}"
+        self.echo(f"{self.name:8s} fail: {text}")
+        return False
+
+
+class _CheckFailed(Exception):
+    """A check's comparison did not hold."""
+
+
+def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int = 0,
+              search_steps: int = 2) -> CheckResult:
+    """Run every stage on ``name``; stops at the first failing stage (later stages are ``skip``)."""
+    import timm
+
+    from .adapter import build_layer_sequence
+    from .data import make_loader
+    from .export import save_slim_model
+    from .masks import smallest_macs, to_unit_masks
+    from .onnx_export import export_onnx
+    from .prompt import PromptedModel, create_prompt
+    from .search import SearchConfig, search
+    from .slim import count_macs, slim
+    from .training import make_accelerator
+
+    t0 = time.time()
+    result = CheckResult(name)
+    for s in STAGES:
+        result.stages[s] = "skip"
+    try:
+        result.family = family_of(name)
+        size, model_kwargs = check_setup(name, img_size)
+        result.img_size, result.model_kwargs = size, model_kwargs
+        echo(f"{name} ({result.family}) at {size} px" + (f", {model_kwargs}" if model_kwargs else ""))
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(4, 3, size, size, generator=gen)
+        with _Stage(result, "adapter", echo):
+            model = perturb(timm.create_model(name, pretrained=False, num_classes=10, **model_kwargs).eval(), seed)
+            seq = build_layer_sequence(model, x[:1])
+            result.groups, result.excluded = len(seq), len(seq.excluded)
+            result.head_groups = sum(g.kind == "heads" for g in seq.groups)
+            result.macs_dense = seq.dense_macs
+            # 50 %, or halfway to dense when the groups left dense alone cost more than that
+            floor = smallest_macs(seq, SearchConfig().round_to) / seq.dense_macs
+            result.target_macs = TARGET_MACS if floor <= TARGET_MACS - 0.05 else round((1 + floor) / 2, 2)
+        with _Stage(result, "search", echo):
+            prompt = create_prompt("additive", size, max(1, round(size * 16 / 224)))
+            data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (4,), generator=gen))
+            cfg = SearchConfig(steps=search_steps)
+            with contextlib.redirect_stderr(io.StringIO()):  # progress bars
+                found = search(model, seq, prompt, make_loader(data, 2, True, seed), result.target_macs, cfg,
+                               make_accelerator(), train_head=False)
+            model.eval()
+            masks = found.masks
+        with _Stage(result, "slim", echo):
+            slim_model, history = slim(model, masks, x[:1])
+            slim_model.eval()
+            kept = [int(u.sum()) for u in to_unit_masks(masks, seq)]
+            result.macs_slim = seq.macs(kept)
+            counted = count_macs(slim_model, x[:1])
+            if counted != result.macs_slim:
+                raise _CheckFailed(f"layer sequence predicts {result.macs_slim} MACs, the slim model has {counted}")
+            if not result.macs_slim <= result.target_macs * result.macs_dense:
+                raise _CheckFailed(f"slim MACs {result.macs_slim} exceed the budget")
+        with _Stage(result, "exact", echo):
+            with torch.no_grad():
+                dense = model(x)
+                with seq.gated([u.float() for u in to_unit_masks(masks, seq)]):
+                    gated = model(x)
+                slimmed = slim_model(x)
+            result.exact_diff = _scaled_diff(gated, slimmed)
+            if not result.exact_diff <= EXACT_TOL:
+                raise _CheckFailed(f"masked and slim outputs differ by {result.exact_diff:.3g} (x output scale)")
+            if _scaled_diff(dense, gated) <= 1e-4:
+                raise _CheckFailed("the masks do not change the output: the gates are not applied")
+        with tempfile.TemporaryDirectory(prefix="pass-zoo-check-") as tmp:
+            run_dir = Path(tmp) / "run"
+            prompted = PromptedModel(slim_model, prompt).eval()
+            with _Stage(result, "export", echo):
+                save_slim_model(prompted, run_dir, base_arch=name, history=history, num_classes=10,
+                                label_names=[str(i) for i in range(10)],
+                                base_pretrained_cfg=dict(model.pretrained_cfg), img_size=size,
+                                model_kwargs=model_kwargs)
+            with _Stage(result, "reload", echo):
+                loaded = timm.create_model(f"local-dir:{run_dir}", pretrained=True).eval()
+                with torch.no_grad():
+                    result.reload_diff = _scaled_diff(prompted(x), loaded(x))
+                if not result.reload_diff <= RELOAD_TOL:
+                    raise _CheckFailed(f"reloaded model differs by {result.reload_diff:.3g} (x output scale)")
+            with _Stage(result, "onnx", echo):
+                logging.getLogger("pass_zoo.onnx_export").setLevel(logging.ERROR)  # "random inputs only"
+                # the product's 1e-4, scaled like the other comparisons: random deep nets reach
+                # |logits| ~ 1e3, where float32 rounding alone differs by more than 1e-4
+                with torch.no_grad():
+                    scale = max(1.0, float(prompted(x).abs().max()))
+                report = export_onnx(run_dir, tolerance=1e-4 * scale)
+                result.onnx_diff = report["max_abs_diff_random"] / scale
+    except (_CheckFailed, Exception):
+        pass  # recorded by the stage that raised
+    result.seconds = round(time.time() - t0, 1)
+    return result
+
+
+# ------------------------------------------------------------------------------------ sweep
+def _child(name: str, img_size: Optional[int], timeout: float, threads: int) -> CheckResult:
+    """One model in its own process: a crash, a hang or a memory blow-up stays contained."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        out = fh.name
+    cmd = [sys.executable, "-m", "pass_zoo.check", "--model", name, "--json", out, "--threads", str(threads)]
+    if img_size:
+        cmd += ["--img-size", str(img_size)]
+    root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout, env=env)
+        data = json.loads(Path(out).read_text()) if Path(out).stat().st_size else None
+        if data is None:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            result = CheckResult(name, stages={s: "skip" for s in STAGES},
+                                 reason=f"process exited with {proc.returncode}: {tail[:200]}")
+        else:
+            result = CheckResult(**data)
+    except subprocess.TimeoutExpired:
+        result = CheckResult(name, stages={s: "skip" for s in STAGES}, reason=f"timed out after {timeout:.0f} s")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+    result.seconds = round(time.time() - t0, 1)
+    return result
+
+
+def run_all(names: List[str], img_size: Optional[int] = None, timeout: float = 900, threads: int = 1,
+            echo=print) -> List[CheckResult]:
+    results = []
+    for i, name in enumerate(names):
+        r = _child(name, img_size, timeout, threads)
+        results.append(r)
+        status = "PASS" if r.passed else f"FAIL  {r.reason}"
+        echo(f"[{i + 1}/{len(names)}] {name:32s} {r.seconds:6.1f} s  {status}")
+    return results
+
+
+def markdown_table(results: List[CheckResult], command: str) -> str:
+    passed = sum(r.passed for r in results)
+    families = sorted({r.family for r in results if r.family})
+    lines = [
+        "# Compatibility",
+        "",
+        f"`pass-zoo check` on {len(results)} timm architectures from {len(families)} families: "
+        f"**{passed}/{len(results)} ({100 * passed / max(1, len(results)):.0f} %) pass every stage**.",
+        "",
+        f"Produced by `{command}` (random init, small inputs, one CPU thread per model). Stages: "
+        "`adapter` (layer sequence), `search` (2 real PASS search steps, 50 % MACs budget, or halfway "
+        "to dense where the groups left dense cost more), `slim` "
+        "(layer-sequence MACs == `count_macs` of the slim model), `exact` (masked == slim, "
+        f"max |diff| <= {EXACT_TOL:g} x output scale), `export`, `reload` (strict `local-dir:` reload "
+        "through timm), `onnx` (ONNX Runtime vs torch <= 1e-4 x output scale; the output scale is "
+        "max(1, max |logit|)). MACs count conv + linear layers and "
+        "attention matmuls. `groups`: pruned groups (attention-head groups) / groups left dense.",
+        "",
+        "| model | family | input | groups (heads) / dense | MACs kept | " + " | ".join(STAGES) + " | time | reason |",
+        "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|---|",
+    ]
+    for r in results:
+        ratio = f"{100 * r.macs_slim / r.macs_dense:.1f} % of {r.macs_dense / 1e6:.0f} M" if r.macs_dense and r.macs_slim else ""
+        if ratio and abs(r.target_macs - TARGET_MACS) > 1e-9:
+            ratio += f" (target {100 * r.target_macs:.0f} %)"
+        size = f"{r.img_size}" + (" (img_size kwarg)" if r.model_kwargs else "") if r.img_size else ""
+        groups = f"{r.groups} ({r.head_groups}) / {r.excluded}" if r.groups else ""
+        marks = " | ".join({"ok": "ok", "fail": "**fail**", "skip": "-"}[r.stages.get(s, "skip")] for s in STAGES)
+        reason = r.reason.replace("|", "\\|")
+        lines.append(f"| {r.model} | {r.family} | {size} | {groups} | {ratio} | {marks} | {r.seconds:.0f} s | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m pass_zoo.check``: the per-model child of ``--all`` (and usable on its own)."""
+    p = argparse.ArgumentParser(prog="python -m pass_zoo.check")
+    p.add_argument("--model", required=True)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import pass_zoo  # noqa: F401  (registers pass_pruned)
+
+    result = run_check(args.model, args.img_size)
+    if args.json:
+        from .runio import atomic_write_json
+
+        atomic_write_json(args.json, asdict(result))
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

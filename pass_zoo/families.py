@@ -1,0 +1,180 @@
+"""Per-family knowledge the generic adapter cannot trace: multi-head attention.
+
+Torch-Pruning's dependency graph couples an attention block's ``qkv`` rows with the ``proj``
+columns that read them, but it knows nothing about *heads*: after pruning, the module's
+``num_heads`` (and friends) still describe the dense shape, and per-head parameters such as Swin's
+relative position bias table are either left alone or cut along the wrong axis (Torch-Pruning
+issue #490). Each attention module type the adapter can prune registers one ``AttentionFamily``
+here, in the timm style (a registry keyed by module type, not if-chains over model names):
+
+* the head layout of its ``qkv`` rows (``[3, heads, head_dim]`` for every type registered here);
+* its per-head parameters, which Torch-Pruning must leave alone and the family slices itself;
+* ``set_heads`` -- the fix applied after Torch-Pruning removed some heads' rows and columns, both
+  when slimming and when an export replays the pruning history on a fresh model;
+* the attention matmul MACs (``q @ k^T`` and ``attn @ v``), which ``count_macs`` and the layer
+  sequence count on top of conv/linear MACs.
+
+A head is one unit: its q, k and v rows of ``qkv`` and its ``head_dim`` columns of ``proj``. The
+search-time gate multiplies ``proj``'s input (the concatenated per-head attention outputs) by the
+head mask. Heads do not interact before ``proj``, so zeroing a head's slice there is exactly
+removing the head; ``head_dim`` and the softmax scale are unchanged by head pruning.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Type
+
+import torch
+import torch.nn as nn
+
+from .errors import AdapterError
+
+ATTENTION_FAMILIES: Dict[Type[nn.Module], "AttentionFamily"] = {}
+_BY_NAME: Dict[str, "AttentionFamily"] = {}
+
+
+def register_attention(module_type: Type[nn.Module]):
+    """Class decorator: ``@register_attention(timm.layers.Attention)`` registers a family instance."""
+    def wrap(cls):
+        family = cls(module_type)
+        ATTENTION_FAMILIES[module_type] = family
+        _BY_NAME[family.name] = family
+        return cls
+    return wrap
+
+
+def attention_family(module: nn.Module) -> Optional["AttentionFamily"]:
+    """The family of ``module`` (exact type first, then its bases), or None if it is not attention."""
+    for cls in type(module).__mro__:
+        if cls in ATTENTION_FAMILIES:
+            return ATTENTION_FAMILIES[cls]
+    return None
+
+
+def family_by_name(name: str) -> "AttentionFamily":
+    """The family a slim spec's fixup names; ``KeyError`` if this pass-zoo does not know it."""
+    return _BY_NAME[name]
+
+
+def attention_modules(model: nn.Module):
+    """``(name, module, family)`` for every registered attention module of ``model``."""
+    for name, mod in model.named_modules():
+        fam = attention_family(mod)
+        if fam is not None:
+            yield name, mod, fam
+
+
+class AttentionFamily:
+    """One attention module type: ``qkv`` (Linear, rows ``[3, heads, head_dim]``) -> heads -> ``proj``."""
+
+    name = "attention"
+    qkv_attr, proj_attr = "qkv", "proj"
+
+    def __init__(self, module_type: Type[nn.Module]):
+        self.module_type = module_type
+
+    # ---- shape
+    def qkv(self, mod: nn.Module) -> nn.Linear:
+        return getattr(mod, self.qkv_attr)
+
+    def proj(self, mod: nn.Module) -> nn.Linear:
+        return getattr(mod, self.proj_attr)
+
+    def heads(self, mod: nn.Module) -> int:
+        return int(mod.num_heads)
+
+    def head_dim(self, mod: nn.Module) -> int:
+        return self.qkv(mod).out_features // (3 * self.heads(mod))
+
+    def head_of_qkv_row(self, mod: nn.Module) -> torch.Tensor:
+        """Head index of every ``qkv`` output row (q, k and v rows of a head share it)."""
+        attn_dim = self.heads(mod) * self.head_dim(mod)
+        return (torch.arange(3 * attn_dim) % attn_dim) // self.head_dim(mod)
+
+    def per_head_params(self, mod: nn.Module) -> List[nn.Parameter]:
+        """Parameters with a head axis, sliced by ``set_heads`` (Torch-Pruning must not touch them)."""
+        return []
+
+    def check(self, mod: nn.Module) -> Optional[str]:
+        """Why this module's heads cannot be pruned exactly (None: they can)."""
+        qkv, proj = getattr(mod, self.qkv_attr, None), getattr(mod, self.proj_attr, None)
+        if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear):
+            return "qkv/proj are not Linear layers"
+        if qkv.out_features % (3 * self.heads(mod)):
+            return f"qkv has {qkv.out_features} rows, not 3 x {self.heads(mod)} heads"
+        return None
+
+    # ---- pruning
+    def set_heads(self, mod: nn.Module, kept: Sequence[int], head_dim: int) -> None:
+        """After Torch-Pruning removed the other heads' qkv rows / proj columns: fix the module.
+
+        ``kept``: indices of the kept heads, in the module's head numbering before the fix;
+        ``head_dim``: unchanged by head pruning, passed in because a half-fixed module cannot tell.
+        """
+        kept = [int(k) for k in kept]
+        heads_now = self.qkv(mod).out_features // (3 * head_dim)
+        if heads_now != len(kept) or self.proj(mod).in_features != len(kept) * head_dim:
+            raise AdapterError(f"{type(mod).__name__}: qkv/proj have {heads_now} heads after pruning, "
+                               f"the fixup keeps {len(kept)}")
+        index = torch.as_tensor(kept, dtype=torch.long)
+        for pname, axis in self._per_head_axes(mod):
+            p = getattr(mod, pname)
+            setattr(mod, pname, nn.Parameter(p.detach().index_select(axis, index.to(p.device)).clone(),
+                                             requires_grad=p.requires_grad))
+        self._set_head_count(mod, len(kept), head_dim)
+
+    def _per_head_axes(self, mod: nn.Module):
+        return []
+
+    def _set_head_count(self, mod: nn.Module, heads: int, head_dim: int) -> None:
+        mod.num_heads = heads
+
+    # ---- cost
+    def matmul_macs(self, mod: nn.Module, x: torch.Tensor) -> int:
+        """MACs of ``q @ k^T`` and ``attn @ v`` for input ``x`` of shape (batch*windows, tokens, dim)."""
+        n_seq, tokens = int(x.shape[0]), int(x.shape[1])
+        return 2 * n_seq * tokens * tokens * self.heads(mod) * self.head_dim(mod)
+
+
+def _timm_attention():
+    from timm.layers.attention import Attention
+    return Attention
+
+
+def _swin_window_attention():
+    from timm.models.swin_transformer import WindowAttention
+    return WindowAttention
+
+
+@register_attention(_timm_attention())
+class TimmAttention(AttentionFamily):
+    """``timm.layers.Attention``: ViT, DeiT and most plain transformer blocks in timm."""
+
+    name = "timm.layers.Attention"
+
+    def head_dim(self, mod):
+        return int(mod.head_dim)
+
+    def check(self, mod):
+        reason = super().check(mod)
+        if reason:
+            return reason
+        if getattr(mod, "gate", None) is not None:
+            return "gated attention output (a second per-head projection) is not supported"
+        return None
+
+    def _set_head_count(self, mod, heads, head_dim):
+        mod.num_heads = heads
+        mod.attn_dim = heads * head_dim  # the forward reshapes the heads' output to attn_dim
+
+
+@register_attention(_swin_window_attention())
+class SwinWindowAttention(AttentionFamily):
+    """``timm.models.swin_transformer.WindowAttention``: one relative position bias column per head."""
+
+    name = "timm.swin.WindowAttention"
+
+    def per_head_params(self, mod):
+        return [mod.relative_position_bias_table]
+
+    def _per_head_axes(self, mod):
+        return [("relative_position_bias_table", 1)]  # ((2Wh-1)(2Ww-1), heads)
