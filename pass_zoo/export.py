@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .errors import PassZooError
 from .prompt import create_prompt
-from .runio import atomic_write_bytes, atomic_write_json
+from .runio import atomic_write_bytes, atomic_write_json, safetensors_bytes
 
 SPEC_FORMAT = "pass-zoo-slim/1"
 _SUPPORTED_FORMATS = (SPEC_FORMAT,)
@@ -158,8 +158,6 @@ def export_pretrained_cfg(base_cfg: dict, img_size: int, classifier: Optional[st
 def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num_classes: int,
                     label_names: List[str], base_pretrained_cfg: dict, img_size: int) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for a prompted slim model."""
-    from safetensors.torch import save as st_save
-
     out = Path(out)
     prompt = prompted.prompt
     classifier = base_pretrained_cfg.get("classifier")
@@ -174,7 +172,7 @@ def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num
         "pretrained_cfg": export_pretrained_cfg(base_pretrained_cfg, img_size, classifier),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in prompted.state_dict().items()}
-    atomic_write_bytes(out / "model.safetensors", st_save(state, metadata={"format": "pt", "pass_zoo": SPEC_FORMAT}))
+    atomic_write_bytes(out / "model.safetensors", safetensors_bytes(state, {"format": "pt", "pass_zoo": SPEC_FORMAT}))
     atomic_write_json(out / "config.json", config)
     return out
 
