@@ -47,6 +47,10 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BackboneError(f"{path} does not hold a state dict of tensors")
+    # A NaN weight would otherwise surface much later as a "search loss became nan" with a wrong hint.
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise BackboneError(f"{path}: tensor '{bad}' holds NaN or infinite values")
     return sd
 
 
