@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from pathlib import Path
 from typing import Dict
 
@@ -40,7 +41,9 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a user's pickle protocol is not their problem to read about
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BackboneError(f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
