@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from typing import List, Optional
@@ -138,14 +139,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def relaunch(argv: List[str], num_processes: int, mixed_precision: str) -> int:
-    """``pass-zoo ARGV`` on ``num_processes`` processes through ``accelerate launch``; returns its exit code.
+_LAUNCHER_LOG = re.compile(rb"[WEI]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/.*")
 
-    The launcher adds its own traceback and failure report after a worker fails; the user has
-    already seen the worker's one-line error, so everything after the first ``pass-zoo:`` line is
-    dropped and the exit code is the worker's (2 for an error, 130 for Ctrl-C).
+
+def forward_worker_stderr(fd: int, err) -> Optional[bytes]:
+    """Copy the workers' stderr from ``fd`` to ``err`` until the first ``pass-zoo:`` line; return that line.
+
+    After a worker's error the launcher adds its own logs, traceback and failure report, and the
+    other workers may repeat the error: the user has their one line already, the rest is dropped.
+    Progress-bar redraws (``\\r``) are passed on as they come.
     """
-    import re
+    first, pending = None, b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        *pieces, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+        for piece in pieces:
+            if first is not None:
+                continue
+            log = _LAUNCHER_LOG.search(piece)  # may follow a progress bar on the same line
+            if log:
+                piece = piece[:log.start()]
+            at = piece.find(b"pass-zoo: ")
+            if at < 0:
+                err.write(piece)
+                continue
+            first = piece[at:]
+            err.write(piece[:at] + (b"\n" if at else b"") + first)  # end a bar another process left open
+        err.flush()
+    if first is None and pending:
+        err.write(pending)
+        err.flush()
+    return first
+
+
+def relaunch(argv: List[str], num_processes: int, mixed_precision: str) -> int:
+    """``pass-zoo ARGV`` on ``num_processes`` processes through ``accelerate launch``; returns the exit code
+    of the workers (2 after an error line, 130 after Ctrl-C) or of the launcher."""
     import signal
     import subprocess
 
@@ -158,21 +189,8 @@ def relaunch(argv: List[str], num_processes: int, mixed_precision: str) -> int:
     # launcher, which forwards it once to every worker (they then checkpoint and stop).
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env, start_new_session=True)
     previous = signal.signal(signal.SIGINT, lambda *_: proc.send_signal(signal.SIGINT))
-    first, pending, err = None, b"", sys.stderr.buffer
     try:
-        while True:
-            chunk = os.read(proc.stderr.fileno(), 65536)
-            if not chunk:
-                break
-            *pieces, pending = re.split(rb"(?<=[\r\n])", pending + chunk)  # lines and progress-bar redraws
-            for piece in pieces:
-                if first is None and piece.startswith(b"pass-zoo: "):
-                    first = piece
-                if first is None or piece is first:
-                    err.write(piece)
-            err.flush()
-        if first is None and pending:
-            err.write(pending)
+        first = forward_worker_stderr(proc.stderr.fileno(), sys.stderr.buffer)
         rc = proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -201,14 +219,17 @@ def cmd_prune(args) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.num_processes < 1:
         raise PassZooError(f"--num-processes must be >= 1, got {args.num_processes}")
+    cfg = _prune_config(args)
+    out = Path(cfg.out or cfg.default_out())
+    existed = out.exists()
     if args.num_processes > 1:
         if distributed:
             raise PassZooError("--num-processes starts its own processes; do not combine it with accelerate launch")
-        return relaunch(_without_num_processes(args._argv), args.num_processes, args.mixed_precision)
-    cfg = _prune_config(args)
+        rc = relaunch(_without_num_processes(args._argv), args.num_processes, args.mixed_precision)
+        if rc != 0 and not existed:
+            _remove_empty_tree(out)
+        return rc
     command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
-    out = Path(cfg.out or cfg.default_out())
-    existed = out.exists()
     try:
         m = prune(cfg, command=command)
     except BaseException:

@@ -398,3 +398,50 @@ def test_tampered_run_weights(tmp_path):
     (out / "model.safetensors").write_bytes(data[:8] + b"{!" + data[10:])  # header that is not JSON
     line = _error(["eval", out])
     assert f"cannot load {out}: model.safetensors is truncated or corrupt" in line
+
+
+def test_num_processes_shows_one_line_of_the_workers_stderr():
+    """What two workers and the launcher print after Ctrl-C (recorded), as ``--num-processes`` shows it."""
+    from pass_zoo.cli import forward_worker_stderr
+
+    line = b"pass-zoo: interrupted at search step 3 of 16; checkpoint saved in /r/checkpoints/search-000003 (...)\n"
+    recorded = (
+        b"\rsearch:   0%|          | 0/16 [00:00<?, ?it/s]"
+        b"W1128 06:50:01.373000 20610 site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] "
+        b"Sending process 2434 closing signal SIGINT\n"
+        b"\rsearch:  19%|#9        | 3/16 [00:01<00:04,  2.84it/s, loss=2.305]" + line
+        + b"\r                     \r" + line
+        + b"Traceback (most recent call last):\n  File \"accelerate\", line 8\n"
+        b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n====\npass_zoo.cli FAILED\n")
+    r, w = os.pipe()
+    os.write(w, recorded)
+    os.close(w)
+    shown = io.BytesIO()
+    try:
+        first = forward_worker_stderr(r, shown)
+    finally:
+        os.close(r)
+    assert first == line
+    text = shown.getvalue().decode()
+    assert text.endswith("loss=2.305]\n" + line.decode())  # the open progress bar is ended first
+    lines = [x for x in text.replace("\r", "\n").splitlines() if x.strip() and not _PROGRESS.match(x)]
+    assert lines == [line.decode().strip()]
+
+
+def test_num_processes_error_is_one_line_and_exit_2(tmp_path):
+    """A worker's error under --num-processes: the launcher's traceback and report are not shown."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    argv = _tiny(tmp_path / "run", "--num-processes", "2", dataset="imagefolder:/nonexistent/pz")
+    proc = subprocess.run([sys.executable, "-m", "pass_zoo.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    assert lines == ["pass-zoo: error: imagefolder:/nonexistent/pz needs class folders under /nonexistent/pz/train"]
+    assert not (tmp_path / "run").exists()
