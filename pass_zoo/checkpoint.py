@@ -300,7 +300,14 @@ class RunCheckpoints:
         return True
 
     # ---- the search stage's output
-    def save_searched(self, tensors: Dict[str, torch.Tensor]) -> None:
+    def save_searched(self, backbone: nn.Module, prompt: nn.Module, masks: Dict[str, torch.Tensor],
+                      hypernet: Optional[nn.Module] = None) -> None:
+        """Stage 1's output: the backbone (task head, weights a baseline trained), prompt, masks, hypernetwork."""
+        tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+        tensors.update({f"prompt.{k}": v for k, v in prompt.state_dict().items()})
+        tensors.update({f"masks.{k}": v.to(torch.uint8) for k, v in masks.items()})
+        if hypernet is not None:
+            tensors.update({f"hypernet.{k}": v for k, v in hypernet.state_dict().items()})
         self._write("searched", {"searched.safetensors": _st_bytes(tensors),
                                  "state.json": json.dumps(self._meta("searched", None, {})).encode()})
         if self.accelerator.is_main_process:
@@ -309,9 +316,25 @@ class RunCheckpoints:
                     shutil.rmtree(old, ignore_errors=True)
         self.last_saved = "the search result"
 
-    def load_searched(self) -> Optional[Dict[str, torch.Tensor]]:
+    def load_searched(self, backbone: nn.Module, prompt: nn.Module, seq) -> Optional[Dict[str, torch.Tensor]]:
+        """Restore stage 1's output into ``backbone`` and ``prompt``; its masks, or None if not resuming after it."""
         path = self.latest("searched")
-        return None if path is None else self._load(path, "searched.safetensors")
+        if path is None:
+            return None
+        tensors = self._load(path, "searched.safetensors")
+
+        def part(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            backbone.load_state_dict(part("backbone."), strict=True)
+            prompt.load_state_dict(part("prompt."), strict=True)
+            masks = part("masks.")
+            self.last_saved = "the search result"
+            return {g.name: masks[g.name].bool() for g in seq.groups}  # walk order, as the search returns them
+        except (KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({first})") from exc
 
     def finish(self) -> None:
         """The run folder is complete: checkpoints are no longer needed."""

@@ -27,6 +27,7 @@ from .prompt import PromptedModel, create_prompt
 from .runio import atomic_write_json, prepare_run_dir
 from .search import SearchConfig, search
 from .slim import count_macs, count_params, slim
+from .training import check_same_across_processes
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     example = torch.zeros(1, 3, spec.img_size, spec.img_size)
     seq = build_layer_sequence(backbone, example)
     t_search = time.time()
-    searched = ckpts.load_searched()
-    if searched is not None:  # resumed after the search: its result, not a new search
-        masks = _restore_searched(searched, backbone, prompt, seq)
-    else:
+    masks = ckpts.load_searched(backbone, prompt, seq)  # resumed after the search: its result
+    if masks is None:
         hypernet = None
         if cfg.method == "pass":
             result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
@@ -171,8 +170,9 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
             scores = baseline_scores(cfg.method, backbone, seq, prompt, train_loader, cfg.search.steps, accelerator)
             masks = to_channel_masks(select_units(scores, seq, cfg.target_macs, cfg.search.round_to,
                                                   cfg.search.selection), seq)
+            check_same_across_processes(accelerator, f"{cfg.method} masks", list(masks.values()))
         carry["search_seconds"] = round(time.time() - t_search, 2)
-        ckpts.save_searched(_searched_tensors(backbone, prompt, masks, hypernet))
+        ckpts.save_searched(backbone, prompt, masks, hypernet)
     search_losses, hypernet_params = carry.get("search_losses", []), carry.get("hypernet_params")
 
     # slim + fine-tune
@@ -241,26 +241,6 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None) -> 
     if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
         raise onnx_error
     return metrics
-
-
-def _searched_tensors(backbone, prompt, masks, hypernet) -> dict:
-    """Stage 1's output as tensors: the backbone (task head, any weights a baseline trained), prompt, masks."""
-    tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    tensors.update({f"prompt.{k}": v for k, v in prompt.state_dict().items()})
-    tensors.update({f"masks.{k}": v.to(torch.uint8) for k, v in masks.items()})
-    if hypernet is not None:
-        tensors.update({f"hypernet.{k}": v for k, v in hypernet.state_dict().items()})
-    return tensors
-
-
-def _restore_searched(tensors: dict, backbone, prompt, seq) -> dict:
-    def part(prefix):
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    backbone.load_state_dict(part("backbone."), strict=True)
-    prompt.load_state_dict(part("prompt."), strict=True)
-    masks = part("masks.")
-    return {g.name: masks[g.name].bool() for g in seq.groups}  # walk order, as the search returns them
 
 
 def _export_onnx(out: Path, val_ds, metrics: dict) -> Optional[PassZooError]:
