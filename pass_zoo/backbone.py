@@ -45,6 +45,10 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # torch's own hint (weights_only=False) would be unsafe advice
+            raise BackboneError(f"cannot read weights {path}: the pickle holds objects other than tensors, which "
+                                "pass-zoo never unpickles; save torch.save(model.state_dict()) or a .safetensors file"
+                                ) from exc
         raise BackboneError(f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
