@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -51,13 +52,23 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a user's pickle protocol is not their problem to read about
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # torch's own hint (weights_only=False) would be unsafe advice
+            raise BackboneError(f"cannot read weights {path}: the pickle holds objects other than tensors, which "
+                                "pass-zoo never unpickles; save torch.save(model.state_dict()) or a .safetensors file"
+                                ) from exc
         raise BackboneError(f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BackboneError(f"{path} does not hold a state dict of tensors")
+    # A NaN weight would otherwise surface much later as a "search loss became nan" with a wrong hint.
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise BackboneError(f"{path}: tensor '{bad}' holds NaN or infinite values")
     return sd
 
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import random
+import signal
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .errors import DataError
 
@@ -138,6 +141,8 @@ def _image_folder(root: str, spec: DataSpec) -> TaskData:
         val = ImageFolder(str(root_path / "val"), create_transform(crop_pct=spec.crop_pct, **common), loader=loader)
     except (FileNotFoundError, RuntimeError) as exc:  # torchvision: no class folder / no valid file
         raise DataError(f"imagefolder:{root}: {exc}") from exc
+    except OSError as exc:  # e.g. a folder the user may not read
+        raise DataError(f"imagefolder:{root}: cannot read {exc.filename or root}: {exc.strerror or exc}") from exc
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -233,7 +238,86 @@ def subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
     return Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
 
 
+def _mix(seed: int, value: int) -> int:
+    """A 63-bit seed from two integers (distinct pairs give distinct seeds for any realistic sizes)."""
+    return (seed * 0x9E3779B97F4A7C15 + value * 0x632BE59BD9B4E019 + 1) % (1 << 63)
+
+
+class EpochSampler(Sampler):
+    """The order of one epoch as a pure function of (seed, epoch); resumable mid-epoch.
+
+    Each key it yields is ``epoch * n + index``: worker processes never see ``set_epoch``, so the
+    epoch travels with the key and ``SeededItems`` can seed each sample's augmentation from it.
+    Nothing here depends on how many batches were drawn before, so a resumed run (``skip``), a
+    different number of workers or processes all see the same samples with the same augmentation.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_next(self, samples: int) -> None:
+        """Start the next pass ``samples`` keys into the epoch (resume without loading skipped images)."""
+        self.skip = samples
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        skip, self.skip = self.skip, 0
+        base = self.epoch * self.n
+        return iter([base + i for i in order[skip:]])
+
+
+class SeededItems(Dataset):
+    """``ds`` with each sample's random augmentation seeded from (seed, epoch, index).
+
+    torch, numpy and Python RNGs are seeded for the duration of one ``__getitem__`` and restored
+    afterwards, so data loading neither depends on nor disturbs the training RNG (dropout).
+    """
+
+    def __init__(self, ds: Dataset, seed: int):
+        self.ds, self.seed = ds, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: int):
+        n = len(self.ds)
+        index = key % n
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        s = _mix(self.seed, key)
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % (1 << 32))
+        try:
+            return self.ds[index]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Ctrl-C is the main process's to handle (it finishes the step and checkpoints); a worker
+    # that died of it first would fail the batch the main process still needs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int, workers: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
-                      num_workers=workers, generator=g, persistent_workers=workers > 0)
+    """Batches of ``ds``; shuffled per epoch for training. The same (seed, epoch, position) always
+    gives the same images with the same augmentation (see ``EpochSampler``)."""
+    if len(ds) == 0:
+        raise DataError("the dataset is empty")
+    g = torch.Generator().manual_seed(seed)  # DataLoader draws worker seeds from it, not from the global RNG
+    return DataLoader(SeededItems(ds, seed), batch_size=batch_size, sampler=EpochSampler(len(ds), seed, train),
+                      drop_last=train and len(ds) > batch_size, num_workers=workers, generator=g,
+                      persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None)

@@ -1,4 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero."""
+from __future__ import annotations
+
+import re
 
 
 class PassZooError(Exception):
@@ -22,4 +25,33 @@ class BackboneError(PassZooError):
 
 
 class RunDirError(PassZooError):
-    """The output folder cannot be used."""
+    """The output folder cannot be used (or written: disk full, permissions)."""
+
+
+class CheckpointError(PassZooError):
+    """A run cannot be resumed from its checkpoints."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the loop stopped at a step boundary (the message says where it saved)."""
+
+
+_WORKER_PREFIX = re.compile(r"^Caught \w+ in DataLoader worker process \d+")
+_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception)?: (.+)$")
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` as one line.
+
+    An error raised inside a DataLoader worker comes back wrapped in the worker's whole traceback
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); its last line is
+    the original message, which is what the user needs (e.g. the file that could not be read).
+    """
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if _WORKER_PREFIX.match(lines[0]) and len(lines) > 1:
+        match = _EXC_LINE.match(lines[-1])
+        return match.group(1) if match else lines[-1]
+    return lines[0]

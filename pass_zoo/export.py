@@ -39,7 +39,7 @@ from .adapter import build_graph
 from .errors import PassZooError
 from .families import family_by_name
 from .prompt import create_prompt
-from .runio import atomic_write_bytes, atomic_write_json
+from .runio import atomic_write_bytes, atomic_write_json, safetensors_bytes
 
 SPEC_FORMAT_V1 = "pass-zoo-slim/1"
 SPEC_FORMAT = "pass-zoo-slim/2"
@@ -209,8 +209,6 @@ def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num
     ``model_kwargs``: what the base model was created with (``timm.create_model(base_arch, **kw)``);
     ``fixups``: default ``history.fixups`` (``pass_zoo.slim.PruningHistory``).
     """
-    from safetensors.torch import save as st_save
-
     out = Path(out)
     prompt = prompted.prompt
     classifier = base_pretrained_cfg.get("classifier")
@@ -229,7 +227,7 @@ def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num
         "pretrained_cfg": export_pretrained_cfg(base_pretrained_cfg, img_size, classifier),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in prompted.state_dict().items()}
-    atomic_write_bytes(out / "model.safetensors", st_save(state, metadata={"format": "pt", "pass_zoo": spec["format"]}))
+    atomic_write_bytes(out / "model.safetensors", safetensors_bytes(state, {"format": "pt", "pass_zoo": spec["format"]}))
     atomic_write_json(out / "config.json", config)
     return out
 

@@ -1,15 +1,15 @@
 """Stage 2 -- fine-tune the slim network jointly with its prompt (masks are now the architecture)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .errors import PassZooError
 from .prompt import PromptedModel
-from .training import cosine_lambda, cycle, progress
+from .training import Batches, cosine_lambda, progress
 
 
 @dataclass
@@ -22,8 +22,15 @@ class FinetuneConfig:
     weight_decay: float = 5e-5
 
 
-def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator) -> List[float]:
-    """Train ``model`` (slim network + prompt) in place; returns the loss per step."""
+def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator, checkpoints=None) -> List[float]:
+    """Train ``model`` (slim network + prompt) in place; returns the loss per step.
+
+    ``checkpoints`` (a ``checkpoint.RunCheckpoints``) saves the loop every N steps, on Ctrl-C and at
+    the end, and continues from its newest fine-tune checkpoint when the run is resumed.
+    """
+    from .checkpoint import LoopState, StageCheckpoints
+    from .search import global_loss
+
     if cfg.steps <= 0:
         return []
     for p in model.parameters():
@@ -34,23 +41,31 @@ def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator) -> 
     ], momentum=cfg.momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg.steps))
     wrapped, opt, loader = accelerator.prepare(model, opt, loader)
+    loop = LoopState("finetune", cfg.steps, {"model": model}, {"sgd": opt}, {"cosine": sched}, Batches(loader))
     wrapped.train()
-    losses: List[float] = []
-    bar = progress(accelerator, cfg.steps, "finetune")
-    for step, (x, y) in zip(range(cfg.steps), cycle(loader)):
-        loss = F.cross_entropy(wrapped(x), y)
-        if not torch.isfinite(loss):
-            raise PassZooError(f"fine-tune loss became {float(loss)} at step {step}; lower --finetune-lr and retry")
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+    with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
+        bar = progress(accelerator, cfg.steps, "finetune", initial=loop.step)
+        try:
+            for step in range(loop.step, cfg.steps):
+                x, y = next(loop.batches)
+                loss = F.cross_entropy(wrapped(x), y)
+                value = global_loss(loss, accelerator)
+                if not math.isfinite(value):
+                    raise ckpt.diverged(f"fine-tune loss became {value} at step {step}",
+                                        "lower --finetune-lr/--finetune-lr-prompt and start again")
+                opt.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                opt.step()
+                sched.step()
+                loop.losses.append(value)
+                loop.step = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.3f}")
+                ckpt.after_step()
+        finally:
+            bar.close()
     accelerator.unwrap_model(wrapped).eval()
-    return losses
+    return loop.losses
 
 
 @torch.no_grad()

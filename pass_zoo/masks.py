@@ -172,12 +172,10 @@ def masks_summary(masks: Masks, seq: LayerSequence) -> dict:
 
 def save_masks(masks: Masks, summary: dict, folder) -> None:
     """``masks.safetensors`` (uint8 per group) + ``masks.json``, both written atomically."""
-    from safetensors.torch import save as st_save
-
-    from .runio import atomic_write_bytes, atomic_write_text
+    from .runio import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
     tensors = {name: m.to(torch.uint8).contiguous() for name, m in masks.items()}
-    atomic_write_bytes(folder / "masks.safetensors", st_save(tensors, metadata={"format": "pass-zoo-masks/1"}))
+    atomic_write_bytes(folder / "masks.safetensors", safetensors_bytes(tensors, {"format": "pass-zoo-masks/1"}))
     atomic_write_text(folder / "masks.json", json.dumps(summary, indent=2))
 
 

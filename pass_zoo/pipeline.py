@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .adapter import build_layer_sequence
+from .checkpoint import RunCheckpoints
 from .baselines import METHODS, baseline_scores
 from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
 from .data import DataSpec, load_task_data, make_loader, subset
@@ -28,6 +29,7 @@ from .prompt import PromptedModel, create_prompt
 from .runio import atomic_write_json, prepare_run_dir
 from .search import SearchConfig, search
 from .slim import count_macs, count_params, slim
+from .training import check_same_across_processes
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class PruneConfig:
     model_kwargs: dict = field(default_factory=dict)
     out: Optional[str] = None
     overwrite: bool = False
+    resume: bool = False  # continue the run in ``out`` from its newest checkpoint
+    checkpoint_every: int = 50  # steps between checkpoints (0: only at stage ends and on Ctrl-C)
     method: str = "pass"
     head: str = "auto"  # auto | flm | new
     prompt: str = "additive"  # additive | pad
@@ -77,6 +81,12 @@ class PruneConfig:
             raise PassZooError(f"transfer mode must be hypernet or masks, got '{self.transfer_mode}'")
         if self.search.round_to < 1:
             raise PassZooError(f"--round-to must be >= 1, got {self.search.round_to}")
+        if self.search.bn_mode not in ("batch", "frozen"):
+            raise PassZooError(f"--search-bn must be batch or frozen, got '{self.search.bn_mode}'")
+        if self.checkpoint_every < 0:
+            raise PassZooError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and self.overwrite:
+            raise PassZooError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
     def default_out(self) -> str:
         data = self.dataset.split(":")[0]
@@ -134,8 +144,10 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     main = accelerator.is_main_process
     out = Path(cfg.out or cfg.default_out())
     if main:
-        prepare_run_dir(out, cfg.overwrite)
+        prepare_run_dir(out, cfg.overwrite, cfg.resume)
     accelerator.wait_for_everyone()
+    ckpts = RunCheckpoints(out, accelerator, cfg.checkpoint_every, asdict(cfg), cfg.resume)
+    carry = ckpts.carry  # stage results a resumed run takes from its checkpoint instead of recomputing
     set_seed(cfg.seed)
     t0 = time.time()
 
@@ -165,13 +177,17 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         if backbone.num_classes < task.num_classes:
             raise PassZooError(f"--head flm needs at least {task.num_classes} source classes, "
                                f"the backbone has {backbone.num_classes}; use --head new")
-        flm_loader = accelerator.prepare(make_loader(subset(task.train, cfg.flm_samples, cfg.seed + 2),
-                                                     cfg.batch_size * 2, False, cfg.seed, cfg.workers))
-        counts = prediction_counts(backbone, flm_loader, task.num_classes, backbone.num_classes, accelerator)
-        mapping = frequency_label_mapping(counts)
-        fold_label_mapping(backbone, mapping)
-        metrics["label_mapping"] = mapping
-        metrics["top1_dense_zero_shot"] = evaluate(backbone, val_loader, accelerator)
+        if "label_mapping" not in carry:
+            flm_loader = accelerator.prepare(make_loader(subset(task.train, cfg.flm_samples, cfg.seed + 2),
+                                                         cfg.batch_size * 2, False, cfg.seed, cfg.workers))
+            counts = prediction_counts(backbone, flm_loader, task.num_classes, backbone.num_classes, accelerator)
+            carry["label_mapping"] = frequency_label_mapping(counts)
+            fold_label_mapping(backbone, carry["label_mapping"])
+            carry["top1_dense_zero_shot"] = evaluate(backbone, val_loader, accelerator)
+        else:
+            fold_label_mapping(backbone, carry["label_mapping"])
+        metrics["label_mapping"] = carry["label_mapping"]
+        metrics["top1_dense_zero_shot"] = carry["top1_dense_zero_shot"]
     else:
         backbone.reset_classifier(task.num_classes)
 
@@ -179,33 +195,41 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     example = torch.zeros(1, 3, spec.img_size, spec.img_size)
     seq = build_layer_sequence(backbone, example)
     t_search = time.time()
-    search_losses, hypernet = [], None
-    if cfg.transfer_from and cfg.transfer_mode == "masks":  # (a) masks found on another task
-        masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")
-        to_unit_masks(masks, seq)  # same architecture, or a clear error
-    elif cfg.method == "pass":
-        source = load_hypernet(cfg.transfer_from) if cfg.transfer_from else None  # (b) another task's hypernet
-        result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
-                        train_head=(head == "new"), hypernet=source)
-        masks, search_losses, hypernet = result.masks, result.losses, result.hypernet
-    else:
-        scores = baseline_scores(cfg.method, backbone, seq, prompt, train_loader, cfg.search.steps, accelerator)
-        masks = to_channel_masks(select_units(scores, seq, cfg.target_macs, cfg.search.round_to,
-                                              cfg.search.selection), seq)
-    t_search = time.time() - t_search
+    masks = ckpts.load_searched(backbone, prompt, seq)  # resumed after the search: its result
+    hypernet = None
+    if masks is None:
+        if cfg.transfer_from and cfg.transfer_mode == "masks":  # (a) masks found on another task
+            masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")
+            to_unit_masks(masks, seq)  # same architecture, or a clear error
+        elif cfg.method == "pass":
+            source = load_hypernet(cfg.transfer_from) if cfg.transfer_from else None  # (b) another task's
+            result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
+                            train_head=(head == "new"), hypernet=source, checkpoints=ckpts)
+            masks, hypernet = result.masks, result.hypernet
+            carry.update(search_losses=result.losses, hypernet_params=count_params(hypernet))
+        else:
+            scores = baseline_scores(cfg.method, backbone, seq, prompt, train_loader, cfg.search.steps, accelerator)
+            masks = to_channel_masks(select_units(scores, seq, cfg.target_macs, cfg.search.round_to,
+                                                  cfg.search.selection), seq)
+            check_same_across_processes(accelerator, f"{cfg.method} masks", list(masks.values()))
+        carry["search_seconds"] = round(time.time() - t_search, 2)
+        ckpts.save_searched(backbone, prompt, masks, hypernet)
+    search_losses, hypernet_params = carry.get("search_losses", []), carry.get("hypernet_params")
 
     # slim + fine-tune
     slim_model, history = slim(backbone, masks, example)
     prompted = PromptedModel(slim_model, prompt)
-    # Same batches on every process (unsharded loader, same seed): BN statistics stay identical.
-    recalibrate_bn(prompted, make_loader(train_ds, cfg.batch_size, True, cfg.seed + 3), cfg.bn_calibration_batches)
+    # Same batches on every process (unsharded loader, same seed): BN statistics stay identical, and
+    # with the global batch size they equal those of a one-process run.
+    recalibrate_bn(prompted, make_loader(train_ds, cfg.batch_size * accelerator.num_processes, True, cfg.seed + 3),
+                   cfg.bn_calibration_batches)
     top1_after_search = evaluate(prompted, val_loader, accelerator)
     ft_cfg = cfg.finetune
     if ft_cfg.epochs:  # batches per epoch as each process sees them
         per_epoch = len(accelerator.prepare(make_loader(train_ds, cfg.batch_size, True, cfg.seed)))
         ft_cfg = dataclasses.replace(ft_cfg, steps=max(1, round(ft_cfg.epochs * per_epoch)))
     t_ft = time.time()
-    ft_losses = finetune(prompted, train_loader, ft_cfg, accelerator)
+    ft_losses = finetune(prompted, train_loader, ft_cfg, accelerator, checkpoints=ckpts)
     t_ft = time.time() - t_ft
     prompted = accelerator.unwrap_model(prompted).eval()
     top1 = evaluate(prompted, val_loader, accelerator)
@@ -221,19 +245,20 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         "macs_slim": count_macs(slim_model, example),
         "params_dense": count_params(backbone),
         "params_slim": count_params(slim_model),
-        "hypernet_params": count_params(hypernet) if hypernet is not None else None,
+        "hypernet_params": hypernet_params,
         "top1": top1,
         "top1_after_search": top1_after_search,
         "search_loss_first": search_losses[0] if search_losses else None,
         "search_loss_last": search_losses[-1] if search_losses else None,
         "finetune_steps": ft_cfg.steps,
         "finetune_loss_last": ft_losses[-1] if ft_losses else None,
-        "search_seconds": round(t_search, 2),
+        "search_seconds": carry["search_seconds"],
         "finetune_seconds": round(t_ft, 2),
         "total_seconds": round(time.time() - t0, 2),
         "train_images": len(train_ds),
         "val_images": len(val_ds),
         "world_size": accelerator.num_processes,
+        "resumed_from": ckpts.resumed_from,
         "seed": cfg.seed,
         "command": command or "pass_zoo.prune(...)",
         "config": asdict(cfg),
@@ -257,6 +282,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
             onnx_error = _export_onnx(out, val_ds, metrics)
         atomic_write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
+    ckpts.finish()  # the run folder is complete
     if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
         raise onnx_error
     return metrics

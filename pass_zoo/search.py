@@ -7,6 +7,7 @@ network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -15,10 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import LayerSequence
-from .errors import PassZooError
 from .hypernet import PassHyperNetwork
 from .masks import Masks, select_units, to_channel_masks
-from .training import cosine_lambda, cycle, progress
+from .training import Batches, check_same_across_processes, cosine_lambda, progress
 
 
 @dataclass
@@ -45,7 +45,11 @@ def _batch_norms(model: nn.Module):
 
 
 class _KeepRunningStats:
-    """BN momentum 0 inside the block: batch statistics are used, running statistics never move."""
+    """BN momentum 0 inside the block: batch statistics are used, running statistics never move.
+
+    The batch counters are restored too, so the frozen backbone leaves the search bit for bit as it
+    entered (and a resumed search, which ran fewer batches in this process, leaves the same state).
+    """
 
     def __init__(self, model: nn.Module):
         self.bns = _batch_norms(model)
@@ -136,12 +140,16 @@ class SearchResult:
 
 def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target_macs: float,
            cfg: SearchConfig, accelerator, train_head: bool = False,
-           hypernet: Optional[PassHyperNetwork] = None) -> SearchResult:
+           hypernet: Optional[PassHyperNetwork] = None, checkpoints=None) -> SearchResult:
     """Run stage 1; ``prompt`` is trained in place. Returns the final masks and the hypernetwork.
 
     With ``hypernet`` given (transfer: a hypernetwork trained on another task), it stays frozen and
     only the new task's prompt (and a new head) is learned; the masks then follow from that prompt.
+    ``checkpoints`` (a ``checkpoint.RunCheckpoints``) saves the loop every N steps, on Ctrl-C and at
+    the end, and continues from its newest search checkpoint when the run is resumed.
     """
+    from .checkpoint import LoopState, StageCheckpoints
+
     for p in backbone.parameters():
         p.requires_grad_(False)
     head_params = []
@@ -170,17 +178,25 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(cfg.steps)) for o in (opt_prompt, opt_hyper)
               if isinstance(o, torch.optim.Optimizer)]
 
+    optimizers, schedulers = {"prompt": opt_prompt}, {"prompt": scheds[0]}
     if isinstance(opt_hyper, torch.optim.Optimizer):
         wrapped, opt_prompt, opt_hyper, loader = accelerator.prepare(model, opt_prompt, opt_hyper, loader)
+        optimizers, schedulers = {"prompt": opt_prompt, "hypernet": opt_hyper}, {"prompt": scheds[0], "hypernet": scheds[1]}
     else:
         wrapped, opt_prompt, loader = accelerator.prepare(model, opt_prompt, loader)
+        optimizers["prompt"] = opt_prompt
+    modules = {"prompt": prompt, "hypernet": hypernet}
+    if train_head:
+        modules["head"] = backbone.get_classifier()
+    loop = LoopState("search", cfg.steps, modules, optimizers, schedulers, Batches(loader))
     wrapped.train()
-    bar = progress(accelerator, cfg.steps, "search")
-    try:
-        with _KeepRunningStats(backbone):
-            losses = _search_loop(wrapped, loader, opt_prompt, opt_hyper, scheds, cfg, accelerator, bar)
-    finally:
-        bar.close()
+    with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
+        bar = progress(accelerator, cfg.steps, "search", initial=loop.step)
+        try:
+            with _KeepRunningStats(backbone):
+                _search_loop(wrapped, loop, accelerator, bar, ckpt)
+        finally:
+            bar.close()
 
     model = accelerator.unwrap_model(wrapped)
     model.eval()
@@ -188,24 +204,39 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         _, hard = model.propose()
     for p in head_params:
         p.requires_grad_(False)
-    return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, losses)
+    # Every process selected its own masks; they must agree bit for bit, or the saved result
+    # would silently depend on which process wrote it.
+    check_same_across_processes(accelerator, "search masks and prompt",
+                                [*hard, *(t for t in prompt.state_dict().values())])
+    return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, loop.losses)
 
 
-def _search_loop(wrapped, loader, opt_prompt, opt_hyper, scheds, cfg: SearchConfig, accelerator, bar) -> List[float]:
-    losses: List[float] = []
-    for step, (x, y) in zip(range(cfg.steps), cycle(loader)):
+def global_loss(loss: torch.Tensor, accelerator) -> float:
+    """The loss averaged over processes: the loss of the global batch, and finite on all or none."""
+    value = loss.detach()
+    if accelerator.num_processes > 1:
+        value = accelerator.reduce(value.clone().float(), "mean")
+    return float(value)
+
+
+def _search_loop(wrapped, loop, accelerator, bar, ckpt) -> None:
+    for step in range(loop.step, loop.total):
+        x, y = next(loop.batches)
         logits = wrapped(x)
         loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
-            raise PassZooError(f"search loss became {float(loss)} at step {step}; lower --search-lr-* and retry")
-        opt_prompt.zero_grad(set_to_none=True)
-        opt_hyper.zero_grad(set_to_none=True)
+        value = global_loss(loss, accelerator)
+        if not math.isfinite(value):
+            raise ckpt.diverged(f"search loss became {value} at step {step}",
+                                "lower --search-lr-prompt/--search-lr-hypernet and start again")
+        for opt in loop.optimizers.values():  # no "hypernet" entry when a transferred one stays frozen
+            opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        opt_prompt.step()
-        opt_hyper.step()
-        for s in scheds:
+        for opt in loop.optimizers.values():
+            opt.step()
+        for s in loop.schedulers.values():
             s.step()
-        losses.append(loss.item())
+        loop.losses.append(value)
+        loop.step = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
+        bar.set_postfix(loss=f"{value:.3f}")
+        ckpt.after_step()

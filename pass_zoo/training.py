@@ -1,10 +1,19 @@
 """Small helpers shared by the training loops (the loops themselves stay readable in their stage)."""
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import signal
 import sys
+import threading
+from typing import Iterable, Optional
 
 from tqdm.auto import tqdm
+
+from .errors import DataError, PassZooError
+
+PRECISIONS = ("no", "fp16", "bf16")
 
 
 def make_accelerator(mixed_precision: str = "no"):
@@ -15,8 +24,19 @@ def make_accelerator(mixed_precision: str = "no"):
     """
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+    cpu = not torch.cuda.is_available()
+    if mixed_precision not in PRECISIONS:
+        raise PassZooError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got '{mixed_precision}'")
+    if mixed_precision == "fp16" and cpu:
+        # accelerate would silently train in float32 on the CPU
+        raise PassZooError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 (autocast) or no")
+    if mixed_precision == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
+        raise PassZooError("--mixed-precision bf16 is not supported by this GPU; use fp16 or no")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state()  # a second run in this process may ask for another precision
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
 def cosine_lambda(total_steps: int):
@@ -25,21 +45,138 @@ def cosine_lambda(total_steps: int):
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+def _set_epoch(loader, epoch: int) -> None:
+    if hasattr(loader, "set_epoch"):  # accelerate's loaders forward it to their sampler
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def _epoch_sampler(loader):
+    """The sampler that can skip into an epoch (``data.EpochSampler``), wherever accelerate put it."""
+    candidates = [getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    bs = getattr(loader, "batch_sampler", None)
+    candidates += [getattr(bs, "sampler", None), getattr(getattr(bs, "batch_sampler", None), "sampler", None)]
+    for c in candidates:
+        if hasattr(c, "skip_next"):
+            return c
+    return None
+
+
+class Batches:
+    """Endless batches from ``loader`` that know their position: ``epoch`` and ``taken`` in it.
+
+    ``Batches(loader, epoch, taken)`` continues exactly where a run at that position stopped: the
+    epoch's order is a function of (seed, epoch), and the ``taken`` batches already used are skipped
+    in the sampler, so no image is loaded twice.
+    """
+
+    def __init__(self, loader, epoch: int = 0, taken: int = 0):
+        self.loader, self.epoch, self.taken = loader, epoch, taken
+        self._it = None
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "taken": self.taken}
+
+    def __iter__(self):
+        return self
+
+    def _start_epoch(self):
+        _set_epoch(self.loader, self.epoch)
+        skip = self.taken
+        sampler = _epoch_sampler(self.loader) if skip else None
+        if sampler is not None:  # samples per step over all processes
+            per_step = getattr(self.loader, "total_batch_size", None) or self.loader.batch_size
+            sampler.skip_next(skip * per_step)
+            skip = 0
+        self._it = iter(self.loader)
+        for _ in range(skip):  # a loader we did not build: skip by reading
+            next(self._it, None)
+
+    def __next__(self):
+        for _ in range(2):  # the rest of a resumed epoch may be empty: then one more, new epoch
+            if self._it is None:
+                self._start_epoch()
+            batch = next(self._it, None)
+            if batch is not None:
+                self.taken += 1
+                return batch
+            if self.taken == 0:
+                raise DataError("the data loader yielded no batch (dataset smaller than one batch?)")
+            self._it, self.epoch, self.taken = None, self.epoch + 1, 0
+        raise DataError("the data loader yielded no batch (dataset smaller than one batch?)")
+
+
 def cycle(loader):
     """Endless batches; reshuffles (and re-seeds distributed samplers) every epoch."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        n = 0
-        for batch in loader:
-            n += 1
-            yield batch
-        if n == 0:
-            raise ValueError("the data loader yielded no batch (dataset smaller than one batch?)")
-        epoch += 1
+    return Batches(loader)
 
 
-def progress(accelerator, total: int, desc: str):
-    return tqdm(total=total, desc=desc, disable=not accelerator.is_local_main_process, leave=False,
-                file=sys.stderr, dynamic_ncols=True)
+def progress(accelerator, total: int, desc: str, initial: int = 0):
+    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
+                leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) inside a training loop asks it to stop at the next step boundary.
+
+    The loop then saves a checkpoint and stops cleanly instead of dying in the middle of an
+    optimiser step. A second Ctrl-C stops at once (single process; under ``accelerate launch`` the
+    launcher forwards the terminal's SIGINT again, so repeats are ignored there).
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.flag = False
+        self._saved = None
+
+    def _handler(self, signum, frame):
+        if self.flag and self.accelerator.num_processes == 1:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._saved = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._saved)
+            self._saved = None
+
+    def requested(self) -> bool:
+        """True on every process as soon as any process was asked to stop (a collective call)."""
+        if self.accelerator.num_processes == 1:
+            return self.flag
+        import torch
+
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
+
+
+def digest(tensors: Iterable) -> str:
+    """sha256 over the bytes of ``tensors`` (moved to the CPU), in order."""
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same_across_processes(accelerator, what: str, tensors) -> Optional[str]:
+    """Raise a clear error unless every process holds bit-identical ``tensors``; returns the digest."""
+    from accelerate.utils import gather_object
+
+    mine = digest(tensors)
+    if accelerator.num_processes == 1:
+        return mine
+    all_digests = gather_object([mine])
+    if len(set(all_digests)) != 1:
+        ranks = ", ".join(f"rank {i}: {d[:12]}" for i, d in enumerate(all_digests))
+        raise PassZooError(f"{what} differ between processes ({ranks}); the distributed run diverged and its "
+                           "result would depend on the process that saves it")
+    return mine
