@@ -438,8 +438,9 @@ def test_recipes_use_prune_config_fields():
         PruneConfig(**{k: v for k, v in recipe.items() if k not in ("name", "hub_id", "search", "finetune")},
                     search=SearchConfig(**recipe.get("search", {})),
                     finetune=FinetuneConfig(**recipe.get("finetune", {}))).validate()
+    # the paper's seven architectures, plus the offline quickstart's Lite0
     assert set(models) == {"resnet18", "resnet34", "resnet50", "vgg16", "resnext50_32x4d",
-                           "vit_base_patch16_224", "swin_tiny_patch4_window7_224"}
+                           "vit_base_patch16_224", "swin_tiny_patch4_window7_224", "tf_efficientnet_lite0"}
     assert math.isclose(models["resnext50_32x4d"]["target_macs"], 0.47, abs_tol=0.005)
     assert math.isclose(models["vit_base_patch16_224"]["target_macs"], 0.61, abs_tol=0.005)
     assert math.isclose(models["swin_tiny_patch4_window7_224"]["target_macs"], 0.76, abs_tol=0.005)
