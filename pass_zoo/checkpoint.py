@@ -308,8 +308,9 @@ class RunCheckpoints:
         tensors.update({f"masks.{k}": v.to(torch.uint8) for k, v in masks.items()})
         if hypernet is not None:
             tensors.update({f"hypernet.{k}": v for k, v in hypernet.state_dict().items()})
+        extra = {"hypernet_config": hypernet.config()} if hypernet is not None else {}
         self._write("searched", {"searched.safetensors": _st_bytes(tensors),
-                                 "state.json": json.dumps(self._meta("searched", None, {})).encode()})
+                                 "state.json": json.dumps(self._meta("searched", None, extra)).encode()})
         if self.accelerator.is_main_process:
             for _, _, old in self._entries():
                 if old.name.startswith("search-"):
@@ -330,6 +331,13 @@ class RunCheckpoints:
             backbone.load_state_dict(part("backbone."), strict=True)
             prompt.load_state_dict(part("prompt."), strict=True)
             masks = part("masks.")
+            self.searched_hypernet = None  # a resumed run still writes the hypernetwork it searched with
+            meta = json.loads((path / "state.json").read_text())
+            if meta.get("hypernet_config"):
+                from .hypernet import PassHyperNetwork
+
+                self.searched_hypernet = PassHyperNetwork(**meta["hypernet_config"])
+                self.searched_hypernet.load_state_dict(part("hypernet."), strict=True)
             self.last_saved = "the search result"
             return {g.name: masks[g.name].bool() for g in seq.groups}  # walk order, as the search returns them
         except (KeyError, RuntimeError) as exc:

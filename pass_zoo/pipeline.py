@@ -196,7 +196,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     seq = build_layer_sequence(backbone, example)
     t_search = time.time()
     masks = ckpts.load_searched(backbone, prompt, seq)  # resumed after the search: its result
-    hypernet = None
+    hypernet = getattr(ckpts, "searched_hypernet", None) if masks is not None else None
     if masks is None:
         if cfg.transfer_from and cfg.transfer_mode == "masks":  # (a) masks found on another task
             masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")

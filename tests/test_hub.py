@@ -399,7 +399,7 @@ def test_recipe_loading_and_clear_errors(tmp_path):
 
 def test_every_prune_flag_maps_to_a_config_field():
     prune_parser = build_parser()._subparsers._group_actions[0].choices["prune"]
-    dests = {a.dest for a in prune_parser._actions} - {"help", "recipe"}
+    dests = {a.dest for a in prune_parser._actions} - {"help", "recipe", "num_processes"}  # num_processes: how to launch, not what to run
     assert dests == set(PRUNE_FLAGS)
     args = prune_parser.parse_args([])
     assert _prune_config(args) == pass_zoo.PruneConfig()  # the parser's defaults are the dataclass's

@@ -21,7 +21,8 @@ from conftest import ROOT
 TINY = ["prune", "--model", "resnet10t", "--pretrained", "none", "--head", "new", "--dataset", "fashion-mnist",
         "--img-size", "32", "--train-subset", "64", "--val-subset", "32", "--search-steps", "16",
         "--finetune-steps", "16", "--batch-size", "16", "--no-onnx", "--checkpoint-every", "2", "--seed", "5"]
-RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors"}
+RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors",
+             "hypernet.json", "hypernet.safetensors"}  # a PASS run keeps its hypernetwork
 TIMING = {"search_seconds", "finetune_seconds", "total_seconds"}
 
 

@@ -28,7 +28,8 @@ from pass_zoo.errors import PassZooError, one_line
 
 from conftest import write_image_folder
 
-RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors"}
+RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors",
+             "hypernet.json", "hypernet.safetensors"}  # a PASS run keeps its hypernetwork
 
 
 def _run(argv):
@@ -68,9 +69,27 @@ def _weights(tmp_path, name="w.safetensors") -> Path:
 
 # ------------------------------------------------------------------------------ models and weights
 def test_architecture_the_adapter_cannot_prune(tmp_path):
-    line = _error(_tiny(tmp_path / "run", model="convnext_atto"))
-    assert "LayerNorm2d" in line and "mixes the channels" in line and "conv/linear" in line
-    assert not (tmp_path / "run").exists()  # nothing was written, so nothing is left behind
+    """Groups that cannot be gated exactly stay dense; with none left the adapter says which layer."""
+    import torch.nn as nn
+
+    from pass_zoo.adapter import build_layer_sequence
+    from pass_zoo.errors import AdapterError
+
+    class OnlyMixedChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.norm, self.head = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+        def get_classifier(self):
+            return self.head
+
+        def forward(self, x):
+            return self.head(self.norm(self.fc1(x)))
+
+    with pytest.raises(AdapterError) as err:
+        build_layer_sequence(OnlyMixedChannels(), torch.zeros(1, 8))
+    line = str(err.value)
+    assert "no prunable channel group" in line and "'norm' (LayerNorm)" in line and "\n" not in line
 
 
 def test_truncated_pretrained_safetensors(tmp_path):
