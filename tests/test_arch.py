@@ -365,7 +365,9 @@ def test_check_cli_runs_every_stage(capsys, monkeypatch):
     assert result.exact_diff <= 1e-5 and result.onnx_diff <= 1e-4
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "resnet10t (resnet) at 32 px"
-    assert [line.split() for line in lines[1:]] == [[s, "ok"] for s in STAGES]
+    assert [line.split()[:2] for line in lines[1:]] == [[s, "ok"] for s in STAGES]
+    assert lines[1] == "adapter  ok  (10 groups, 0 of them attention heads; 0 left dense)"
+    assert "% of" in lines[3] and "target 50 %" in lines[3]
 
 
 def test_check_reports_the_failing_stage(monkeypatch):
