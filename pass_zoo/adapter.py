@@ -317,9 +317,11 @@ class LayerSequence:
                 log.info("adapter: group '%s' is not pruned: %s", root_name, exc)
         self.excluded.sort(key=lambda e: (order.get(e[0], 10**9), e[0]))  # forward order reads best
         if not groups:
-            why = "; ".join(f"group '{n}': {r}" for n, r in self.excluded[:4])
-            raise AdapterError("no prunable channel group found"
-                               + (f" ({why})" if why else " (the model has no conv/linear outside the classifier)"))
+            if not self.excluded:
+                raise AdapterError("no prunable channel group found (the model has no conv/linear outside the classifier)")
+            why = "; ".join(f"group '{n}': {r}" for n, r in self.excluded[:2])
+            more = f"; and {len(self.excluded) - 2} more" if len(self.excluded) > 2 else ""
+            raise AdapterError(f"no prunable channel group found: all {len(self.excluded)} must stay dense ({why}{more})")
         if self.excluded:
             log.info("adapter: %d groups pruned, %d left dense", len(groups), len(self.excluded))
         groups.sort(key=lambda g: (g.order, g.name))

@@ -292,7 +292,9 @@ def test_a_group_torch_pruning_cannot_resolve_is_a_clear_error(monkeypatch):
 
 def test_nothing_prunable_names_every_reason():
     net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    with pytest.raises(AdapterError, match=r"no prunable channel group found \(group '0': layer '1' \(LayerNorm\)"):
+    with pytest.raises(AdapterError, match=r"^no prunable channel group found: all 2 must stay dense \(group '0': layer "
+                                           r"'1' \(LayerNorm\) mixes its channels; group '2': its channels are the "
+                                           r"network's output \(no layer reads them\)\)$"):
         build_layer_sequence(net, torch.randn(1, 4))
 
 
