@@ -7,7 +7,8 @@ PASS walk. This module turns the graph into plain data the rest of the pipeline 
 * ``ChannelGroup`` -- name, channel count, units (what one mask entry controls), producers
   (layers whose output channels are the group) and consumers (layers that read them);
 * ``LayerCost`` -- every conv/linear layer with the groups that own its input/output channels,
-  so the MACs of any mask can be computed exactly without building the slim model;
+  and ``AttentionCost`` -- every attention module's matmuls, owned by its head group -- so the MACs
+  of any mask can be computed exactly without building the slim model;
 * a search-time gate that multiplies every consumer's input by the group mask. Zeroing an input
   channel of a conv/linear is exactly the same function as removing it, so a gated network equals
   the physically slimmed one (BN in eval mode).
@@ -17,9 +18,10 @@ Transformers: a registered attention module (``pass_zoo.families``) turns its ``
 input. MLP hidden units (fc1 out / fc2 in) are ordinary channel groups.
 
 Groups that cannot be gated exactly -- their channels pass through LayerNorm/GroupNorm, a bare
-parameter (layer scale, position embeddings), or are the network's output -- are *excluded*: they
-stay dense, are listed in ``LayerSequence.excluded`` with the reason, and the rest of the network is
-still pruned. Only a model with nothing prunable is refused (``AdapterError`` naming the layers).
+parameter (layer scale, position embeddings), a weight-standardised conv, a split/concatenation
+Torch-Pruning maps unevenly, or are the network's output -- are *excluded*: they stay dense, are
+listed in ``LayerSequence.excluded`` with the reason, and the rest of the network is still pruned.
+Only a model with nothing prunable is refused (``AdapterError`` naming the layers).
 """
 from __future__ import annotations
 
@@ -315,9 +317,11 @@ class LayerSequence:
                 log.info("adapter: group '%s' is not pruned: %s", root_name, exc)
         self.excluded.sort(key=lambda e: (order.get(e[0], 10**9), e[0]))  # forward order reads best
         if not groups:
-            why = "; ".join(f"group '{n}': {r}" for n, r in self.excluded[:4])
-            raise AdapterError("no prunable channel group found"
-                               + (f" ({why})" if why else " (the model has no conv/linear outside the classifier)"))
+            if not self.excluded:
+                raise AdapterError("no prunable channel group found (the model has no conv/linear outside the classifier)")
+            why = "; ".join(f"group '{n}': {r}" for n, r in self.excluded[:2])
+            more = f"; and {len(self.excluded) - 2} more" if len(self.excluded) > 2 else ""
+            raise AdapterError(f"no prunable channel group found: all {len(self.excluded)} must stay dense ({why}{more})")
         if self.excluded:
             log.info("adapter: %d groups pruned, %d left dense", len(groups), len(self.excluded))
         groups.sort(key=lambda g: (g.order, g.name))

@@ -140,6 +140,7 @@ class _Stage:
 
     def __init__(self, result: CheckResult, name: str, echo):
         self.result, self.name, self.echo = result, name, echo
+        self.detail = ""  # printed after "ok"
 
     def __enter__(self):
         return self
@@ -147,7 +148,7 @@ class _Stage:
     def __exit__(self, exc_type, exc, tb):
         if exc is None:
             self.result.stages[self.name] = "ok"
-            self.echo(f"{self.name:8s} ok")
+            self.echo(f"{self.name:8s} ok" + (f"  ({self.detail})" if self.detail else ""))
             return False
         if not isinstance(exc, Exception):
             return False  # KeyboardInterrupt and friends
@@ -192,7 +193,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(4, 3, size, size, generator=gen)
-        with _Stage(result, "adapter", echo):
+        with _Stage(result, "adapter", echo) as stage:
             model = perturb(timm.create_model(name, pretrained=False, num_classes=10, **model_kwargs).eval(), seed)
             seq = build_layer_sequence(model, x[:1])
             result.groups, result.excluded = len(seq), len(seq.excluded)
@@ -201,6 +202,8 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
             # 50 %, or halfway to dense when the groups left dense alone cost more than that
             floor = smallest_macs(seq, SearchConfig().round_to) / seq.dense_macs
             result.target_macs = TARGET_MACS if floor <= TARGET_MACS - 0.05 else round((1 + floor) / 2, 2)
+            stage.detail = (f"{result.groups} groups, {result.head_groups} of them attention heads; "
+                            f"{result.excluded} left dense")
         with _Stage(result, "search", echo):
             prompt = create_prompt("additive", size, max(1, round(size * 16 / 224)))
             data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (4,), generator=gen))
@@ -210,7 +213,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
                                make_accelerator(), train_head=False)
             model.eval()
             masks = found.masks
-        with _Stage(result, "slim", echo):
+        with _Stage(result, "slim", echo) as stage:
             slim_model, history = slim(model, masks, x[:1])
             slim_model.eval()
             kept = [int(u.sum()) for u in to_unit_masks(masks, seq)]
@@ -220,7 +223,9 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
                 raise _CheckFailed(f"layer sequence predicts {result.macs_slim} MACs, the slim model has {counted}")
             if not result.macs_slim <= result.target_macs * result.macs_dense:
                 raise _CheckFailed(f"slim MACs {result.macs_slim} exceed the budget")
-        with _Stage(result, "exact", echo):
+            stage.detail = (f"{100 * result.macs_slim / result.macs_dense:.1f} % of {result.macs_dense / 1e6:.1f} M "
+                            f"MACs, target {100 * result.target_macs:.0f} %")
+        with _Stage(result, "exact", echo) as stage:
             with torch.no_grad():
                 dense = model(x)
                 with seq.gated([u.float() for u in to_unit_masks(masks, seq)]):
@@ -231,6 +236,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
                 raise _CheckFailed(f"masked and slim outputs differ by {result.exact_diff:.3g} (x output scale)")
             if _scaled_diff(dense, gated) <= 1e-4:
                 raise _CheckFailed("the masks do not change the output: the gates are not applied")
+            stage.detail = f"max |masked - slim| {result.exact_diff:.2g} x output scale"
         with tempfile.TemporaryDirectory(prefix="pass-zoo-check-") as tmp:
             run_dir = Path(tmp) / "run"
             prompted = PromptedModel(slim_model, prompt).eval()
@@ -245,7 +251,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
                     result.reload_diff = _scaled_diff(prompted(x), loaded(x))
                 if not result.reload_diff <= RELOAD_TOL:
                     raise _CheckFailed(f"reloaded model differs by {result.reload_diff:.3g} (x output scale)")
-            with _Stage(result, "onnx", echo):
+            with _Stage(result, "onnx", echo) as stage:
                 logging.getLogger("pass_zoo.onnx_export").setLevel(logging.ERROR)  # "random inputs only"
                 # the product's 1e-4, scaled like the other comparisons: random deep nets reach
                 # |logits| ~ 1e3, where float32 rounding alone differs by more than 1e-4
@@ -253,6 +259,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
                     scale = max(1.0, float(prompted(x).abs().max()))
                 report = export_onnx(run_dir, tolerance=1e-4 * scale)
                 result.onnx_diff = report["max_abs_diff_random"] / scale
+                stage.detail = f"max |ORT - torch| {result.onnx_diff:.2g} x output scale"
     except (_CheckFailed, Exception):
         pass  # recorded by the stage that raised
     result.seconds = round(time.time() - t0, 1)

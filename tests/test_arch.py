@@ -292,7 +292,9 @@ def test_a_group_torch_pruning_cannot_resolve_is_a_clear_error(monkeypatch):
 
 def test_nothing_prunable_names_every_reason():
     net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    with pytest.raises(AdapterError, match=r"no prunable channel group found \(group '0': layer '1' \(LayerNorm\)"):
+    with pytest.raises(AdapterError, match=r"^no prunable channel group found: all 2 must stay dense \(group '0': layer "
+                                           r"'1' \(LayerNorm\) mixes its channels; group '2': its channels are the "
+                                           r"network's output \(no layer reads them\)\)$"):
         build_layer_sequence(net, torch.randn(1, 4))
 
 
@@ -365,7 +367,9 @@ def test_check_cli_runs_every_stage(capsys, monkeypatch):
     assert result.exact_diff <= 1e-5 and result.onnx_diff <= 1e-4
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "resnet10t (resnet) at 32 px"
-    assert [line.split() for line in lines[1:]] == [[s, "ok"] for s in STAGES]
+    assert [line.split()[:2] for line in lines[1:]] == [[s, "ok"] for s in STAGES]
+    assert lines[1] == "adapter  ok  (10 groups, 0 of them attention heads; 0 left dense)"
+    assert "% of" in lines[3] and "target 50 %" in lines[3]
 
 
 def test_check_reports_the_failing_stage(monkeypatch):
