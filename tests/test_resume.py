@@ -137,6 +137,9 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(stage, reference, tmp_
     step = int(ckpt.name.split("-")[1])
     assert 0 < step < 16
     _assert_safetensors_and_json_only(ckpt, stage)
+    # what a kill in the middle of a write leaves behind; --resume must clean it up
+    (out / ".model.safetensors.x1y2.tmp").write_bytes(b"half a file")
+    (out / "checkpoints" / ".search-000099.x1y2.tmp").mkdir()
 
     resumed = _run(TINY + ["--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
