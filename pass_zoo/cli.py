@@ -86,10 +86,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="random seed; the same seed repeats a one-process CPU run bit for bit (default: %(default)s)")
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"],
                    help="autocast: bf16 (CPU or GPU), fp16 (GPU only) or no (default: %(default)s)")
-    g.add_argument("--num-processes", type=int, default=1,
+    g.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="train on N processes: relaunches itself through 'accelerate launch --multi_gpu' "
                         "(gloo on the CPU); --batch-size is per process (default: %(default)s)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
                    help="save a checkpoint to OUT/checkpoints every N steps of search and fine-tuning; also at the "
                         "end of each stage and on Ctrl-C; 0: only then (default: %(default)s)")
     g.add_argument("--resume", action="store_true",
