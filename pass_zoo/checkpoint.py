@@ -183,8 +183,9 @@ class RunCheckpoints:
     def _open(self) -> None:
         if (self.out / "metrics.json").is_file():
             raise CheckpointError(f"--resume: {self.out} is a finished run (metrics.json exists); nothing to resume")
-        if self.accelerator.is_main_process:
-            remove_temporaries(self.dir)  # left by a process killed while writing
+        if self.accelerator.is_main_process:  # left by a process killed while writing
+            remove_temporaries(self.dir)
+            remove_temporaries(self.out)
         self.accelerator.wait_for_everyone()
         entries = self._entries()
         if not entries:

@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 from typing import List, Optional
@@ -104,10 +103,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="random seed; the same seed repeats a one-process CPU run bit for bit (default: %(default)s)")
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"],
                    help="autocast: bf16 (CPU or GPU), fp16 (GPU only) or no (default: %(default)s)")
-    g.add_argument("--num-processes", type=int, default=1,
+    g.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="train on N processes: relaunches itself through 'accelerate launch --multi_gpu' "
                         "(gloo on the CPU); --batch-size is per process (default: %(default)s)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
                    help="save a checkpoint to OUT/checkpoints every N steps of search and fine-tuning; also at the "
                         "end of each stage and on Ctrl-C; 0: only then (default: %(default)s)")
     g.add_argument("--resume", action="store_true",
@@ -193,86 +192,6 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _without_num_processes(argv: List[str]) -> List[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--num-processes":
-            skip = True
-        elif not a.startswith("--num-processes="):
-            out.append(a)
-    return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_LAUNCHER_LOG = re.compile(rb"[WEI]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/.*")
-
-
-def forward_worker_stderr(fd: int, err) -> Optional[bytes]:
-    """Copy the workers' stderr from ``fd`` to ``err`` until the first ``pass-zoo:`` line; return that line.
-
-    After a worker's error the launcher adds its own logs, traceback and failure report, and the
-    other workers may repeat the error: the user has their one line already, the rest is dropped.
-    Progress-bar redraws (``\\r``) are passed on as they come.
-    """
-    first, pending = None, b""
-    while True:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        *pieces, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
-        for piece in pieces:
-            if first is not None:
-                continue
-            log = _LAUNCHER_LOG.search(piece)  # may follow a progress bar on the same line
-            if log:
-                piece = piece[:log.start()]
-            at = piece.find(b"pass-zoo: ")
-            if at < 0:
-                err.write(piece)
-                continue
-            first = piece[at:]
-            err.write(piece[:at] + (b"\n" if at else b"") + first)  # end a bar another process left open
-        err.flush()
-    if first is None and pending:
-        err.write(pending)
-        err.flush()
-    return first
-
-
-def relaunch(argv: List[str], num_processes: int, mixed_precision: str) -> int:
-    """``pass-zoo ARGV`` on ``num_processes`` processes through ``accelerate launch``; returns the exit code
-    of the workers (2 after an error line, 130 after Ctrl-C) or of the launcher."""
-    import signal
-    import subprocess
-
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "pass_zoo.cli", *argv]
-    # Own session: a terminal Ctrl-C reaches only this process, which forwards it once to the
-    # launcher, which forwards it once to every worker (they then checkpoint and stop).
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    previous = signal.signal(signal.SIGINT, lambda *_: proc.send_signal(signal.SIGINT))
-    try:
-        first = forward_worker_stderr(proc.stderr.fileno(), sys.stderr.buffer)
-        rc = proc.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if first is not None:
-        return 130 if first.startswith(b"pass-zoo: interrupted") else 2
-    return rc
-
-
 def _remove_empty_tree(path) -> None:
     """Remove ``path`` if it holds nothing but empty folders (a run that failed before writing anything)."""
     from pathlib import Path
@@ -310,7 +229,9 @@ def cmd_prune(args) -> int:
     if args.num_processes > 1:
         if distributed:
             raise PassZooError("--num-processes starts its own processes; do not combine it with accelerate launch")
-        rc = relaunch(_without_num_processes(args._argv), args.num_processes, args.mixed_precision)
+        from .launch import relaunch, without_num_processes
+
+        rc = relaunch(without_num_processes(args._argv), args.num_processes, args.mixed_precision)
         if rc != 0 and not existed:
             _remove_empty_tree(out)
         return rc

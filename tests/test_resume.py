@@ -138,6 +138,9 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(stage, reference, tmp_
     step = int(ckpt.name.split("-")[1])
     assert 0 < step < 16
     _assert_safetensors_and_json_only(ckpt, stage)
+    # what a kill in the middle of a write leaves behind; --resume must clean it up
+    (out / ".model.safetensors.x1y2.tmp").write_bytes(b"half a file")
+    (out / "checkpoints" / ".search-000099.x1y2.tmp").mkdir()
 
     resumed = _run(TINY + ["--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -202,3 +205,49 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert m1["search_loss_last"] == pytest.approx(m2["search_loss_last"], abs=1e-5)
     assert abs(m1["top1"] - m2["top1"]) <= 0.1
     assert m1["val_images"] == m2["val_images"] == 32
+
+
+def test_resume_takes_the_label_mapping_from_the_checkpoint(tmp_path, monkeypatch):
+    """In process: a stop request at search step 3 (--checkpoint-every 0: only that checkpoint), then
+    --resume must reuse the FLM mapping and zero-shot top-1 instead of recomputing them."""
+    import contextlib
+    import io
+
+    import pass_zoo.pipeline
+    from pass_zoo.cli import main
+    from pass_zoo.training import StopRequest
+
+    args = ["prune", "--model", "resnet10t", "--pretrained", "none", "--head", "flm", "--dataset", "fashion-mnist",
+            "--img-size", "32", "--train-subset", "32", "--val-subset", "16", "--flm-samples", "32",
+            "--search-steps", "6", "--finetune-steps", "2", "--batch-size", "8", "--no-onnx", "--seed", "3",
+            "--checkpoint-every", "0"]
+
+    def run(*extra):
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            return main(args + list(extra)), err.getvalue()
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert run("--out", str(ref))[0] == 0
+    calls = {"n": 0}
+
+    def requested(self):
+        calls["n"] += 1
+        return calls["n"] == 3  # as if Ctrl-C came during step 3
+
+    with monkeypatch.context() as m:
+        m.setattr(StopRequest, "requested", requested)
+        rc, stderr = run("--out", str(out))
+    assert rc == 130 and "interrupted at search step 3 of 6" in stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["search-000003"]
+    carry = json.loads((out / "checkpoints" / "search-000003" / "state.json").read_text())["carry"]
+    assert len(carry["label_mapping"]) == 10 and "top1_dense_zero_shot" in carry
+
+    def no_second_time(*a, **kw):
+        raise AssertionError("the label mapping was recomputed")
+
+    monkeypatch.setattr(pass_zoo.pipeline, "prediction_counts", no_second_time)
+    rc, stderr = run("--out", str(out), "--resume")
+    assert rc == 0, stderr[-2000:]
+    _assert_same_result(out, ref)
+    assert _metrics(out)["label_mapping"] == carry["label_mapping"]

@@ -423,7 +423,7 @@ def test_tampered_run_weights(tmp_path):
 
 def test_num_processes_shows_one_line_of_the_workers_stderr():
     """What two workers and the launcher print after Ctrl-C (recorded), as ``--num-processes`` shows it."""
-    from pass_zoo.cli import forward_worker_stderr
+    from pass_zoo.launch import forward_worker_stderr
 
     line = b"pass-zoo: interrupted at search step 3 of 16; checkpoint saved in /r/checkpoints/search-000003 (...)\n"
     recorded = (
