@@ -117,13 +117,6 @@ class MaskedSearchModel(nn.Module):
             return self.backbone(self.prompt(x))
 
 
-class _NoOptimizer:
-    def zero_grad(self, set_to_none: bool = True):
-        pass
-
-    def step(self):
-        pass
-
 
 def build_hypernet(seq: LayerSequence, cfg: SearchConfig) -> PassHyperNetwork:
     return PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core,
@@ -174,17 +167,13 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     if head_params:
         groups.append({"params": head_params, "lr": cfg.lr_head})
     # A frozen hypernetwork and no new head leave nothing for AdamW: the prompt alone is trained.
-    opt_hyper = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay) if groups else _NoOptimizer()
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(cfg.steps)) for o in (opt_prompt, opt_hyper)
-              if isinstance(o, torch.optim.Optimizer)]
-
-    optimizers, schedulers = {"prompt": opt_prompt}, {"prompt": scheds[0]}
-    if isinstance(opt_hyper, torch.optim.Optimizer):
-        wrapped, opt_prompt, opt_hyper, loader = accelerator.prepare(model, opt_prompt, opt_hyper, loader)
-        optimizers, schedulers = {"prompt": opt_prompt, "hypernet": opt_hyper}, {"prompt": scheds[0], "hypernet": scheds[1]}
-    else:
-        wrapped, opt_prompt, loader = accelerator.prepare(model, opt_prompt, loader)
-        optimizers["prompt"] = opt_prompt
+    opt_hyper = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay) if groups else None
+    optimizers = {"prompt": opt_prompt, "hypernet": opt_hyper} if opt_hyper else {"prompt": opt_prompt}
+    names = list(optimizers)
+    wrapped, *prepared, loader = accelerator.prepare(model, *optimizers.values(), loader)
+    optimizers = dict(zip(names, prepared))
+    # Schedulers stay unprepared: accelerate would step them once per process.
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(cfg.steps)) for k, o in optimizers.items()}
     modules = {"prompt": prompt, "hypernet": hypernet}
     if train_head:
         modules["head"] = backbone.get_classifier()
