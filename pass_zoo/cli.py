@@ -89,6 +89,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-bn", default=s.bn_mode, choices=["batch", "frozen"],
                    help="BatchNorm of the frozen backbone during search: batch statistics (default; depend on the "
                         "per-process batch) or the frozen running statistics")
+    g.add_argument("--budget-warmup", type=float, default=s.budget_warmup, metavar="FRACTION",
+                   help="tighten the MACs budget from dense to the target over this fraction of the search steps "
+                        "(0: the target from the first step; default: %(default)s)")
     g.add_argument("--no-prompt-input", action="store_true", help="ablation: the hypernetwork does not see the prompt")
     g.add_argument("--no-weight-input", action="store_true", help="ablation: the hypernetwork does not see weights")
 
@@ -130,6 +133,7 @@ PRUNE_FLAGS = {
     "finetune_lr_prompt": "finetune.lr_prompt", "seed": "seed", "mixed_precision": "mixed_precision",
     "no_onnx": "!onnx", "model_kwargs": "model_kwargs", "resume": "resume",
     "checkpoint_every": "checkpoint_every", "search_bn": "search.bn_mode",
+    "budget_warmup": "search.budget_warmup",
 }
 
 
@@ -367,6 +371,31 @@ def cmd_latency(args) -> int:
     return 0
 
 
+def cmd_costs(args) -> int:
+    from pathlib import Path
+
+    from .costs import latency_points, measure_costs, plot_costs
+
+    report = measure_costs(args.model, args.pretrained, args.img_size, args.batch, args.target_macs, args.steps,
+                           args.warmup, args.threads, args.seed)
+    if args.latency:
+        report["latency"] = latency_points(args.latency, threads=args.latency_threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(str(out / "costs.json"), report)
+    plot_costs(report, out / "costs.png")
+    r = report["results"]
+    for kind in r:
+        print(f"{kind:>12}: {r[kind]['step_ms_median']:8.1f} ms/step  peak +{r[kind]['peak_over_setup_mib'] or 0:.0f} MiB")
+    print(f"search step with / without hypernetwork: {report['search_step_with_over_without_hypernet']:.3f}x")
+    if "search_over_finetune_peak_memory" in report:
+        print(f"peak memory search / fine-tune: {report['search_over_finetune_peak_memory']:.2f}x")
+    for p in report.get("latency", []):
+        print(f"{p['run']}: {100 * p['macs_ratio']:.1f} % MACs, batch {p['batch']}: {p['speedup']:.2f}x")
+    print(f"wrote {out / 'costs.json'} and {out / 'costs.png'}")
+    return 0
+
+
 def cmd_transfer(args) -> int:
     from .pipeline import prune
     from .transfer import transfer_config
@@ -386,7 +415,7 @@ def cmd_transfer(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import results_table, run_bench
 
-    doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run,
+    doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads,
                     log=lambda msg: print(msg, file=sys.stderr))
     if doc["runs"]:
         print(results_table(doc))
@@ -462,6 +491,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_latency)
 
+    p = sub.add_parser("costs", help="measure search overhead, peak memory and speedup vs MACs",
+                       description="Step time of a PASS search step with the hypernetwork vs the same step with "
+                       "fixed masks, peak memory of search vs fine-tuning at the same batch (each in a fresh "
+                       "process), and optionally ORT speedup vs MACs ratio of finished run folders.")
+    p.add_argument("--model", default="tf_efficientnet_lite0")
+    p.add_argument("--pretrained", default="bundled")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per kind (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency", nargs="+", default=[], metavar="RUN_DIR",
+                   help="also measure ORT speedup of these run folders (batch 1 and 32)")
+    p.add_argument("--latency-threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
+    p.add_argument("--out", required=True, help="folder for costs.json and costs.png")
+    p.set_defaults(func=cmd_costs)
+
     p = sub.add_parser("transfer", help="reuse a PASS run's masks or hypernetwork on another task",
                        description="(a) --mode masks: the source run's masks, fine-tuned on the new dataset; "
                        "(b) --mode hypernet: the source run's hypernetwork, frozen, applied to a prompt learned "
@@ -486,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder (results.json, plots, cells/)")
     p.add_argument("--only", nargs="+", default=[], metavar="ID", help="run only cells whose id starts with ID")
     p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N cells at once, each in its own process (default: 1)")
+    p.add_argument("--threads", type=int, default=0, metavar="T",
+                   help="torch threads per cell with --jobs (default: CPU cores / N)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("card", help="write a run's model card (README.md) and kept_channels.png",

@@ -83,6 +83,8 @@ class PruneConfig:
             raise PassZooError(f"--round-to must be >= 1, got {self.search.round_to}")
         if self.search.bn_mode not in ("batch", "frozen"):
             raise PassZooError(f"--search-bn must be batch or frozen, got '{self.search.bn_mode}'")
+        if not 0.0 <= self.search.budget_warmup <= 1.0:
+            raise PassZooError(f"--budget-warmup must be in [0, 1], got {self.search.budget_warmup}")
         if self.checkpoint_every < 0:
             raise PassZooError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.resume and self.overwrite:

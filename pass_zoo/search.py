@@ -38,6 +38,10 @@ class SearchConfig:
     selection: str = "global"  # global (paper) | uniform
     bn_mode: str = "batch"  # batch: BN normalises with batch statistics (running stats kept) | frozen
     round_to: int = 8
+    # Fraction of the steps over which the budget tightens from the dense network to the target
+    # (geometrically). A frozen network cut straight to a harsh budget predicts at chance, so its loss
+    # says little about which channels matter; tightening step by step keeps the loss informative.
+    budget_warmup: float = 0.5
 
 
 def _batch_norms(model: nn.Module):
@@ -77,6 +81,7 @@ class MaskedSearchModel(nn.Module):
         self.backbone, self.prompt, self.hypernet = backbone, prompt, hypernet
         object.__setattr__(self, "seq", seq)  # plain reference, not a submodule
         self.target_macs, self.round_to, self.selection = target_macs, cfg.round_to, cfg.selection
+        self.budget = target_macs  # the budget of the current step (see SearchConfig.budget_warmup)
         self.bn_mode = cfg.bn_mode
         self.last_masks: Optional[List[torch.Tensor]] = None
 
@@ -93,7 +98,7 @@ class MaskedSearchModel(nn.Module):
     def propose(self):
         """(straight-through unit masks, hard unit masks) for the current prompt and hypernetwork."""
         scores = self.hypernet(self.prompt.image(), self.seq.weight_stats)
-        hard = select_units(scores, self.seq, self.target_macs, self.round_to, self.selection)
+        hard = select_units(scores, self.seq, self.budget, self.round_to, self.selection)
         flat = torch.cat(scores)
         # One shared scale over all groups keeps scores comparable across groups for the STE.
         mu, sd = flat.mean(), flat.std() + 1e-8
@@ -159,6 +164,7 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     for p in hypernet.parameters():
         p.requires_grad_(not frozen_hypernet)
     model = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg)
+    model.budget = budget_at(0, cfg, target_macs)
     with torch.no_grad():  # a first selection sets the walk's provisional threshold
         model.propose()
 
@@ -183,12 +189,14 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         bar = progress(accelerator, cfg.steps, "search", initial=loop.step)
         try:
             with _KeepRunningStats(backbone):
-                _search_loop(wrapped, loop, accelerator, bar, ckpt)
+                _search_loop(wrapped, loop, accelerator, bar, ckpt,
+                             lambda step: setattr(model, "budget", budget_at(step, cfg, target_macs)))
         finally:
             bar.close()
 
     model = accelerator.unwrap_model(wrapped)
     model.eval()
+    model.budget = target_macs
     with torch.no_grad():
         _, hard = model.propose()
     for p in head_params:
@@ -208,8 +216,17 @@ def global_loss(loss: torch.Tensor, accelerator) -> float:
     return float(value)
 
 
-def _search_loop(wrapped, loop, accelerator, bar, ckpt) -> None:
+def budget_at(step: int, cfg: SearchConfig, target_macs: float) -> float:
+    """The MACs budget of search step ``step``: dense -> target geometrically over the warm-up, then target."""
+    warm = cfg.budget_warmup * cfg.steps
+    if step >= warm:
+        return target_macs
+    return target_macs ** (step / warm)
+
+
+def _search_loop(wrapped, loop, accelerator, bar, ckpt, set_budget) -> None:
     for step in range(loop.step, loop.total):
+        set_budget(step)
         x, y = next(loop.batches)
         logits = wrapped(x)
         loss = F.cross_entropy(logits, y)

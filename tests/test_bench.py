@@ -83,3 +83,17 @@ def test_grid_runs_writes_results_and_plots_then_resumes(spec_file, tmp_path, mo
     doc2 = bench_mod.run_bench(spec_file, out, only=["random-t0.3"], log=lambda m: None)
     assert [c.endswith("random-t0.3-s0") for c in calls] == [True]
     assert len(doc2["runs"]) == 5
+
+
+def test_parallel_jobs_collect_every_cell_with_the_serial_masks(spec_file, tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    only = ["random-t0.5", "random-t0.3"]
+    bench_mod.run_bench(spec_file, serial, only=only, log=lambda m: None)
+    doc = bench_mod.run_bench(spec_file, parallel, only=only, jobs=2, threads=1, log=lambda m: None)
+    assert sorted(r["id"] for r in doc["runs"]) == ["random-t0.3-s0", "random-t0.5-s0"]
+    on_disk = json.loads((parallel / "results.json").read_text())
+    assert sorted(r["id"] for r in on_disk["runs"]) == ["random-t0.3-s0", "random-t0.5-s0"]
+    for cell in ("random-t0.3-s0", "random-t0.5-s0"):  # the same seeded masks from a worker process
+        a = json.loads((serial / "cells" / cell / "masks.json").read_text())["groups"]
+        b = json.loads((parallel / "cells" / cell / "masks.json").read_text())["groups"]
+        assert [g["kept"] for g in a] == [g["kept"] for g in b]

@@ -172,6 +172,26 @@ def test_weight_stats_by_hand():
     assert torch.allclose(seq.weight_stats(1, [mask0]), expected, atol=1e-6)
 
 
+def test_dead_bn_channel_scores_lowest_not_highest():
+    # A channel with zero running variance outputs a constant: nothing is lost by pruning it. Its
+    # |gamma| / sigma is huge, so a plain BN-folded statistic would rank it first.
+    model = make_model("resnet10t")
+    seq = build_layer_sequence(model, torch.zeros(1, 3, 32, 32))
+    g0 = seq.groups[0]
+    bn = model.get_submodule(g0.norms[0].module_name)
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+        bn.running_var.fill_(1.0)
+        bn.weight[3] = 5.0
+        bn.running_var[3] = 0.0
+    stats = seq.weight_stats(0, [])
+    w0 = model.get_submodule(g0.producers[0].module_name).weight.abs().mean(dim=(1, 2, 3))
+    assert stats[3] == 0.0
+    live = torch.ones(g0.units, dtype=torch.bool)
+    live[3] = False
+    assert torch.allclose(stats[live], w0[live] / (1 + bn.eps), rtol=1e-6)
+
+
 def test_search_trains_prompt_and_hypernet_only():
     from pass_zoo.training import make_accelerator
 
