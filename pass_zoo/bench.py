@@ -130,6 +130,8 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
             cfg.out, cfg.overwrite = str(out / "cells" / cell["id"]), True
             todo.append((i, cell, f"pass-zoo bench {spec_path} --out {out} --only {cell['id']}"))
 
+    # Seed by seed: a grid stopped part-way has every method at the same number of seeds.
+    todo.sort(key=lambda t: t[1]["seed"])
     if todo and jobs <= 1:
         for i, cell, command in todo:
             log(f"[{i + 1}/{len(cells)}] {cell['id']}")
