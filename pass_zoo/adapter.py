@@ -547,10 +547,11 @@ class LayerSequence:
             if bn.weight is None or bn.running_var is None:
                 continue
             var = bn.running_var.detach().clamp_min(0)
-            # |gamma| / sigma folds BN into the weight; the extra sqrt(var / (var + eps)) is ~1 for a
-            # live channel and ~0 for a dead one (zero variance: it outputs a constant, which the next
-            # BN absorbs). Without it a dead channel's tiny sigma makes it look the most important.
-            gain = (bn.weight.detach().abs() * torch.sqrt(var) / (var + bn.eps))[slot.positions]
+            # The scale of what the channel passes on: |gamma| * sqrt(var / (var + eps)), ~|gamma| for
+            # a live channel and ~0 for a dead one (zero variance: a constant, which the next BN
+            # absorbs). Folding |gamma| / sigma into the weight instead would rank channels with the
+            # least signal (smallest sigma) first.
+            gain = (bn.weight.detach().abs() * torch.sqrt(var / (var + bn.eps)))[slot.positions]
             per_unit = torch.zeros(g.units, dtype=gain.dtype).index_add_(0, slot.units, gain)
             gains.append(per_unit / (len(slot.positions) // g.units))
         return torch.stack(gains).mean(0) if gains else torch.ones(g.units)

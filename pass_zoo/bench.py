@@ -23,6 +23,7 @@ Spec::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -94,7 +95,8 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
     ``jobs`` > 1 runs that many cells at once, each in its own process with ``threads`` torch threads
     (default: the CPU's cores shared out). On a small CPU two one-thread runs finish more cells per
     hour than one two-thread run, whose small convolutions barely use the second core. This process
-    stays the only writer of results.json.
+    stays the only writer of results.json; separate bench processes on the same OUT (say, with
+    disjoint ``--only``) merge their records under a file lock.
     """
     spec = load_spec(spec_path)
     out = Path(out)
@@ -112,9 +114,14 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
         record.update({k: metrics.get(k) for k in _RECORD_KEYS})
         record["target_macs"] = cell["target_macs"]
         record["wall_seconds"] = metrics.get("wall_seconds", metrics.get("total_seconds"))
-        doc["runs"].append(record)
-        done.add(cell["id"])
-        atomic_write_json(results_path, doc)
+        with _locked(out):  # another bench process may be filling other cells of the same grid
+            if results_path.is_file():
+                on_disk = json.loads(results_path.read_text())["runs"]
+                ids = {r["id"] for r in doc["runs"]}
+                doc["runs"].extend(r for r in on_disk if r["id"] not in ids)
+            doc["runs"] = [r for r in doc["runs"] if r["id"] != cell["id"]] + [record]
+            done.add(cell["id"])
+            atomic_write_json(results_path, doc)
 
     todo = []
     for i, cell in enumerate(cells):
@@ -148,12 +155,31 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
                 cell = futures[future]
                 collect(cell, future.result())  # a failed cell raises here, after the others are saved
                 log(f"finished {cell['id']}: top-1 {100 * doc['runs'][-1]['top1']:.2f} %")
+    if not dry_run and results_path.is_file():  # pick up cells other processes finished meanwhile
+        with _locked(out):
+            ids = {r["id"] for r in doc["runs"]}
+            doc["runs"].extend(r for r in json.loads(results_path.read_text())["runs"] if r["id"] not in ids)
     doc["summary"] = summarise(doc["runs"])
     if not dry_run:
-        atomic_write_json(results_path, doc)
+        with _locked(out):
+            atomic_write_json(results_path, doc)
         if doc["runs"]:
             plot_results(doc, out)
     return doc
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive lock on OUT/.results.lock: concurrent bench processes merge, never overwrite."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".results.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _init_worker(threads: int) -> None:

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -95,25 +96,58 @@ class PruneConfig:
         return f"runs/{self.model}-{data}-pass{round(self.target_macs * 100)}"
 
 
-def apply_overrides(cfg: PruneConfig, overrides: dict, where: str) -> PruneConfig:
-    """A copy of ``cfg`` with ``overrides`` (nested search/finetune sections) applied; unknown keys refused.
+def apply_overrides(cfg: PruneConfig, overrides: dict, where: str, noun: str = "key",
+                    error=PassZooError) -> PruneConfig:
+    """A copy of ``cfg`` with ``overrides`` (nested search/finetune sections) applied.
 
-    Recipes, benchmark specs and a run's saved ``config`` all use this one mapping format.
+    Recipes, benchmark specs and a run's saved ``config`` all use this one mapping format. Unknown
+    keys and values of the wrong type are refused with the key's name: a typo must not silently
+    fall back to a default and describe a different run than the file says.
     """
     cfg = copy.deepcopy(cfg)
+    if not isinstance(overrides, dict):
+        raise error(f"{where} must be a mapping of settings, got {type(overrides).__name__}")
     for key, value in overrides.items():
-        if key in ("search", "finetune"):
+        if key in _SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise error(f"{where}: '{key}' must be a mapping of {_SECTIONS[key].__name__} fields")
             sub = getattr(cfg, key)
-            known = {f.name for f in dataclasses.fields(sub)}
-            bad = sorted(set(value) - known)
-            if bad:
-                raise PassZooError(f"{where}: unknown {key} keys {bad}")
-            setattr(cfg, key, dataclasses.replace(sub, **value))
-        elif key in {f.name for f in dataclasses.fields(PruneConfig)}:
-            setattr(cfg, key, value)
+            setattr(cfg, key, dataclasses.replace(sub, **_typed(sub, value, where, noun, error, key + ".")))
         else:
-            raise PassZooError(f"{where}: unknown key '{key}'")
+            for name, v in _typed(cfg, {key: value}, where, noun, error, "").items():
+                setattr(cfg, name, v)
     return cfg
+
+
+_SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}
+
+
+def _typed(obj, values: dict, where: str, noun: str, error, prefix: str) -> dict:
+    """``values`` checked against ``obj``'s dataclass fields (ints accepted for floats)."""
+    hints = typing.get_type_hints(type(obj))
+    known = [f.name for f in dataclasses.fields(obj) if f.name not in _SECTIONS]
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            allowed = known if prefix else [*known, *_SECTIONS]
+            raise error(f"{where}: unknown {noun} '{prefix}{key}' (known: {', '.join(allowed)})")
+        hint = hints[key]
+        if value is None and type(None) in typing.get_args(hint):
+            out[key] = None
+            continue
+        want = next((a for a in typing.get_args(hint) if a is not type(None)), hint) \
+            if typing.get_origin(hint) is typing.Union else hint
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str),
+              dict: lambda v: isinstance(v, dict)}.get(want, lambda v: True)
+        if not ok(value):
+            raise error(f"{where}: '{prefix}{key}' must be {getattr(want, '__name__', want)}, got {value!r}")
+        out[key] = float(value) if want is float else value
+    return out
 
 
 def _resolve_pretrained(cfg: PruneConfig) -> str:

@@ -22,21 +22,16 @@ default and produce a different model than the file describes.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
-import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import PassZooError
-from .finetune import FinetuneConfig
-from .pipeline import PruneConfig
-from .search import SearchConfig
+from .pipeline import PruneConfig, apply_overrides
 
 DEFAULT_NAME = "{arch}-pass{percent}"
 EXTRA_KEYS = ("name", "hub_id")
 _COMMAND_KEYS = ("out", "overwrite")  # decided by the command that runs the recipe
-_SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a Hub repo name and a folder name
 
 
@@ -44,57 +39,13 @@ class RecipeError(PassZooError):
     """A recipe file is missing, malformed, or names an unknown setting."""
 
 
-def _plain(hint):
-    """``Optional[X]`` -> ``X``."""
-    if typing.get_origin(hint) is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def _check_type(where: str, value: Any, hint) -> None:
-    """Accept what the dataclass field declares (ints for floats; None only where Optional)."""
-    if value is None and type(None) in typing.get_args(hint):
-        return
-    want = _plain(hint)
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}.get(want, lambda v: True)
-    if not ok(value):
-        raise RecipeError(f"{where} must be {getattr(want, '__name__', want)}, got {value!r}")
-
-
-def _build(cls, values: Dict[str, Any], section: str, source: Path):
-    """``cls(**values)`` with one clear line for an unknown key or a wrongly typed value."""
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.name not in _SECTIONS and f.name not in _COMMAND_KEYS]
-    kwargs = {}
-    for key, value in values.items():
-        where = f"{section}.{key}" if section else key
-        if key not in known:
-            allowed = known if section else [*EXTRA_KEYS, *known, *_SECTIONS]
-            raise RecipeError(f"{source}: unknown recipe key '{where}' (known: {', '.join(allowed)})")
-        _check_type(f"{source}: '{where}'", value, hints[key])
-        kwargs[key] = float(value) if value is not None and _plain(hints[key]) is float else value
-    return cls(**kwargs)
-
-
 def recipe_config(values: Dict[str, Any], source="recipe") -> PruneConfig:
     """A ``PruneConfig`` from a recipe mapping (without ``name``/``hub_id``)."""
-    source = Path(str(source))
-    top = {k: v for k, v in values.items() if k not in _SECTIONS}
-    bad = [k for k in top if k in _COMMAND_KEYS]
+    bad = [k for k in values if k in _COMMAND_KEYS]
     if bad:
         raise RecipeError(f"{source}: '{bad[0]}' is not a recipe setting; it is chosen by the command "
                           f"that runs the recipe (--{bad[0]})")
-    cfg = _build(PruneConfig, top, "", source)
-    for section, cls in _SECTIONS.items():
-        sub = values.get(section, {})
-        if sub is None:
-            sub = {}
-        if not isinstance(sub, dict):
-            raise RecipeError(f"{source}: '{section}' must be a mapping of {cls.__name__} fields")
-        setattr(cfg, section, _build(cls, sub, section, source))
+    cfg = apply_overrides(PruneConfig(), values, str(source), noun="recipe key", error=RecipeError)
     try:
         cfg.validate()
     except PassZooError as exc:

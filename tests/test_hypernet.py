@@ -189,7 +189,7 @@ def test_dead_bn_channel_scores_lowest_not_highest():
     assert stats[3] == 0.0
     live = torch.ones(g0.units, dtype=torch.bool)
     live[3] = False
-    assert torch.allclose(stats[live], w0[live] / (1 + bn.eps), rtol=1e-6)
+    assert torch.allclose(stats[live], w0[live] / (1 + bn.eps) ** 0.5, rtol=1e-6)
 
 
 def test_search_trains_prompt_and_hypernet_only():
