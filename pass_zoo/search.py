@@ -3,7 +3,9 @@
 Every optimisation step: the hypernetwork walks the groups and scores every unit; the global
 budgeted selection turns the scores into hard masks (exact MACs <= budget); the masks gate the
 frozen network through straight-through estimators; cross-entropy of the prompted, masked
-network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine).
+network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine). Over the first
+``budget_warmup`` of the steps the budget tightens from the dense network to the target; the final
+masks are always selected at the target.
 """
 from __future__ import annotations
 

@@ -234,3 +234,15 @@ def test_search_with_new_head_trains_only_the_head():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"{head_name}.weight", f"{head_name}.bias"}
     assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_budget_warmup_tightens_from_dense_to_the_target():
+    from pass_zoo.search import budget_at
+
+    cfg = SearchConfig(steps=10, budget_warmup=0.5)
+    budgets = [budget_at(step, cfg, 0.1) for step in range(10)]
+    assert budgets[0] == 1.0
+    assert all(a > b for a, b in zip(budgets[:5], budgets[1:6]))  # strictly tighter every warm-up step
+    assert budgets[5:] == [0.1] * 5
+    assert abs(budgets[1] - 0.1 ** 0.2) < 1e-12  # geometric
+    assert [budget_at(s, SearchConfig(steps=10, budget_warmup=0.0), 0.1) for s in range(3)] == [0.1] * 3
