@@ -294,3 +294,21 @@ def results_table(doc: dict) -> str:
                 cells.append(f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}{extra}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def gap_table(doc: dict, label: str = "pass") -> str:
+    """Markdown: ``label`` against the best other method at each MACs level (means over seeds)."""
+    rows = doc.get("summary") or summarise(doc["runs"])
+    targets = sorted({r["target_macs"] for r in rows if r["label"] == label}, reverse=True)
+    lines = [f"| MACs | {label} | best other method | gap (points) | seed std ({label} / other) |",
+             "|---|---|---|---|---|"]
+    for t in targets:
+        mine = next(r for r in rows if r["label"] == label and r["target_macs"] == t)
+        others = [r for r in rows if r["target_macs"] == t and r["label"] not in (label, "dense")]
+        if not others:
+            continue
+        best = max(others, key=lambda r: r["top1_mean"])
+        lines.append(f"| {100 * t:g} % | {100 * mine['top1_mean']:.2f} | {best['label']} {100 * best['top1_mean']:.2f} "
+                     f"| {100 * (mine['top1_mean'] - best['top1_mean']):+.2f} "
+                     f"| {100 * mine['top1_std']:.2f} / {100 * best['top1_std']:.2f} |")
+    return "\n".join(lines)

@@ -413,12 +413,16 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import results_table, run_bench
+    from .bench import gap_table, results_table, run_bench
 
     doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads,
                     log=lambda msg: print(msg, file=sys.stderr))
     if doc["runs"]:
         print(results_table(doc))
+        labels = {r["label"] for r in doc["runs"]}
+        if "pass" in labels and len(labels - {"pass", "dense"}) > 0:
+            print()
+            print(gap_table(doc))
     return 0
 
 def cmd_check(args) -> int:

@@ -230,6 +230,9 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     # layer sequence + mask search (PASS, or a baseline criterion under the same budget)
     example = torch.zeros(1, 3, spec.img_size, spec.img_size)
     seq = build_layer_sequence(backbone, example)
+    # An unreachable budget fails now, not after a stage-1 run (selection raises the BudgetError).
+    select_units([torch.zeros(g.units) for g in seq.groups], seq, cfg.target_macs, cfg.search.round_to,
+                 cfg.search.selection)
     t_search = time.time()
     masks = ckpts.load_searched(backbone, prompt, seq)  # resumed after the search: its result
     hypernet = getattr(ckpts, "searched_hypernet", None) if masks is not None else None

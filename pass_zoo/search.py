@@ -166,9 +166,10 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     for p in hypernet.parameters():
         p.requires_grad_(not frozen_hypernet)
     model = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg)
-    model.budget = budget_at(0, cfg, target_macs)
-    with torch.no_grad():  # a first selection sets the walk's provisional threshold
+    with torch.no_grad():  # at the target first: an unreachable budget fails before any step
         model.propose()
+        model.budget = budget_at(0, cfg, target_macs)
+        model.propose()  # a first selection sets the walk's provisional threshold
 
     opt_prompt = torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9)
     groups = [] if frozen_hypernet else [{"params": list(hypernet.parameters()), "lr": cfg.lr_hypernet}]

@@ -67,6 +67,10 @@ def test_grid_runs_writes_results_and_plots_then_resumes(spec_file, tmp_path, mo
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "| pass |" in table and "50 % MACs" in table
+    # PASS against the best other method per level, with the signed gap
+    rows = {r["label"]: r for r in doc["summary"] if r["target_macs"] == 0.5}
+    gap = 100 * (rows["pass"]["top1_mean"] - rows["random"]["top1_mean"])
+    assert f"| 50 % | {100 * rows['pass']['top1_mean']:.2f} | random" in table and f"| {gap:+.2f} |" in table
 
     # Resume: finished cells are never rerun; a cell finished but not collected is picked up.
     calls = []
