@@ -140,6 +140,8 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
     # Seed by seed: a grid stopped part-way has every method at the same number of seeds.
     todo.sort(key=lambda t: t[1]["seed"])
     if todo and jobs <= 1:
+        if threads:
+            _init_worker(threads)
         for i, cell, command in todo:
             log(f"[{i + 1}/{len(cells)}] {cell['id']}")
             collect(cell, _run_cell(cell["config"], command))

@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N cells at once, each in its own process (default: 1)")
     p.add_argument("--threads", type=int, default=0, metavar="T",
-                   help="torch threads per cell with --jobs (default: CPU cores / N)")
+                   help="torch threads per cell (default: CPU cores / N); set it when other jobs share the CPU")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("card", help="write a run's model card (README.md) and kept_channels.png",
