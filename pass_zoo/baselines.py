@@ -19,7 +19,7 @@ The regularised methods train the backbone weights for the same number of steps 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 import torch.nn as nn

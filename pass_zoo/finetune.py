@@ -1,7 +1,6 @@
 """Stage 2 -- fine-tune the slim network jointly with its prompt (masks are now the architecture)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -9,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .prompt import PromptedModel
-from .training import Batches, cosine_lambda, progress
+from .training import Batches, cosine_lambda, progress, take_step
 
 
 @dataclass
@@ -29,7 +28,6 @@ def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator, che
     the end, and continues from its newest fine-tune checkpoint when the run is resumed.
     """
     from .checkpoint import LoopState, StageCheckpoints
-    from .search import global_loss
 
     if cfg.steps <= 0:
         return []
@@ -46,22 +44,10 @@ def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator, che
     with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
         bar = progress(accelerator, cfg.steps, "finetune", initial=loop.step)
         try:
-            for step in range(loop.step, cfg.steps):
+            for _ in range(loop.step, cfg.steps):
                 x, y = next(loop.batches)
-                loss = F.cross_entropy(wrapped(x), y)
-                value = global_loss(loss, accelerator)
-                if not math.isfinite(value):
-                    raise ckpt.diverged(f"fine-tune loss became {value} at step {step}",
-                                        "lower --finetune-lr/--finetune-lr-prompt and start again")
-                opt.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                opt.step()
-                sched.step()
-                loop.losses.append(value)
-                loop.step = step + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}")
-                ckpt.after_step()
+                take_step(loop, F.cross_entropy(wrapped(x), y), accelerator, bar, ckpt, "fine-tune",
+                          "lower --finetune-lr/--finetune-lr-prompt and start again")
         finally:
             bar.close()
     accelerator.unwrap_model(wrapped).eval()

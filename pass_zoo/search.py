@@ -9,7 +9,6 @@ masks are always selected at the target.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -18,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import LayerSequence
+from .errors import PassZooError
 from .hypernet import PassHyperNetwork
 from .masks import Masks, select_units, to_channel_masks
-from .training import Batches, check_same_across_processes, cosine_lambda, progress
+from .training import Batches, check_same_across_processes, cosine_lambda, progress, take_step
 
 
 @dataclass
@@ -211,14 +211,6 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, loop.losses)
 
 
-def global_loss(loss: torch.Tensor, accelerator) -> float:
-    """The loss averaged over processes: the loss of the global batch, and finite on all or none."""
-    value = loss.detach()
-    if accelerator.num_processes > 1:
-        value = accelerator.reduce(value.clone().float(), "mean")
-    return float(value)
-
-
 def budget_at(step: int, cfg: SearchConfig, target_macs: float) -> float:
     """The MACs budget of search step ``step``: dense -> target geometrically over the warm-up, then target."""
     warm = cfg.budget_warmup * cfg.steps
@@ -231,21 +223,6 @@ def _search_loop(wrapped, loop, accelerator, bar, ckpt, set_budget) -> None:
     for step in range(loop.step, loop.total):
         set_budget(step)
         x, y = next(loop.batches)
-        logits = wrapped(x)
-        loss = F.cross_entropy(logits, y)
-        value = global_loss(loss, accelerator)
-        if not math.isfinite(value):
-            raise ckpt.diverged(f"search loss became {value} at step {step}",
-                                "lower --search-lr-prompt/--search-lr-hypernet and start again")
-        for opt in loop.optimizers.values():  # no "hypernet" entry when a transferred one stays frozen
-            opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        for opt in loop.optimizers.values():
-            opt.step()
-        for s in loop.schedulers.values():
-            s.step()
-        loop.losses.append(value)
-        loop.step = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.3f}")
-        ckpt.after_step()
+        # no "hypernet" optimiser when a transferred hypernetwork stays frozen
+        take_step(loop, F.cross_entropy(wrapped(x), y), accelerator, bar, ckpt, "search",
+                  "lower --search-lr-prompt/--search-lr-hypernet and start again")

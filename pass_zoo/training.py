@@ -180,3 +180,31 @@ def check_same_across_processes(accelerator, what: str, tensors) -> Optional[str
         raise PassZooError(f"{what} differ between processes ({ranks}); the distributed run diverged and its "
                            "result would depend on the process that saves it")
     return mine
+
+
+def global_loss(loss, accelerator) -> float:
+    """The loss averaged over processes: the loss of the global batch, and finite on all or none."""
+    value = loss.detach()
+    if accelerator.num_processes > 1:
+        value = accelerator.reduce(value.clone().float(), "mean")
+    return float(value)
+
+
+def take_step(loop, loss, accelerator, bar, ckpt, what: str, hint: str) -> None:
+    """One optimisation step of ``loop`` (a ``checkpoint.LoopState``): every optimiser and scheduler,
+    the loss recorded, progress shown, a checkpoint when due. A non-finite loss stops the stage."""
+    value = global_loss(loss, accelerator)
+    if not math.isfinite(value):
+        raise ckpt.diverged(f"{what} loss became {value} at step {loop.step}", hint)
+    for opt in loop.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    for opt in loop.optimizers.values():
+        opt.step()
+    for sched in loop.schedulers.values():
+        sched.step()
+    loop.losses.append(value)
+    loop.step += 1
+    bar.update(1)
+    bar.set_postfix(loss=f"{value:.3f}")
+    ckpt.after_step()
