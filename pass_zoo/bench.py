@@ -109,16 +109,18 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
         doc = json.loads(results_path.read_text())
     done = {r["id"] for r in doc["runs"]}
 
+    def merge_from_disk():
+        if results_path.is_file():
+            ids = {r["id"] for r in doc["runs"]}
+            doc["runs"].extend(r for r in json.loads(results_path.read_text())["runs"] if r["id"] not in ids)
+
     def collect(cell, metrics):
         record = {"id": cell["id"], "label": cell["label"], "run_dir": str((out / "cells" / cell["id"]).relative_to(out))}
         record.update({k: metrics.get(k) for k in _RECORD_KEYS})
         record["target_macs"] = cell["target_macs"]
         record["wall_seconds"] = metrics.get("wall_seconds", metrics.get("total_seconds"))
         with _locked(out):  # another bench process may be filling other cells of the same grid
-            if results_path.is_file():
-                on_disk = json.loads(results_path.read_text())["runs"]
-                ids = {r["id"] for r in doc["runs"]}
-                doc["runs"].extend(r for r in on_disk if r["id"] not in ids)
+            merge_from_disk()
             doc["runs"] = [r for r in doc["runs"] if r["id"] != cell["id"]] + [record]
             done.add(cell["id"])
             atomic_write_json(results_path, doc)
@@ -157,10 +159,9 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
                 cell = futures[future]
                 collect(cell, future.result())  # a failed cell raises here, after the others are saved
                 log(f"finished {cell['id']}: top-1 {100 * doc['runs'][-1]['top1']:.2f} %")
-    if not dry_run and results_path.is_file():  # pick up cells other processes finished meanwhile
+    if not dry_run:  # pick up cells other processes finished meanwhile
         with _locked(out):
-            ids = {r["id"] for r in doc["runs"]}
-            doc["runs"].extend(r for r in json.loads(results_path.read_text())["runs"] if r["id"] not in ids)
+            merge_from_disk()
     doc["summary"] = summarise(doc["runs"])
     if not dry_run:
         with _locked(out):
