@@ -303,6 +303,7 @@ class LayerSequence:
             for slot in g.consumers:
                 self._consumer_slots.setdefault(slot.module_name, []).append((gi, slot))
         self.dense_macs = self.macs([g.units for g in self.groups])
+        self._abs_cache: Dict[str, tuple] = {}  # module name -> ((weight id, version), |W| summed over k, k)
 
     # ------------------------------------------------------------------ construction
     def _collect_groups(self, order: Dict[str, int]) -> List[ChannelGroup]:
@@ -515,23 +516,22 @@ class LayerSequence:
         """Mean |W| per unit of group ``index``, over (c_in, k, k) with masked inputs removed.
 
         Averaged over every layer producing the group's channels (all branches of a residual sum),
-        and scaled by the BatchNorm gain |gamma| / sigma of those channels where there is one: BN
-        rescales every output channel, so the folded weight is what the next layer actually sees.
+        and scaled by the BatchNorm output scale |gamma| * sqrt(var / (var + eps)) of those channels
+        where there is one: BN rescales every output channel, so the folded weight is what the next
+        layer actually sees, and a channel with no variance passes on nothing but a constant.
         """
         g = self.groups[index]
         stats = []
         for slot in g.producers:
             mod = self._module(slot.module_name)
-            w = mod.weight.detach().abs().flatten(2) if mod.weight.dim() > 2 else mod.weight.detach().abs().unsqueeze(-1)
+            summed, kernel = self._kernel_summed_abs(slot.module_name, mod)  # (out, in): |W| summed over k
             gate = self._input_gate(slot.module_name, unit_masks)
-            if gate is not None and not _is_depthwise(mod) and w.shape[1] == gate.numel():
-                w = w * gate.view(1, -1, 1)
-                denom = gate.sum().clamp_min(1) * w.shape[2]
-                per_out = w.sum(dim=(1, 2)) / denom
+            if gate is not None and not _is_depthwise(mod) and summed.shape[1] == gate.numel():
+                per_out = (summed @ gate.to(summed.dtype)) / (gate.sum().clamp_min(1) * kernel)
             else:
-                per_out = w.mean(dim=(1, 2))
+                per_out = summed.sum(1) / (summed.shape[1] * kernel)
             per_unit = torch.zeros(g.units, dtype=per_out.dtype, device=per_out.device)
-            per_unit.index_add_(0, slot.units.to(per_out.device), per_out[slot.positions.to(per_out.device)])
+            per_unit = per_unit.index_add(0, slot.units.to(per_out.device), per_out[slot.positions.to(per_out.device)])
             stats.append(per_unit / (len(slot.positions) // g.units))
         if not stats:  # a group with no weighted producer (e.g. only a BN): nothing to read
             return torch.zeros(g.units)
@@ -539,6 +539,18 @@ class LayerSequence:
         if g.norms:
             out = out * self._bn_gain(g)
         return out
+
+    def _kernel_summed_abs(self, name: str, mod: nn.Module) -> Tuple[torch.Tensor, int]:
+        """|W| summed over the kernel, cached until the weight changes (the search reads it every step)."""
+        w = mod.weight
+        key = (id(w), w._version)
+        cached = self._abs_cache.get(name)
+        if cached is None or cached[0] != key:
+            a = w.detach().abs()
+            summed = a.flatten(2).sum(2) if a.dim() > 2 else a
+            cached = (key, summed, a[0, 0].numel() if a.dim() > 2 else 1)
+            self._abs_cache[name] = cached
+        return cached[1], cached[2]
 
     def _bn_gain(self, g: ChannelGroup) -> torch.Tensor:
         gains = []

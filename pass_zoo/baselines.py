@@ -31,6 +31,7 @@ from .errors import PassZooError
 from .training import cycle, progress
 
 METHODS = ("pass", "l1", "group-norm", "bn-scale", "taylor", "random", "growreg")
+TRAINS_WEIGHTS = ("group-norm", "bn-scale", "growreg")  # stage 1 trains the backbone weights
 
 
 def _importance(method: str):
@@ -82,7 +83,7 @@ def baseline_scores(method: str, model: nn.Module, seq: LayerSequence, prompt: n
     importance = _importance(method)
     if method == "taylor":
         _accumulate_gradients(model, prompt, loader, max(1, steps), accelerator)
-    elif method in ("group-norm", "bn-scale", "growreg"):
+    elif method in TRAINS_WEIGHTS:
         _sparse_training(method, model, seq, prompt, loader, steps, accelerator, lr, importance)
     with torch.no_grad() if method != "taylor" else torch.enable_grad():
         scores = group_scores(seq, importance)

@@ -72,6 +72,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per-process batch size (default: %(default)s)")
     g.add_argument("--train-subset", type=int, default=None, help="use a fixed random subset of N training images")
     g.add_argument("--val-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
+    g.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="evaluate on N training images held out of training, never the test set (for choosing "
+                        "settings; one fixed split for every seed)")
+    g.add_argument("--no-adapt-bn", action="store_true",
+                   help="keep the backbone's ImageNet BN statistics for the label mapping and the search instead of "
+                        "re-estimating them on the target data first")
     g.add_argument("--flm-samples", type=int, default=d.flm_samples,
                    help="training images used to build the label mapping (default: %(default)s)")
     g.add_argument("--workers", type=int, default=d.workers, help="data-loader worker processes (default: %(default)s)")
@@ -92,6 +98,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget-warmup", type=float, default=s.budget_warmup, metavar="FRACTION",
                    help="tighten the MACs budget from dense to the target over this fraction of the search steps "
                         "(0: the target from the first step; default: %(default)s)")
+    g.add_argument("--no-prior", action="store_true",
+                   help="every part of the scores is learned (the paper's PASS): no hand-made log-magnitude ranking "
+                        "added to them")
+    g.add_argument("--hypernet-rank", type=int, default=s.rank, metavar="R",
+                   help="rank of the per-group unit embeddings, the hypernetwork's heads (default: %(default)s)")
+    g.add_argument("--distill", type=float, default=s.distill, metavar="W",
+                   help="weight of a KL(dense || masked) distillation term in the search loss (default: %(default)s)")
     g.add_argument("--no-prompt-input", action="store_true", help="ablation: the hypernetwork does not see the prompt")
     g.add_argument("--no-weight-input", action="store_true", help="ablation: the hypernetwork does not see weights")
 
@@ -124,7 +137,7 @@ PRUNE_FLAGS = {
     "model": "model", "pretrained": "pretrained", "dataset": "dataset", "target_macs": "target_macs",
     "round_to": "search.round_to", "img_size": "img_size", "out": "out", "overwrite": "overwrite",
     "method": "method", "head": "head", "prompt": "prompt", "prompt_size": "prompt_size",
-    "batch_size": "batch_size", "train_subset": "train_subset", "val_subset": "val_subset",
+    "batch_size": "batch_size", "train_subset": "train_subset", "val_subset": "val_subset", "holdout": "holdout",
     "flm_samples": "flm_samples", "workers": "workers", "search_steps": "search.steps",
     "search_lr_prompt": "search.lr_prompt", "search_lr_hypernet": "search.lr_hypernet",
     "hidden_size": "search.hidden", "hypernet": "search.core", "selection": "search.selection",
@@ -133,7 +146,8 @@ PRUNE_FLAGS = {
     "finetune_lr_prompt": "finetune.lr_prompt", "seed": "seed", "mixed_precision": "mixed_precision",
     "no_onnx": "!onnx", "model_kwargs": "model_kwargs", "resume": "resume",
     "checkpoint_every": "checkpoint_every", "search_bn": "search.bn_mode",
-    "budget_warmup": "search.budget_warmup",
+    "budget_warmup": "search.budget_warmup", "no_prior": "!search.use_prior", "hypernet_rank": "search.rank",
+    "distill": "search.distill", "no_adapt_bn": "!adapt_bn",
 }
 
 
@@ -420,9 +434,10 @@ def cmd_bench(args) -> int:
     if doc["runs"]:
         print(results_table(doc))
         labels = {r["label"] for r in doc["runs"]}
-        if "pass" in labels and len(labels - {"pass", "dense"}) > 0:
+        baselines = {lab for lab in labels if lab != "dense" and not lab.startswith("pass")}
+        for label in sorted(lab for lab in labels if lab.startswith("pass")) if baselines else ():
             print()
-            print(gap_table(doc))
+            print(gap_table(doc, label))
     return 0
 
 def cmd_check(args) -> int:

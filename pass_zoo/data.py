@@ -238,6 +238,21 @@ def subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
     return Subset(ds, torch.randperm(len(ds), generator=g)[:n].tolist())
 
 
+HOLDOUT_SEED = 20240724  # one fixed split for every run seed: settings are chosen on the same images
+
+
+def hold_out(task: TaskData, n: int) -> TaskData:
+    """``n`` training images become the validation set and leave the training set (the test set is
+    not touched): what settings are chosen on, so that no choice is tuned on the test images."""
+    if not 0 < n < len(task.train):
+        raise DataError(f"--holdout must be in (0, {len(task.train)}), got {n}")
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
+    plain = task.train
+    if isinstance(plain, GrayscaleTensorDataset):  # held-out images are evaluated without augmentation
+        plain = GrayscaleTensorDataset(plain.images, plain.labels, plain.spec, train=False)
+    return TaskData(Subset(task.train, order[n:]), Subset(plain, order[:n]), task.class_names)
+
+
 def _mix(seed: int, value: int) -> int:
     """A 63-bit seed from two integers (distinct pairs give distinct seeds for any realistic sizes)."""
     return (seed * 0x9E3779B97F4A7C15 + value * 0x632BE59BD9B4E019 + 1) % (1 << 63)

@@ -1,15 +1,32 @@
 """The PASS hypernetwork: prompt encoder -> recurrent walk over the groups -> per-group channel scores.
 
-Step i of the walk reads two things, both zero-padded to the widest group:
+Step i of the walk reads a fixed-size summary of group i, whatever its width:
   * the weight statistics of group i (mean |W| over c_in, k, k of the layers producing its channels,
-    with input channels removed by the masks chosen earlier in the walk), standardised per group;
-  * the mask the walk gave group i-1 (straight-through, so gradients reach earlier steps).
-The prompt, through a three-layer CNN, is the initial hidden state; a learnable embedding is the
-initial cell state. One linear head per group maps the hidden state to that group's unit scores.
+    with input channels removed by the masks chosen earlier in the walk), standardised per group and
+    summarised by ``QUANTILES`` quantiles -- the shape of the layer's magnitude distribution;
+  * the kept fraction of the mask the walk gave group i-1 (straight-through, so gradients reach
+    earlier steps), and the group's width relative to the widest group;
+  * the prompt embedding (a three-layer CNN over the prompt image), which is also the initial hidden
+    state; a learnable embedding is the initial cell state. Feeding the embedding at every step keeps
+    the encoder's gradient alive: through the initial state alone it fades over a long walk.
 
-While walking, the mask of group i is a *provisional* one: scores above the threshold of the last
-global selection. The final masks come from the global budgeted selection over all scores
-(``pass_zoo.masks.select_units``), which needs every group's scores first.
+The paper zero-pads every statistic vector to the widest group; on a network whose widest group has
+1280 channels that makes the LSTM's input 2 x 1280 wide, and the hypernetwork 42 % the size of the
+network it prunes. The summary keeps it at a few percent (the paper's 0.2-6 %).
+
+Scores: unit u of group i scores
+    s_iu = U_i[u] . (P h_i)  +  a(h_i) * z_iu  +  b(h_i)   (+ prior_i * log(stat_iu / mean stat_i))
+where h_i is the walk's output at group i, P a shared projection to a small rank, U_i the group's own
+low-rank unit embeddings (the "head" of group i), z_iu the unit's standardised statistic, and a, b a
+shared linear map of h_i: how much group i trusts magnitude, and how many of its units it keeps under
+the global threshold. The optional prior (``use_prior``) adds the hand-made log-magnitude ranking with
+a learned per-group gain, so that a short search starts from a magnitude ranking; without it every
+part of the score is learned (the paper's setting).
+
+While walking, the mask of group i is a *provisional* one: scores above the threshold of the global
+selection at the current step's budget (see ``search.MaskedSearchModel``). The final masks come from
+the global budgeted selection over all scores (``pass_zoo.masks.select_units``), which needs every
+group's scores first.
 """
 from __future__ import annotations
 
@@ -19,21 +36,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+QUANTILES = 16
 
 class PromptEncoder(nn.Module):
-    """Three convolutions + global pooling: prompt image -> vector of the hypernetwork's hidden size."""
+    """Three convolutions + global pooling: prompt image -> vector of the hypernetwork's hidden size.
+
+    Two fixed coordinate channels ride along with the image: a prompt starts at zero, and a
+    convolution over an all-zero input gets no weight gradient.
+    """
 
     def __init__(self, hidden: int, width: int = 16):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(5, width, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(2 * width, hidden, 3, stride=2, padding=1),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
 
     def forward(self, prompt_image: torch.Tensor) -> torch.Tensor:
-        return self.net(prompt_image.unsqueeze(0)).squeeze(0)
+        _, h, w = prompt_image.shape
+        ys = torch.linspace(-1, 1, h, device=prompt_image.device, dtype=prompt_image.dtype)
+        xs = torch.linspace(-1, 1, w, device=prompt_image.device, dtype=prompt_image.dtype)
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
+        return self.net(torch.cat([prompt_image, coords]).unsqueeze(0)).squeeze(0)
 
 
 class _LSTMCore(nn.Module):
@@ -49,35 +75,42 @@ class _LSTMCore(nn.Module):
 
 
 class _MLPCore(nn.Module):
-    """Ablation: no recurrence; each step sees its own input and the prompt embedding only."""
+    """Ablation: no recurrence; each step sees its own input (which includes the prompt embedding)."""
 
     def __init__(self, in_size: int, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_size + hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.net = nn.Sequential(nn.Linear(in_size, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
 
     def forward(self, x, state):
-        h = self.net(torch.cat([x, state[2]]))
-        return h, state
+        return self.net(x), state
 
 
 class _ConvCore(nn.Module):
-    """Ablation: a 1-D CNN over the input vector, no recurrence."""
+    """Ablation: a 1-D CNN over the step's input vector, no recurrence."""
 
     def __init__(self, in_size: int, hidden: int):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv1d(2, 8, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(32))
-        self.proj = nn.Linear(8 * 32 + hidden, hidden)
+        self.conv = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(16))
+        self.proj = nn.Linear(8 * 16, hidden)
 
     def forward(self, x, state):
-        feat = self.conv(x.view(1, 2, -1)).flatten()
-        return torch.tanh(self.proj(torch.cat([feat, state[2]]))), state
+        return torch.tanh(self.proj(self.conv(x.view(1, 1, -1)).flatten())), state
 
 
 CORES = {"lstm": _LSTMCore, "mlp": _MLPCore, "cnn": _ConvCore}
 
 
-def _pad(v: torch.Tensor, n: int) -> torch.Tensor:
-    return F.pad(v, (0, n - v.numel()))
+class _UnitHead(nn.Module):
+    """Group i's head: low-rank unit embeddings (units x rank) and a bias per unit."""
+
+    def __init__(self, units: int, rank: int, init_std: Optional[float]):
+        super().__init__()
+        std = init_std if init_std is not None else rank ** -0.5
+        self.embed = nn.Parameter(torch.randn(units, rank) * std)
+        self.bias = nn.Parameter(torch.zeros(units))
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.embed @ code + self.bias
 
 
 def _standardise(v: torch.Tensor) -> torch.Tensor:
@@ -95,15 +128,16 @@ class PassHyperNetwork(nn.Module):
     """Maps (prompt image, weight statistics) to one score vector per group, in walk order."""
 
     def __init__(self, units: Sequence[int], hidden: int = 64, core: str = "lstm",
-                 use_prompt: bool = True, use_weights: bool = True, use_prior: bool = True):
+                 use_prompt: bool = True, use_weights: bool = True, use_prior: bool = True, rank: int = 8):
         super().__init__()
         if core not in CORES:
             raise ValueError(f"unknown hypernetwork core '{core}' (choose from {', '.join(CORES)})")
         self.units = [int(u) for u in units]
         self.core_name = core
         self.max_units = max(self.units)
-        self.hidden = hidden
+        self.hidden, self.rank = hidden, rank
         self.use_prompt, self.use_weights = use_prompt, use_weights
+        self.use_prior = use_prior and use_weights
         # Only parameters that take part in the forward pass exist (distributed training requires it).
         if use_prompt:
             self.encoder = PromptEncoder(hidden)
@@ -111,47 +145,55 @@ class PassHyperNetwork(nn.Module):
             self.h0 = nn.Parameter(torch.zeros(hidden))  # ablation: a learned initial state, no prompt
         if core == "lstm":
             self.c0 = nn.Parameter(torch.zeros(hidden))  # the learnable embedding: initial cell state
-        self.core = CORES[core](2 * self.max_units, hidden)
-        self.heads = nn.ModuleList(nn.Linear(hidden, u) for u in self.units)
-        self.use_prior = use_prior and use_weights
+        self.core = CORES[core](QUANTILES + 2 + hidden, hidden)
+        self.project = nn.Linear(hidden, rank)
+        self.heads = nn.ModuleList(_UnitHead(u, rank, 0.01 if self.use_prior else None) for u in self.units)
+        if use_weights:
+            self.gain = nn.Linear(hidden, 2)  # per group: weight on the unit's own statistic, and an offset
         if self.use_prior:
-            # Magnitude prior: the score starts as log(stat / mean stat of the group), a scale-free
-            # magnitude ranking that is comparable across groups, and the learned part starts small.
-            # Without it the first masks are random and a short search spends its steps undoing that.
+            # The score starts as the magnitude ranking and the learned part starts small: a short search
+            # then refines a sensible ranking instead of spending its steps undoing a random one.
             self.prior_gain = nn.Parameter(torch.ones(len(self.units)))
-            for head in self.heads:
-                nn.init.normal_(head.weight, std=0.01)
-                nn.init.zeros_(head.bias)
-        # Raw-score threshold of the last global selection: the walk's provisional masks use it.
+            nn.init.zeros_(self.gain.weight)
+            nn.init.zeros_(self.gain.bias)
+        self.register_buffer("levels", torch.linspace(0, 1, QUANTILES), persistent=False)
+        width = torch.log(torch.tensor(self.units, dtype=torch.float) / self.max_units)
+        self.register_buffer("width", width, persistent=False)
+        # Raw-score threshold of the global selection at the current budget: the walk's provisional masks.
         self.register_buffer("threshold", torch.zeros(()))
 
     def config(self) -> dict:
         return {"units": self.units, "hidden": self.hidden, "core": self.core_name, "use_prompt": self.use_prompt,
-                "use_weights": self.use_weights, "use_prior": self.use_prior}
+                "use_weights": self.use_weights, "use_prior": self.use_prior, "rank": self.rank}
 
     def forward(self, prompt_image: torch.Tensor,
                 stats_fn: Callable[[int, List[Optional[torch.Tensor]]], torch.Tensor]) -> List[torch.Tensor]:
-        n = self.max_units
-        h = self.encoder(prompt_image) if self.use_prompt else self.h0
-        state = (h, self.c0 if hasattr(self, "c0") else None, h)
-        prev = torch.zeros(n, device=h.device)
+        embedding = self.encoder(prompt_image) if self.use_prompt else self.h0
+        dev, dtype = embedding.device, embedding.dtype
+        state = (embedding, self.c0 if hasattr(self, "c0") else None)
+        prev_kept = torch.ones((), device=dev, dtype=dtype)
         scores: List[torch.Tensor] = []
         provisional: List[Optional[torch.Tensor]] = []
         for i, units in enumerate(self.units):
             if self.use_weights:
-                raw = stats_fn(i, provisional).to(h.device, h.dtype)
-                stats = _standardise(raw)
+                raw = stats_fn(i, provisional).to(dev, dtype)
+                z = _standardise(raw)
+                summary = torch.quantile(z, self.levels.to(dev, dtype))
             else:
-                stats = torch.zeros(units, device=h.device)
-            out, state = self.core(torch.cat([_pad(stats, n), prev]), state)
-            s = self.heads[i](out)
+                summary = torch.zeros(QUANTILES, device=dev, dtype=dtype)
+            step_in = torch.cat([summary, prev_kept.view(1), self.width[i].view(1).to(dev, dtype), embedding])
+            out, state = self.core(step_in, state)
+            s = self.heads[i](self.project(out))
+            if self.use_weights:
+                a, b = self.gain(out)
+                s = s + a * z + b
             if self.use_prior:
                 s = s + self.prior_gain[i] * _log_ratio(raw.detach())
             scores.append(s)
             hard = (s.detach() > self.threshold).to(s.dtype)
             mask = hard + s - s.detach()  # straight-through: gradients pass the threshold unchanged
             provisional.append(mask)
-            prev = _pad(mask, n)
+            prev_kept = mask.mean()
         return scores
 
 

@@ -18,9 +18,9 @@ import torch
 
 from .adapter import build_layer_sequence
 from .checkpoint import RunCheckpoints
-from .baselines import METHODS, baseline_scores
+from .baselines import METHODS, TRAINS_WEIGHTS, baseline_scores
 from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
-from .data import DataSpec, load_task_data, make_loader, subset
+from .data import DataSpec, hold_out, load_task_data, make_loader, subset
 from .errors import BudgetError, PassZooError
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
@@ -58,10 +58,19 @@ class PruneConfig:
     batch_size: int = 64
     train_subset: Optional[int] = None
     val_subset: Optional[int] = None
+    holdout: Optional[int] = None  # validate on N held-out training images instead of the test set
     flm_samples: int = 2000
     transfer_from: Optional[str] = None  # a PASS run folder of another task (see pass-zoo transfer)
     transfer_mode: str = "hypernet"  # hypernet: its hypernetwork + a new prompt | masks: its masks
     bn_calibration_batches: int = 20  # re-estimate BN statistics of the slim network before fine-tuning
+    # Re-estimate the dense backbone's BN statistics on the target data (prompted) before the label
+    # mapping, so that mapping, search (batch statistics) and evaluation (recalibrated statistics) all
+    # see target-domain normalisation; with ImageNet statistics the mapping no longer fits once the
+    # statistics are recalibrated.
+    adapt_bn: bool = True
+    # Methods that train the weights in stage 1 (group-norm, bn-scale, growreg) fine-tune for that many
+    # steps fewer, so every method gets the same number of weight updates in total.
+    equal_updates: bool = True
     workers: int = 0
     seed: int = 0
     mixed_precision: str = "no"
@@ -86,6 +95,10 @@ class PruneConfig:
             raise PassZooError(f"--search-bn must be batch or frozen, got '{self.search.bn_mode}'")
         if not 0.0 <= self.search.budget_warmup <= 1.0:
             raise PassZooError(f"--budget-warmup must be in [0, 1], got {self.search.budget_warmup}")
+        if self.search.rank < 1:
+            raise PassZooError(f"--hypernet-rank must be >= 1, got {self.search.rank}")
+        if not self.search.distill >= 0.0:
+            raise PassZooError(f"--distill must be >= 0, got {self.search.distill}")
         if self.checkpoint_every < 0:
             raise PassZooError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.resume and self.overwrite:
@@ -199,6 +212,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     except ValueError as exc:
         raise PassZooError(f"--prompt-size: {exc}") from exc
     task = load_task_data(cfg.dataset, spec)
+    if cfg.holdout:
+        task = hold_out(task, cfg.holdout)
     train_ds = subset(task.train, cfg.train_subset, cfg.seed)
     val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
     train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.workers)
@@ -209,6 +224,10 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     if head == "auto":
         head = "flm" if backbone.num_classes == 1000 and task.num_classes <= 1000 else "new"
     metrics: dict = {}
+    if cfg.adapt_bn:  # target-domain BN statistics for everything that follows (same batches on every process)
+        recalibrate_bn(PromptedModel(backbone, prompt),
+                       make_loader(train_ds, cfg.batch_size * accelerator.num_processes, True, cfg.seed + 4),
+                       cfg.bn_calibration_batches)
     if head == "flm":
         if backbone.num_classes < task.num_classes:
             raise PassZooError(f"--head flm needs at least {task.num_classes} source classes, "
@@ -267,6 +286,9 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     if ft_cfg.epochs:  # batches per epoch as each process sees them
         per_epoch = len(accelerator.prepare(make_loader(train_ds, cfg.batch_size, True, cfg.seed)))
         ft_cfg = dataclasses.replace(ft_cfg, steps=max(1, round(ft_cfg.epochs * per_epoch)))
+    stage1_updates = cfg.search.steps if cfg.method in TRAINS_WEIGHTS and not cfg.transfer_from else 0
+    if cfg.equal_updates and stage1_updates:
+        ft_cfg = dataclasses.replace(ft_cfg, steps=max(0, ft_cfg.steps - stage1_updates))
     t_ft = time.time()
     ft_losses = finetune(prompted, train_loader, ft_cfg, accelerator, checkpoints=ckpts)
     t_ft = time.time() - t_ft
@@ -290,6 +312,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         "search_loss_first": search_losses[0] if search_losses else None,
         "search_loss_last": search_losses[-1] if search_losses else None,
         "finetune_steps": ft_cfg.steps,
+        "compute": compute_spent(cfg, head, stage1_updates, ft_cfg.steps, accelerator.num_processes),
         "finetune_loss_last": ft_losses[-1] if ft_losses else None,
         "search_seconds": carry["search_seconds"],
         "finetune_seconds": round(t_ft, 2),
@@ -325,6 +348,32 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
         raise onnx_error
     return metrics
+
+
+def compute_spent(cfg: PruneConfig, head: str, stage1_updates: int, finetune_steps: int, world: int) -> dict:
+    """What a run spent, in images and backward passes per stage (the budget every method shares).
+
+    Stage 1: PASS searches for ``search.steps`` batches, Taylor accumulates gradients over as many,
+    the regularised methods train the weights for as many; l1 and random read only the weights.
+    """
+    batch = cfg.batch_size * world
+    if cfg.transfer_from and cfg.transfer_mode == "masks":
+        stage1 = 0
+    elif cfg.method == "taylor":
+        stage1 = max(1, cfg.search.steps)
+    elif cfg.method == "pass" or cfg.method in TRAINS_WEIGHTS:
+        stage1 = cfg.search.steps
+    else:
+        stage1 = 0
+    calibration = cfg.bn_calibration_batches * batch * (2 if cfg.adapt_bn else 1)
+    return {
+        "stage1_batches": stage1, "stage1_images": stage1 * batch, "stage1_backward_passes": stage1,
+        "finetune_steps": finetune_steps, "finetune_images": finetune_steps * batch,
+        "finetune_backward_passes": finetune_steps,
+        "weight_updates": stage1_updates + finetune_steps,
+        "label_mapping_images": cfg.flm_samples if head == "flm" else 0,
+        "bn_calibration_images": calibration,
+    }
 
 
 def _export_onnx(out: Path, val_ds, metrics: dict) -> Optional[PassZooError]:

@@ -33,10 +33,11 @@ class SearchConfig:
     lr_head: float = 1e-3  # a new classifier head (``--head new``) is trained with the hypernetwork
     weight_decay: float = 1e-4
     hidden: int = 64
+    rank: int = 8  # rank of the per-group unit embeddings (the heads); keeps the hypernetwork small
     core: str = "lstm"  # lstm (paper) | mlp | cnn (ablations)
     use_prompt: bool = True
     use_weights: bool = True
-    use_prior: bool = True  # start scores from the log-magnitude ranking (see hypernet.py)
+    use_prior: bool = True  # add the hand-made log-magnitude ranking to the scores (see hypernet.py)
     selection: str = "global"  # global (paper) | uniform
     bn_mode: str = "batch"  # batch: BN normalises with batch statistics (running stats kept) | frozen
     round_to: int = 8
@@ -44,6 +45,9 @@ class SearchConfig:
     # (geometrically). A frozen network cut straight to a harsh budget predicts at chance, so its loss
     # says little about which channels matter; tightening step by step keeps the loss informative.
     budget_warmup: float = 0.5
+    # Weight of a distillation term KL(dense || masked) on the logits: the dense network with the same
+    # prompt is a denser training signal than the labels alone (0: cross-entropy only, the paper's).
+    distill: float = 0.0
 
 
 def _batch_norms(model: nn.Module):
@@ -84,6 +88,7 @@ class MaskedSearchModel(nn.Module):
         object.__setattr__(self, "seq", seq)  # plain reference, not a submodule
         self.target_macs, self.round_to, self.selection = target_macs, cfg.round_to, cfg.selection
         self.budget = target_macs  # the budget of the current step (see SearchConfig.budget_warmup)
+        self.next_budget = target_macs  # the budget of the step after it: what the provisional threshold is for
         self.bn_mode = cfg.bn_mode
         self.last_masks: Optional[List[torch.Tensor]] = None
 
@@ -108,14 +113,36 @@ class MaskedSearchModel(nn.Module):
         for s, h in zip(scores, hard):
             z = (s - mu) / sd
             ste.append(h.to(z.device, z.dtype) + z - z.detach())
-        with torch.no_grad():
-            kept = torch.cat([s[h.to(s.device)] for s, h in zip(scores, hard)])
-            dropped = torch.cat([s[~h.to(s.device)] for s, h in zip(scores, hard)])
-            if dropped.numel():
-                self.hypernet.threshold.fill_(float((kept.min() + dropped.max()) / 2))
-            else:
-                self.hypernet.threshold.fill_(float(kept.min()) - 1.0)
+        # The walk of the next step reads provisional masks under this threshold: these scores selected
+        # at the *next* step's budget, so that during the warm-up the masks the walk reads are (up to one
+        # step's change of the scores) the masks that step applies. It lives in a buffer, so a resumed
+        # search continues with exactly the threshold the interrupted one would have used.
+        scores = [s.detach() for s in scores]
+        if self.next_budget != self.budget:
+            nxt = select_units(scores, self.seq, self.next_budget, self.round_to, self.selection)
+            self._set_threshold(scores, nxt)
+        else:
+            self._set_threshold(scores, hard)
         return ste, hard
+
+    def set_budget(self, budget: float, next_budget: Optional[float] = None) -> None:
+        """The budget of this step, and of the next one (default: the same)."""
+        self.budget = budget
+        self.next_budget = budget if next_budget is None else next_budget
+
+    @torch.no_grad()
+    def _set_threshold(self, scores: List[torch.Tensor], hard: List[torch.Tensor]) -> None:
+        kept = torch.cat([s[h.to(s.device)] for s, h in zip(scores, hard)])
+        dropped = torch.cat([s[~h.to(s.device)] for s, h in zip(scores, hard)])
+        if dropped.numel():
+            self.hypernet.threshold.fill_(float((kept.min() + dropped.max()) / 2))
+        else:
+            self.hypernet.threshold.fill_(float(kept.min()) - 1.0)
+
+    @torch.no_grad()
+    def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The unmasked network's logits on the prompted input (the distillation target)."""
+        return self.backbone(self.prompt(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ste, hard = self.propose()
@@ -126,8 +153,8 @@ class MaskedSearchModel(nn.Module):
 
 
 def build_hypernet(seq: LayerSequence, cfg: SearchConfig) -> PassHyperNetwork:
-    return PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core,
-                            use_prompt=cfg.use_prompt, use_weights=cfg.use_weights, use_prior=cfg.use_prior)
+    return PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core, use_prompt=cfg.use_prompt,
+                            use_weights=cfg.use_weights, use_prior=cfg.use_prior, rank=cfg.rank)
 
 
 @dataclass
@@ -168,7 +195,7 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     model = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg)
     with torch.no_grad():  # at the target first: an unreachable budget fails before any step
         model.propose()
-        model.budget = budget_at(0, cfg, target_macs)
+        model.set_budget(budget_at(0, cfg, target_macs))
         model.propose()  # a first selection sets the walk's provisional threshold
 
     opt_prompt = torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9)
@@ -192,14 +219,15 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         bar = progress(accelerator, cfg.steps, "search", initial=loop.step)
         try:
             with _KeepRunningStats(backbone):
-                _search_loop(wrapped, loop, accelerator, bar, ckpt,
-                             lambda step: setattr(model, "budget", budget_at(step, cfg, target_macs)))
+                _search_loop(wrapped, model, loop, accelerator, bar, ckpt,
+                             lambda step: model.set_budget(budget_at(step, cfg, target_macs),
+                                                           budget_at(step + 1, cfg, target_macs)), cfg.distill)
         finally:
             bar.close()
 
     model = accelerator.unwrap_model(wrapped)
     model.eval()
-    model.budget = target_macs
+    model.set_budget(target_macs)
     with torch.no_grad():
         _, hard = model.propose()
     for p in head_params:
@@ -219,10 +247,15 @@ def budget_at(step: int, cfg: SearchConfig, target_macs: float) -> float:
     return target_macs ** (step / warm)
 
 
-def _search_loop(wrapped, loop, accelerator, bar, ckpt, set_budget) -> None:
+def _search_loop(wrapped, model, loop, accelerator, bar, ckpt, set_budget, distill: float) -> None:
     for step in range(loop.step, loop.total):
         set_budget(step)
         x, y = next(loop.batches)
-        # no "hypernet" optimiser when a transferred hypernetwork stays frozen
-        take_step(loop, F.cross_entropy(wrapped(x), y), accelerator, bar, ckpt, "search",
+        logits = wrapped(x)
+        loss = F.cross_entropy(logits, y)
+        if distill:
+            target = F.log_softmax(model.dense_logits(x).float(), 1)
+            loss = loss + distill * F.kl_div(F.log_softmax(logits.float(), 1), target, log_target=True,
+                                             reduction="batchmean")
+        take_step(loop, loss, accelerator, bar, ckpt, "search",
                   "lower --search-lr-prompt/--search-lr-hypernet and start again")

@@ -1,0 +1,128 @@
+"""What keeps the method comparison fair and the search sound: equal compute per method, one BN regime
+for label mapping and search, a held-out split for choosing settings, the walk's provisional masks at
+the step's own budget, and a hypernetwork a few percent of the network it prunes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from pass_zoo.adapter import build_layer_sequence
+from pass_zoo.data import TaskData, hold_out
+from pass_zoo.hypernet import PassHyperNetwork
+from pass_zoo.masks import select_units
+from pass_zoo.pipeline import PruneConfig, prune
+from pass_zoo.prompt import AdditivePrompt
+from pass_zoo.finetune import FinetuneConfig
+from pass_zoo.search import MaskedSearchModel, SearchConfig, build_hypernet
+from pass_zoo.slim import count_params
+
+from conftest import make_model, randomise_bn, write_image_folder
+
+
+def test_hypernetwork_is_a_few_percent_of_lite0():
+    backbone = timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()  # shapes only
+    seq = build_layer_sequence(backbone, torch.zeros(1, 3, 64, 64))
+    assert max(g.units for g in seq.groups) == 1280  # the widest group, which padded inputs would need
+    hypernet = build_hypernet(seq, SearchConfig())
+    assert count_params(hypernet) <= 0.06 * count_params(backbone)
+
+
+@pytest.mark.parametrize("use_prior", [True, False])
+def test_prompt_encoder_weights_learn_from_a_zero_prompt(use_prior):
+    """A prompt starts at zero; the encoder's first convolution must still get a weight gradient."""
+    units = [4, 8, 6]
+    hn = PassHyperNetwork(units, hidden=8, use_prior=use_prior)
+    g = torch.Generator().manual_seed(0)
+    stats = [torch.rand(u, generator=g) + 0.1 for u in units]
+    scores = hn(torch.zeros(3, 16, 16), lambda i, provisional: stats[i])
+    torch.cat(scores).pow(2).sum().backward()
+    first = hn.encoder.net[0].weight.grad
+    assert first is not None and first.abs().sum() > 0
+
+
+def test_no_prior_leaves_every_part_of_the_score_learned():
+    units = [5, 7]
+    stats = [torch.linspace(0.1, 1.0, u) for u in units]
+    for use_prior in (True, False):
+        hn = PassHyperNetwork(units, hidden=8, use_prior=use_prior)
+        assert hasattr(hn, "prior_gain") == use_prior
+        with torch.no_grad():
+            for name, p in hn.named_parameters():
+                p.fill_(1.0 if name == "prior_gain" else 0.0)
+            scores = hn(torch.zeros(3, 16, 16), lambda i, provisional: stats[i])
+        spread = max(float(s.max() - s.min()) for s in scores)
+        if use_prior:  # the hand-made log-magnitude ranking is still there
+            assert torch.allclose(scores[0], torch.log(stats[0] / stats[0].mean()), atol=1e-5)
+        else:  # nothing learned yet, nothing ranked
+            assert spread == 0.0
+
+
+def test_provisional_threshold_is_the_selection_at_the_next_budget():
+    backbone = randomise_bn(make_model("resnet10t"))
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    seq = build_layer_sequence(backbone, torch.zeros(1, 3, 32, 32))
+    torch.manual_seed(0)
+    prompt = AdditivePrompt(32, 4)
+    cfg = SearchConfig(hidden=16, round_to=1)
+    model = MaskedSearchModel(backbone, seq, prompt, build_hypernet(seq, cfg), 0.4, cfg)
+    seen = []
+    model.hypernet.register_forward_hook(lambda mod, inp, out: seen.append([s.detach() for s in out]) and None)
+    model.set_budget(0.8, 0.4)  # a warm-up step: this step at 80 % MACs, the next at 40 %
+    with torch.no_grad():
+        _, hard = model.propose()
+    scores = seen[-1]
+    assert seq.macs([int(h.sum()) for h in hard]) <= 0.8 * seq.dense_macs
+    at_next = select_units(scores, seq, 0.4, 1)
+    thr = float(model.hypernet.threshold)
+    assert [torch.equal(s > thr, m) for s, m in zip(scores, at_next)] == [True] * len(scores)
+    assert sum(int(h.sum()) for h in hard) > sum(int(m.sum()) for m in at_next)
+
+
+def test_holdout_comes_from_training_images_and_is_the_same_for_every_seed():
+    train = torch.utils.data.TensorDataset(torch.arange(100).float(), torch.arange(100) % 3)
+    val = torch.utils.data.TensorDataset(torch.zeros(7), torch.zeros(7, dtype=torch.long))
+    task = TaskData(train, val, ["a", "b", "c"])
+    split = hold_out(task, 20)
+    held = {int(split.val[i][0]) for i in range(len(split.val))}
+    rest = {int(split.train[i][0]) for i in range(len(split.train))}
+    assert len(held) == 20 and len(rest) == 80 and not held & rest and held | rest == set(range(100))
+    assert held == {int(hold_out(task, 20).val[i][0]) for i in range(20)}
+    with pytest.raises(Exception, match="--holdout must be in"):
+        hold_out(task, 100)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """pass and group-norm on the same tiny task: 3 stage-1 steps, 5 fine-tune steps."""
+    root = tmp_path_factory.mktemp("fair")
+    data = write_image_folder(root / "imgs", ["ant", "bee", "cat"], n_train=6, n_val=3)
+    runs = {}
+    for method in ("pass", "group-norm", "l1"):
+        cfg = PruneConfig(model="resnet10t", pretrained="none", dataset=f"imagefolder:{data}", img_size=32,
+                          target_macs=0.5, head="new", batch_size=6, method=method, onnx=False,
+                          out=str(root / method), search=SearchConfig(steps=3, hidden=8),
+                          finetune=FinetuneConfig(steps=5))
+        prune(cfg)
+        runs[method] = json.loads((root / method / "metrics.json").read_text())
+    return runs
+
+
+def test_every_method_gets_the_same_weight_updates(tiny_runs):
+    for method, m in tiny_runs.items():
+        assert m["compute"]["weight_updates"] == 5, method
+    assert tiny_runs["pass"]["finetune_steps"] == 5
+    assert tiny_runs["group-norm"]["finetune_steps"] == 2  # 3 of its 5 updates were the regularised training
+    assert tiny_runs["l1"]["finetune_steps"] == 5
+
+
+def test_compute_is_recorded_per_stage(tiny_runs):
+    for method in ("pass", "group-norm"):
+        c = tiny_runs[method]["compute"]
+        assert c["stage1_batches"] == 3 and c["stage1_images"] == 18 and c["stage1_backward_passes"] == 3
+        assert c["finetune_images"] == 6 * c["finetune_steps"]
+        assert c["label_mapping_images"] == 0  # a new head: no label mapping
+    assert tiny_runs["l1"]["compute"]["stage1_images"] == 0  # reads only the weights
