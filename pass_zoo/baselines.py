@@ -28,7 +28,7 @@ import torch_pruning as tp
 
 from .adapter import LayerSequence
 from .errors import PassZooError
-from .training import cycle, progress
+from .training import cosine_lambda, cycle, progress
 
 METHODS = ("pass", "l1", "group-norm", "bn-scale", "taylor", "random", "growreg")
 TRAINS_WEIGHTS = ("group-norm", "bn-scale", "growreg")  # stage 1 trains the backbone weights
@@ -78,31 +78,54 @@ def _regulariser(method: str, model: nn.Module, seq: LayerSequence, importance):
 
 
 def baseline_scores(method: str, model: nn.Module, seq: LayerSequence, prompt: nn.Module, loader,
-                    steps: int, accelerator, lr: float = 0.01) -> List[torch.Tensor]:
-    """Scores for ``method`` on ``model`` (regularised methods train it in place for ``steps``)."""
+                    steps: int, accelerator, lr: float = 0.01, train_head: bool = False,
+                    lr_head: float = 1e-3) -> List[torch.Tensor]:
+    """Scores for ``method`` on ``model`` (regularised methods train it in place for ``steps``).
+
+    ``train_head``: a new task head learns during stage 1 as it does in PASS's search (AdamW at
+    ``lr_head``, cosine, frozen backbone): Taylor trains it over its gradient batches, the one-shot
+    criteria (l1, random) over as many batches of a linear probe; the regularised methods train every
+    weight, the head included, anyway.
+    """
     importance = _importance(method)
     if method == "taylor":
-        _accumulate_gradients(model, prompt, loader, max(1, steps), accelerator)
+        _accumulate_gradients(model, prompt, loader, max(1, steps), accelerator, lr_head if train_head else None)
     elif method in TRAINS_WEIGHTS:
         _sparse_training(method, model, seq, prompt, loader, steps, accelerator, lr, importance)
+    elif train_head:
+        _accumulate_gradients(model, prompt, loader, steps, accelerator, lr_head, only_head=True)
     with torch.no_grad() if method != "taylor" else torch.enable_grad():
         scores = group_scores(seq, importance)
     model.zero_grad(set_to_none=True)
     return scores
 
 
-def _accumulate_gradients(model, prompt, loader, batches: int, accelerator) -> None:
-    """Sum dL/dw over ``batches`` batches (weights unchanged): what Taylor importance reads."""
+def _accumulate_gradients(model, prompt, loader, batches: int, accelerator, lr_head=None, only_head=False) -> None:
+    """Sum dL/dw over ``batches`` batches (weights unchanged): what Taylor importance reads.
+
+    ``lr_head``: the classifier also learns over these batches (its own gradients are not summed);
+    ``only_head``: nothing but the classifier (a linear probe for the one-shot criteria).
+    """
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
+    head = list(model.get_classifier().parameters()) if lr_head is not None else []
     for p in params:
+        p.requires_grad_(not only_head)
+    for p in head:
         p.requires_grad_(True)
+    opt = torch.optim.AdamW(head, lr=lr_head) if head else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(batches)) if opt else None
     model.zero_grad(set_to_none=True)
-    bar = progress(accelerator, batches, "taylor")
+    bar = progress(accelerator, batches, "head probe" if only_head else "taylor")
     for _, (x, y) in zip(range(batches), cycle(loader)):
         F.cross_entropy(model(prompt(x.to(accelerator.device))), y.to(accelerator.device)).backward()
+        if opt is not None:
+            opt.step()
+            sched.step()
+            for p in head:
+                p.grad = None
         bar.update(1)
     bar.close()
     for p, f in zip(params, flags):

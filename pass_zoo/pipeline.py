@@ -266,7 +266,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
             masks, hypernet = result.masks, result.hypernet
             carry.update(search_losses=result.losses, hypernet_params=count_params(hypernet))
         else:
-            scores = baseline_scores(cfg.method, backbone, seq, prompt, train_loader, cfg.search.steps, accelerator)
+            scores = baseline_scores(cfg.method, backbone, seq, prompt, train_loader, cfg.search.steps, accelerator,
+                                     train_head=(head == "new"), lr_head=cfg.search.lr_head)
             masks = to_channel_masks(select_units(scores, seq, cfg.target_macs, cfg.search.round_to,
                                                   cfg.search.selection), seq)
             check_same_across_processes(accelerator, f"{cfg.method} masks", list(masks.values()))
@@ -361,7 +362,7 @@ def compute_spent(cfg: PruneConfig, head: str, stage1_updates: int, finetune_ste
         stage1 = 0
     elif cfg.method == "taylor":
         stage1 = max(1, cfg.search.steps)
-    elif cfg.method == "pass" or cfg.method in TRAINS_WEIGHTS:
+    elif cfg.method == "pass" or cfg.method in TRAINS_WEIGHTS or head == "new":  # new head: l1/random train it
         stage1 = cfg.search.steps
     else:
         stage1 = 0

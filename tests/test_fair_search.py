@@ -120,9 +120,29 @@ def test_every_method_gets_the_same_weight_updates(tiny_runs):
 
 
 def test_compute_is_recorded_per_stage(tiny_runs):
-    for method in ("pass", "group-norm"):
+    for method in ("pass", "group-norm", "l1"):  # l1 spends stage 1 training the new head
         c = tiny_runs[method]["compute"]
         assert c["stage1_batches"] == 3 and c["stage1_images"] == 18 and c["stage1_backward_passes"] == 3
         assert c["finetune_images"] == 6 * c["finetune_steps"]
         assert c["label_mapping_images"] == 0  # a new head: no label mapping
-    assert tiny_runs["l1"]["compute"]["stage1_images"] == 0  # reads only the weights
+
+
+def test_a_new_head_learns_in_stage_1_for_every_method(tmp_path):
+    """l1 reads only weights, yet with a new head it spends stage 1 on a linear probe, as PASS trains
+    its head during the search: the fine-tune then starts from a trained head for every method."""
+    from pass_zoo.adapter import build_layer_sequence
+    from pass_zoo.baselines import baseline_scores
+    from pass_zoo.training import make_accelerator
+
+    model = make_model("resnet10t", num_classes=3)
+    seq = build_layer_sequence(model, torch.zeros(1, 3, 32, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 3)
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    prompt = AdditivePrompt(32, 2)
+    baseline_scores("l1", model, seq, prompt, loader, 3, make_accelerator("no"), train_head=True)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}  # the head learned; the backbone is untouched
+    assert all(p.grad is None for p in model.parameters())
