@@ -41,7 +41,7 @@ from .runio import atomic_write_json
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
                 "top1", "top1_after_search", "top1_dense_zero_shot", "search_seconds", "finetune_seconds",
-                "total_seconds", "seed", "command", "hypernet_params", "finetune_steps", "compute")
+                "total_seconds", "seed", "command", "finetune_steps", "compute")
 
 
 def load_spec(path) -> dict:
@@ -66,7 +66,7 @@ def plan_cells(spec: dict) -> List[Dict]:
     """Every cell of the grid: ``{"id", "label", "target_macs", "seed", "config": PruneConfig}``."""
     base = apply_overrides(PruneConfig(), spec.get("base") or {}, "base")
     grid = spec["grid"]
-    labels = list(grid.get("method", ["pass"]))
+    labels = list(grid.get("method", [base.method]))
     variants = spec.get("variants") or {}
     labels += [v for v in variants if v not in labels]
     targets = list(grid.get("target_macs", [base.target_macs]))
@@ -120,7 +120,7 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
 
     def collect(cell, metrics):
         record = {"id": cell["id"], "label": cell["label"], "run_dir": str((out / "cells" / cell["id"]).relative_to(out))}
-        record.update({k: metrics.get(k) for k in _RECORD_KEYS})
+        record.update({k: metrics.get(k) for k in _RECORD_KEYS + _method_keys(metrics.get("method"))})
         record["target_macs"] = cell["target_macs"]
         record["wall_seconds"] = metrics.get("wall_seconds", metrics.get("total_seconds"))
         with _locked(out):  # another bench process may be filling other cells of the same grid
@@ -173,6 +173,23 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
         if doc["runs"]:
             plot_results(doc, out)
     return doc
+
+
+def _method_keys(method) -> tuple:
+    from .methods import get_method
+
+    try:
+        return get_method(method).metric_keys
+    except PassZooError:
+        return ()
+
+
+def learned_labels(doc: dict) -> List[str]:
+    """Labels of the cells whose method is not a Torch-Pruning baseline (what gap tables are about)."""
+    from .methods import get_method, list_methods
+
+    learned = {m for m in list_methods() if not get_method(m).baseline}
+    return sorted({r["label"] for r in doc["runs"] if r["label"] != "dense" and r.get("method") in learned})
 
 
 @contextlib.contextmanager

@@ -152,6 +152,15 @@ def card_data(run_dir, repo_id: Optional[str] = None) -> dict:
             "onnx_ok": onnx_ok, "latency": latency, "repo_id": repo_id or default_repo_id(run_dir)}
 
 
+def _method_tag(method: str) -> str:
+    from .methods import get_method
+
+    try:
+        return get_method(method).run_tag
+    except PassZooError:  # a run of a method this install does not have
+        return method
+
+
 def front_matter(d: dict) -> dict:
     """Hub model-card metadata (``library_name``, ``license``, ``tags``, ``model-index``, ...)."""
     m = d["metrics"]
@@ -159,7 +168,8 @@ def front_matter(d: dict) -> dict:
     base_id, license_, _ = base_model_info(m["model"], cfg.get("pretrained", "auto"))
     ds = dataset_info(m["dataset"])
     name = d["repo_id"].split("/")[-1] if d["repo_id"] else d["run_dir"].resolve().name
-    tags = ["image-classification", "timm", "pruning", "structured-pruning", "pass", m["model"]]
+    tags = ["image-classification", "timm", "pruning", "structured-pruning", _method_tag(m["method"]),
+            m["model"]]
     if d["onnx_ok"]:
         tags.append("onnx")
     meta = {"library_name": "timm", "license": license_, "tags": tags, "pipeline_tag": "image-classification"}

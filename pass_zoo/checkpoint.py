@@ -5,7 +5,7 @@ Three kinds of folder, each written atomically (a hidden temporary folder rename
 * ``search-NNNNNN/``, ``finetune-NNNNNN/`` -- a training loop after N steps: its modules, optimisers,
   schedulers, losses, data position (epoch, batches taken) and the RNG states of every process.
   Only the newest of each stage is kept; a failed write leaves the previous one in place.
-* ``searched/`` -- the output of stage 1 (backbone with its task head, prompt, masks, hypernetwork),
+* ``searched/`` -- the output of stage 1 (backbone with its task head, prompt, masks, the method's files),
   so a run resumed during fine-tuning does not search again.
 
 Every ``state.json`` also repeats the run's *carry*: stage results that later stages and
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, Interrupted, PassZooError
+from .errors import CheckpointError, Interrupted, PassZooError, one_line
 from .runio import atomic_write_dir, remove_temporaries, safetensors_bytes
 from .training import Batches, StopRequest
 
@@ -40,7 +40,16 @@ FORMAT = "pass-zoo-checkpoint/1"
 STAGES = ("search", "searched", "finetune")  # in run order
 # Settings that may change between a run and its --resume (they do not change the result).
 OPERATIONAL = ("out", "overwrite", "resume", "checkpoint_every", "workers", "onnx")
+ARTEFACT_PREFIX = "artefact-"  # a method's files inside searched/
 _STEP_DIR = re.compile(r"^(search|finetune)-(\d{6,})$")
+
+
+@dataclass
+class Searched:
+    """Stage 1's output as a resumed run reads it back."""
+
+    masks: Dict[str, torch.Tensor]
+    artefacts: Dict[str, bytes]
 
 
 @dataclass
@@ -218,8 +227,7 @@ class RunCheckpoints:
         try:
             return load_file(str(path / name))
         except Exception as exc:  # truncated or tampered file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"cannot resume from {path}: {name} is unreadable ({first})") from exc
+            raise CheckpointError(f"cannot resume from {path}: {name} is unreadable ({one_line(exc)})") from exc
 
     # ---- save
     def _meta(self, stage: str, step: Optional[int], extra: dict) -> dict:
@@ -295,31 +303,30 @@ class RunCheckpoints:
         except CheckpointError:
             raise
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({first})") from exc
+            raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({one_line(exc)})") from exc
         self.last_saved = f"{loop.stage} step {loop.step}"
         return True
 
     # ---- the search stage's output
     def save_searched(self, backbone: nn.Module, prompt: nn.Module, masks: Dict[str, torch.Tensor],
-                      hypernet: Optional[nn.Module] = None) -> None:
-        """Stage 1's output: the backbone (task head, weights a baseline trained), prompt, masks, hypernetwork."""
+                      artefacts: Optional[Dict[str, bytes]] = None) -> None:
+        """Stage 1's output: the backbone (task head, weights a method trained), prompt, masks, and the
+        method's artefacts (files it writes beside the masks), so a resumed run still writes them."""
+        artefacts = dict(artefacts or {})
         tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
         tensors.update({f"prompt.{k}": v for k, v in prompt.state_dict().items()})
         tensors.update({f"masks.{k}": v.to(torch.uint8) for k, v in masks.items()})
-        if hypernet is not None:
-            tensors.update({f"hypernet.{k}": v for k, v in hypernet.state_dict().items()})
-        extra = {"hypernet_config": hypernet.config()} if hypernet is not None else {}
-        self._write("searched", {"searched.safetensors": _st_bytes(tensors),
-                                 "state.json": json.dumps(self._meta("searched", None, extra)).encode()})
+        meta = self._meta("searched", None, {"artefacts": sorted(artefacts)})
+        self._write("searched", {**{f"{ARTEFACT_PREFIX}{k}": v for k, v in artefacts.items()},
+                                 "searched.safetensors": _st_bytes(tensors), "state.json": json.dumps(meta).encode()})
         if self.accelerator.is_main_process:
             for _, _, old in self._entries():
                 if old.name.startswith("search-"):
                     shutil.rmtree(old, ignore_errors=True)
         self.last_saved = "the search result"
 
-    def load_searched(self, backbone: nn.Module, prompt: nn.Module, seq) -> Optional[Dict[str, torch.Tensor]]:
-        """Restore stage 1's output into ``backbone`` and ``prompt``; its masks, or None if not resuming after it."""
+    def load_searched(self, backbone: nn.Module, prompt: nn.Module, seq) -> Optional[Searched]:
+        """Restore stage 1's output into ``backbone`` and ``prompt``; None if not resuming after it."""
         path = self.latest("searched")
         if path is None:
             return None
@@ -332,18 +339,13 @@ class RunCheckpoints:
             backbone.load_state_dict(part("backbone."), strict=True)
             prompt.load_state_dict(part("prompt."), strict=True)
             masks = part("masks.")
-            self.searched_hypernet = None  # a resumed run still writes the hypernetwork it searched with
-            meta = json.loads((path / "state.json").read_text())
-            if meta.get("hypernet_config"):
-                from .hypernet import PassHyperNetwork
-
-                self.searched_hypernet = PassHyperNetwork(**meta["hypernet_config"])
-                self.searched_hypernet.load_state_dict(part("hypernet."), strict=True)
+            meta = self._read_meta(path)
+            artefacts = {name: (path / f"{ARTEFACT_PREFIX}{name}").read_bytes() for name in meta.get("artefacts", [])}
             self.last_saved = "the search result"
-            return {g.name: masks[g.name].bool() for g in seq.groups}  # walk order, as the search returns them
-        except (KeyError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({first})") from exc
+            # walk order, as the methods return them
+            return Searched({g.name: masks[g.name].bool() for g in seq.groups}, artefacts)
+        except (KeyError, RuntimeError, OSError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({one_line(exc)})") from exc
 
     def finish(self) -> None:
         """The run folder is complete: checkpoints are no longer needed."""

@@ -31,7 +31,7 @@ def _json_object(text: str) -> dict:
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     from .backbone import PRETRAINED_HELP
-    from .baselines import METHODS
+    from .methods import list_methods
     from .data import DATASET_HELP
     from .finetune import FinetuneConfig
     from .pipeline import PruneConfig
@@ -56,7 +56,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", default=None, metavar="FILE",
                    help="take every setting from a recipe YAML (see pass_zoo/recipes.py); flags given here "
                         "override it; --out defaults to runs/NAME")
-    g.add_argument("--method", default=d.method, choices=list(METHODS),
+    g.add_argument("--method", default=d.method, choices=list_methods(),
                    help="how masks are chosen: pass, or a Torch-Pruning baseline under the same budget, slimming "
                         "and fine-tuning (default: pass)")
 
@@ -427,15 +427,15 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import gap_table, results_table, run_bench
+    from .bench import gap_table, learned_labels, results_table, run_bench
 
     doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads,
                     log=lambda msg: print(msg, file=sys.stderr))
     if doc["runs"]:
         print(results_table(doc))
-        labels = {r["label"] for r in doc["runs"]}
-        baselines = {lab for lab in labels if lab != "dense" and not lab.startswith("pass")}
-        for label in sorted(lab for lab in labels if lab.startswith("pass")) if baselines else ():
+        learned = learned_labels(doc)
+        baselines = {r["label"] for r in doc["runs"]} - set(learned) - {"dense"}
+        for label in learned if baselines else ():
             print()
             print(gap_table(doc, label))
     return 0

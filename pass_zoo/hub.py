@@ -14,6 +14,7 @@ revision, commit url) is written only after the commit succeeded.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,8 +30,7 @@ RUN_FILES = ("config.json", "model.safetensors", "metrics.json", "masks.json", "
              "model.onnx", "export.json")
 CARD_FILES = (CARD_FILE, PLOT_FILE)
 PUBLISH_FILES = RUN_FILES + CARD_FILES
-# PASS runs also carry their hypernetwork: publishing it lets others transfer it to their task.
-OPTIONAL_FILES = (LATENCY_FILE, "hypernet.json", "hypernet.safetensors")
+OPTIONAL_FILES = (LATENCY_FILE,)
 HUB_RECORD = "hub.json"
 
 
@@ -98,6 +98,19 @@ def _card_is_current(run_dir: Path, repo_id: str) -> bool:
     return f"hf-hub:{repo_id}\"" in card.read_text(encoding="utf-8", errors="replace")
 
 
+def optional_files(run_dir: Path) -> Tuple[str, ...]:
+    """Published when present: the latency report and the method's artefacts (what lets others
+    transfer what it learned, e.g. PASS's hypernetwork)."""
+    from .methods import get_method
+
+    try:
+        method = json.loads((run_dir / "metrics.json").read_text()).get("method")
+        artefacts = get_method(method).artefacts if method else ()
+    except (OSError, ValueError, PassZooError):
+        artefacts = ()
+    return OPTIONAL_FILES + tuple(artefacts)
+
+
 def publish_plan(run_dir, repo_id: str) -> dict:
     """What ``publish`` would upload: ``files`` [(name, size or None if still to render)], the card text,
     and whether the card has to be (re-)rendered first. Reads only."""
@@ -107,7 +120,7 @@ def publish_plan(run_dir, repo_id: str) -> dict:
     current = _card_is_current(run_dir, repo_id)
     card = (run_dir / CARD_FILE).read_text(encoding="utf-8") if current else render_card(run_dir, repo_id)
     files: List[Tuple[str, Optional[int]]] = []
-    for name in PUBLISH_FILES + OPTIONAL_FILES:
+    for name in PUBLISH_FILES + optional_files(run_dir):
         path = run_dir / name
         if name == CARD_FILE and not current:
             files.append((name, len(card.encode("utf-8"))))
@@ -168,7 +181,7 @@ def publish(run_dir, repo_id: str, *, private: bool = False, revision: Optional[
     token = resolve_token(token)  # before any file is written: a missing token changes nothing
     if plan["render_card"]:
         write_card(run_dir, repo_id)
-    files = [name for name in PUBLISH_FILES + OPTIONAL_FILES if (run_dir / name).is_file()]
+    files = [name for name in PUBLISH_FILES + optional_files(run_dir) if (run_dir / name).is_file()]
     hashes = {name: _sha256(run_dir / name) for name in files}
     api = HfApi(token=token)
     try:

@@ -197,36 +197,39 @@ class PassHyperNetwork(nn.Module):
         return scores
 
 
-def save_hypernet(hypernet: PassHyperNetwork, folder) -> None:
-    """``hypernet.safetensors`` + ``hypernet.json`` (what rebuilds it), written atomically."""
-    from pathlib import Path
-
+def hypernet_files(hypernet: PassHyperNetwork) -> dict:
+    """``{"hypernet.safetensors", "hypernet.json"}`` contents: the weights and what rebuilds them."""
     from safetensors.torch import save as st_save
 
-    from .runio import atomic_write_bytes, atomic_write_json
+    from .runio import json_bytes
 
-    folder = Path(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in hypernet.state_dict().items()}
-    atomic_write_bytes(folder / "hypernet.safetensors", st_save(state))
-    atomic_write_json(folder / "hypernet.json", hypernet.config())
+    return {"hypernet.safetensors": st_save(state), "hypernet.json": json_bytes(hypernet.config())}
+
+
+def hypernet_from_files(files: dict) -> PassHyperNetwork:
+    """The inverse of ``hypernet_files`` (strict; no pickle)."""
+    import json
+
+    from safetensors.torch import load
+
+    net = PassHyperNetwork(**json.loads(files["hypernet.json"]))
+    net.load_state_dict(load(files["hypernet.safetensors"]), strict=True)
+    return net
 
 
 def load_hypernet(folder) -> PassHyperNetwork:
     """Rebuild a saved hypernetwork (strict; no pickle)."""
-    import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
-    from .errors import PassZooError
+    from .errors import PassZooError, one_line
 
     folder = Path(folder)
     cfg_path, weights = folder / "hypernet.json", folder / "hypernet.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise PassZooError(f"{folder} holds no PASS hypernetwork (hypernet.json + hypernet.safetensors)")
     try:
-        net = PassHyperNetwork(**json.loads(cfg_path.read_text()))
-        net.load_state_dict(load_file(str(weights)), strict=True)
+        net = hypernet_from_files({"hypernet.json": cfg_path.read_bytes(), "hypernet.safetensors": weights.read_bytes()})
     except Exception as exc:
-        raise PassZooError(f"cannot load the hypernetwork in {folder}: {str(exc).splitlines()[0]}") from exc
+        raise PassZooError(f"cannot load the hypernetwork in {folder}: {one_line(exc)}") from exc
     return net.eval()

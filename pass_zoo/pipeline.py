@@ -18,16 +18,15 @@ import torch
 
 from .adapter import build_layer_sequence
 from .checkpoint import RunCheckpoints
-from .baselines import METHODS, TRAINS_WEIGHTS, baseline_scores
 from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
 from .data import DataSpec, hold_out, load_task_data, make_loader, subset
 from .errors import BudgetError, PassZooError
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
-from .hypernet import load_hypernet, save_hypernet
-from .masks import load_masks, masks_summary, save_masks, select_units, to_channel_masks, to_unit_masks
+from .masks import load_masks, masks_summary, save_masks, select_units, to_unit_masks
+from .methods import MethodContext, get_method, list_methods
 from .prompt import PromptedModel, create_prompt
-from .runio import atomic_write_json, prepare_run_dir
+from .runio import atomic_write_bytes, atomic_write_json, prepare_run_dir
 from .search import SearchConfig, search
 from .slim import count_macs, count_params, slim
 from .training import check_same_across_processes
@@ -83,8 +82,8 @@ class PruneConfig:
             raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         if self.head not in ("auto", "flm", "new"):
             raise PassZooError(f"--head must be auto, flm or new, got '{self.head}'")
-        if self.method not in METHODS:
-            raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.method not in list_methods():
+            raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(list_methods())})")
         if self.batch_size <= 0 or self.search.steps < 0 or self.finetune.steps < 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
         if self.transfer_mode not in ("hypernet", "masks"):
@@ -106,7 +105,7 @@ class PruneConfig:
 
     def default_out(self) -> str:
         data = self.dataset.split(":")[0]
-        return f"runs/{self.model}-{data}-pass{round(self.target_macs * 100)}"
+        return f"runs/{self.model}-{data}-{get_method(self.method).run_tag}{round(self.target_macs * 100)}"
 
 
 def apply_overrides(cfg: PruneConfig, overrides: dict, where: str, noun: str = "key",
@@ -253,27 +252,22 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     select_units([torch.zeros(g.units) for g in seq.groups], seq, cfg.target_macs, cfg.search.round_to,
                  cfg.search.selection)
     t_search = time.time()
-    masks = ckpts.load_searched(backbone, prompt, seq)  # resumed after the search: its result
-    hypernet = getattr(ckpts, "searched_hypernet", None) if masks is not None else None
-    if masks is None:
-        if cfg.transfer_from and cfg.transfer_mode == "masks":  # (a) masks found on another task
+    method = get_method(cfg.method)
+    searched = ckpts.load_searched(backbone, prompt, seq)  # resumed after the search: its result
+    if searched is not None:
+        masks, artefacts = searched.masks, searched.artefacts
+    else:
+        artefacts = {}
+        if cfg.transfer_from and cfg.transfer_mode == "masks":  # masks found on another task
             masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")
             to_unit_masks(masks, seq)  # same architecture, or a clear error
-        elif cfg.method == "pass":
-            source = load_hypernet(cfg.transfer_from) if cfg.transfer_from else None  # (b) another task's
-            result = search(backbone, seq, prompt, train_loader, cfg.target_macs, cfg.search, accelerator,
-                            train_head=(head == "new"), hypernet=source, checkpoints=ckpts)
-            masks, hypernet = result.masks, result.hypernet
-            carry.update(search_losses=result.losses, hypernet_params=count_params(hypernet))
         else:
-            scores = baseline_scores(cfg.method, backbone, seq, prompt, train_loader, cfg.search.steps, accelerator,
-                                     train_head=(head == "new"), lr_head=cfg.search.lr_head)
-            masks = to_channel_masks(select_units(scores, seq, cfg.target_macs, cfg.search.round_to,
-                                                  cfg.search.selection), seq)
-            check_same_across_processes(accelerator, f"{cfg.method} masks", list(masks.values()))
+            result = method.produce(MethodContext(backbone, seq, prompt, train_loader, cfg, accelerator, ckpts, head))
+            masks, artefacts = result.masks, result.artefacts
+            carry.update(result.record)
         carry["search_seconds"] = round(time.time() - t_search, 2)
-        ckpts.save_searched(backbone, prompt, masks, hypernet)
-    search_losses, hypernet_params = carry.get("search_losses", []), carry.get("hypernet_params")
+        ckpts.save_searched(backbone, prompt, masks, artefacts)
+    search_losses = carry.get("search_losses", [])
 
     # slim + fine-tune
     slim_model, history = slim(backbone, masks, example)
@@ -287,7 +281,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     if ft_cfg.epochs:  # batches per epoch as each process sees them
         per_epoch = len(accelerator.prepare(make_loader(train_ds, cfg.batch_size, True, cfg.seed)))
         ft_cfg = dataclasses.replace(ft_cfg, steps=max(1, round(ft_cfg.epochs * per_epoch)))
-    stage1_updates = cfg.search.steps if cfg.method in TRAINS_WEIGHTS and not cfg.transfer_from else 0
+    stage1_updates = cfg.search.steps if method.trains_weights and not cfg.transfer_from else 0
     if cfg.equal_updates and stage1_updates:
         ft_cfg = dataclasses.replace(ft_cfg, steps=max(0, ft_cfg.steps - stage1_updates))
     t_ft = time.time()
@@ -307,7 +301,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         "macs_slim": count_macs(slim_model, example),
         "params_dense": count_params(backbone),
         "params_slim": count_params(slim_model),
-        "hypernet_params": hypernet_params,
+        **{key: carry.get(key) for key in method.metric_keys},
         "top1": top1,
         "top1_after_search": top1_after_search,
         "search_loss_first": search_losses[0] if search_losses else None,
@@ -335,8 +329,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
 
     if main:
         save_masks(masks, masks_summary(masks, seq), out)
-        if hypernet is not None:
-            save_hypernet(hypernet, out)
+        for name, data in artefacts.items():
+            atomic_write_bytes(out / name, data)
         from .export import save_slim_model
         save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
                         label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),
@@ -354,18 +348,15 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
 def compute_spent(cfg: PruneConfig, head: str, stage1_updates: int, finetune_steps: int, world: int) -> dict:
     """What a run spent, in images and backward passes per stage (the budget every method shares).
 
-    Stage 1: PASS searches for ``search.steps`` batches, Taylor accumulates gradients over as many,
-    the regularised methods train the weights for as many; l1 and random read only the weights.
+    Stage 1: as many batches as the method says (``Method.stage1_batches``): PASS searches for
+    ``search.steps``, Taylor accumulates gradients over as many, the regularised methods train the
+    weights for as many; l1 and random read only the weights (or probe a new head).
     """
     batch = cfg.batch_size * world
     if cfg.transfer_from and cfg.transfer_mode == "masks":
         stage1 = 0
-    elif cfg.method == "taylor":
-        stage1 = max(1, cfg.search.steps)
-    elif cfg.method == "pass" or cfg.method in TRAINS_WEIGHTS or head == "new":  # new head: l1/random train it
-        stage1 = cfg.search.steps
     else:
-        stage1 = 0
+        stage1 = get_method(cfg.method).stage1_batches(cfg.search.steps, head == "new")
     calibration = cfg.bn_calibration_batches * batch * (2 if cfg.adapt_bn else 1)
     return {
         "stage1_batches": stage1, "stage1_images": stage1 * batch, "stage1_backward_passes": stage1,

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import PassZooError
+from .methods import get_method, list_methods
 from .pipeline import PruneConfig, apply_overrides
 
 
@@ -25,8 +26,10 @@ def transfer_config(source_run, mode: str, **overrides) -> PruneConfig:
     for key in ("out", "overwrite", "transfer_from", "transfer_mode"):
         saved.pop(key, None)
     cfg = apply_overrides(PruneConfig(), saved, f"{metrics_path} config")
-    if mode == "hypernet" and cfg.method != "pass":
-        raise PassZooError(f"{source_run} was pruned with '{cfg.method}', not PASS: it has no hypernetwork")
+    if mode == "hypernet" and not get_method(cfg.method).transferable:
+        learned = ", ".join(m for m in list_methods() if get_method(m).transferable)
+        raise PassZooError(f"{source_run} was pruned with '{cfg.method}': it has no hypernetwork to transfer "
+                           f"(runs of {learned} have one)")
     cfg = apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None}, "transfer")
     cfg.transfer_from, cfg.transfer_mode = str(source_run), mode
     return cfg

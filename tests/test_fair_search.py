@@ -131,7 +131,7 @@ def test_a_new_head_learns_in_stage_1_for_every_method(tmp_path):
     """l1 reads only weights, yet with a new head it spends stage 1 on a linear probe, as PASS trains
     its head during the search: the fine-tune then starts from a trained head for every method."""
     from pass_zoo.adapter import build_layer_sequence
-    from pass_zoo.baselines import baseline_scores
+    from pass_zoo.methods.torch_pruning import baseline_scores
     from pass_zoo.training import make_accelerator
 
     model = make_model("resnet10t", num_classes=3)

@@ -1,0 +1,23 @@
+"""PASS as a mask producer: prompt + hypernetwork search (``search.py``), its hypernetwork the artefact."""
+from __future__ import annotations
+
+from ..hypernet import hypernet_files, load_hypernet
+from ..search import search
+from ..slim import count_params
+from .registry import Method, MethodContext, MethodResult, register_method
+
+
+@register_method
+class Pass(Method):
+    name = "pass"
+    baseline = False
+    artefacts = ("hypernet.json", "hypernet.safetensors")
+    metric_keys = ("hypernet_params",)
+
+    def produce(self, ctx: MethodContext) -> MethodResult:
+        cfg = ctx.config
+        source = load_hypernet(cfg.transfer_from) if cfg.transfer_from else None  # another task's, frozen
+        result = search(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.target_macs, cfg.search,
+                        ctx.accelerator, train_head=ctx.new_head, hypernet=source, checkpoints=ctx.checkpoints)
+        return MethodResult(result.masks, artefacts=hypernet_files(result.hypernet),
+                            record={"search_losses": result.losses, "hypernet_params": count_params(result.hypernet)})

@@ -1,0 +1,94 @@
+"""The mask producers' registry: one class per method, looked up by name.
+
+A method turns a context (backbone with its task head, layer sequence, prompt, loader, config,
+accelerator, checkpoints) into masks plus named artefacts (files written beside the masks, e.g.
+PASS's hypernetwork). Everything after the masks -- slimming, fine-tuning, export -- is shared, so
+the only difference between methods is how the masks were chosen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+import torch.nn as nn
+
+from ..errors import PassZooError
+
+_METHODS: Dict[str, Type["Method"]] = {}
+
+
+@dataclass
+class MethodContext:
+    """What a method may read (and, for weight-training methods, update in place)."""
+
+    backbone: nn.Module  # dense, with its task head (folded label mapping or a new head)
+    seq: Any  # the layer sequence of ``backbone``
+    prompt: nn.Module  # trained in place by methods that learn it
+    train_loader: Any
+    config: Any  # the run's PruneConfig
+    accelerator: Any
+    checkpoints: Any = None  # a RunCheckpoints, or None (no run folder)
+    head: str = "flm"  # flm | new
+
+    @property
+    def new_head(self) -> bool:
+        return self.head == "new"
+
+
+@dataclass
+class MethodResult:
+    masks: Dict[str, Any]  # {group name: bool channel mask}, walk order
+    artefacts: Dict[str, bytes] = field(default_factory=dict)  # file name -> content, written beside the masks
+    record: Dict[str, Any] = field(default_factory=dict)  # carried into metrics.json (and resumed runs)
+
+
+class Method:
+    """Base class of a mask producer; subclasses set ``name`` and implement ``produce``."""
+
+    name: str = ""
+    # Run-folder and card naming: runs/MODEL-DATA-{tag}{percent}, card tag ``tag``.
+    tag: Optional[str] = None
+    # Stage 1 updates the backbone weights: under equal_updates fine-tuning gets that many steps fewer.
+    trains_weights: bool = False
+    # A Torch-Pruning baseline (what a learned method is compared against in bench tables).
+    baseline: bool = True
+    # Files of ``MethodResult.artefacts``: published with the run, and what transfer reuses.
+    artefacts: Tuple[str, ...] = ()
+    # metrics.json keys the method fills from its record (None when it is absent).
+    metric_keys: Tuple[str, ...] = ()
+
+    @property
+    def run_tag(self) -> str:
+        return self.tag or self.name
+
+    @property
+    def transferable(self) -> bool:
+        """Its artefacts can drive a run on another task (``--transfer-mode hypernet``)."""
+        return bool(self.artefacts)
+
+    def stage1_batches(self, steps: int, new_head: bool) -> int:
+        """Batches (each one backward pass) stage 1 spends; the search budget is ``steps``."""
+        return steps
+
+    def produce(self, ctx: MethodContext) -> MethodResult:
+        raise NotImplementedError
+
+
+def register_method(cls: Type[Method]) -> Type[Method]:
+    """Class decorator: make ``cls`` available as ``--method cls.name``."""
+    if not cls.name:
+        raise PassZooError(f"method class {cls.__name__} has no name")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> List[str]:
+    """Registered method names, in registration order."""
+    return list(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]()
+    except KeyError:
+        raise PassZooError(f"unknown method '{name}' (choose from {', '.join(_METHODS)})") from None

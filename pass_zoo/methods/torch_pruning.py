@@ -1,0 +1,239 @@
+"""Torch-Pruning's criteria as mask producers, scored on the *same* layer sequence as PASS.
+
+Each criterion is one small class: the Torch-Pruning importance it reads and, where the method
+needs one, what stage 1 does before scoring. Every criterion is normalised by its group mean, as
+Torch-Pruning does for global pruning; the same budgeted global selection (``masks.select_units``)
+turns the scores into masks.
+
+* ``l1``         -- group L1 magnitude, one shot (Li et al.).
+* ``taylor``     -- first-order Taylor |w * dL/dw| on the task loss, gradients over ``steps`` batches.
+* ``random``     -- random scores (a floor every method must clear).
+* ``group-norm`` -- DepGraph: sparse training with the group-norm regulariser, then group L2 norm.
+* ``bn-scale``   -- Slim: L1 on BatchNorm scales during training, then |gamma|.
+* ``growreg``    -- GrowReg: a growing L2 penalty on unimportant groups, then group L2 norm.
+
+The regularised methods train the backbone weights for the same number of steps PASS searches for
+(with the task head and prompt in place), which is how they are meant to be used. With a new task
+head, the one-shot criteria train it as a linear probe over as many batches, and Taylor over its
+gradient batches, as PASS trains its head during the search.
+"""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from ..errors import PassZooError
+from ..masks import select_units, to_channel_masks
+from ..training import check_same_across_processes, cosine_lambda, cycle, progress
+from .registry import Method, MethodContext, MethodResult, get_method, register_method
+
+
+def group_scores(seq, importance: Callable) -> List[torch.Tensor]:
+    """One score per unit of every group, from a Torch-Pruning importance criterion."""
+    scores = []
+    for g in seq.groups:
+        tp_group = seq.graph.get_pruning_group(g.root, g.root_fn, list(range(g.channels)))
+        imp = importance(tp_group)
+        if imp is None:  # the criterion has nothing to read in this group (e.g. no BN for Slim)
+            imp = torch.ones(g.channels)
+        imp = imp.detach().float().cpu().flatten()
+        if imp.numel() != g.channels:
+            raise PassZooError(f"{type(importance).__name__} returned {imp.numel()} scores for group "
+                               f"'{g.name}' of {g.channels} channels")
+        unit = g.unit_of_channel()  # mean over the channels of a unit (conv-group slices, a head's rows)
+        per_unit = torch.zeros(g.units).index_add_(0, unit, imp)
+        scores.append(per_unit / torch.bincount(unit, minlength=g.units).float())
+    return scores
+
+
+class TorchPruningCriterion(Method):
+    """Scores from ``importance()``; stage 1 (``prepare``) trains a new head as a linear probe."""
+
+    def importance(self):
+        raise NotImplementedError
+
+    def stage1_batches(self, steps: int, new_head: bool) -> int:
+        return steps if new_head else 0  # weights only; a new head is probed over the search's batches
+
+    def prepare(self, model, seq, prompt, loader, steps, accelerator, lr, importance, train_head, lr_head) -> None:
+        if train_head:
+            _accumulate_gradients(model, prompt, loader, steps, accelerator, lr_head, only_head=True)
+
+    def scoring(self):
+        return torch.no_grad()
+
+    def scores(self, model: nn.Module, seq, prompt: nn.Module, loader, steps: int, accelerator, lr: float = 0.01,
+               train_head: bool = False, lr_head: float = 1e-3) -> List[torch.Tensor]:
+        """Scores on ``model`` (methods that train the weights do so in place for ``steps``)."""
+        importance = self.importance()
+        self.prepare(model, seq, prompt, loader, steps, accelerator, lr, importance, train_head, lr_head)
+        with self.scoring():
+            scores = group_scores(seq, importance)
+        model.zero_grad(set_to_none=True)
+        return scores
+
+    def produce(self, ctx: MethodContext) -> MethodResult:
+        cfg = ctx.config
+        scores = self.scores(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.search.steps, ctx.accelerator,
+                             train_head=ctx.new_head, lr_head=cfg.search.lr_head)
+        masks = to_channel_masks(select_units(scores, ctx.seq, cfg.target_macs, cfg.search.round_to,
+                                              cfg.search.selection), ctx.seq)
+        check_same_across_processes(ctx.accelerator, f"{self.name} masks", list(masks.values()))
+        return MethodResult(masks)
+
+
+@register_method
+class L1(TorchPruningCriterion):
+    name = "l1"
+
+    def importance(self):
+        return tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean")
+
+
+class SparseTraining(TorchPruningCriterion):
+    """Train the weights with the method's regulariser; its criterion then reads the result."""
+
+    trains_weights = True
+    reg = 0.0
+
+    def stage1_batches(self, steps: int, new_head: bool) -> int:
+        return steps
+
+    def regulariser(self, model, seq, importance):
+        raise NotImplementedError
+
+    def after_step(self, reg, step: int) -> None:
+        pass
+
+    def prepare(self, model, seq, prompt, loader, steps, accelerator, lr, importance, train_head, lr_head) -> None:
+        reg = self.regulariser(model, seq, importance)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        model.train()
+        bar = progress(accelerator, steps, self.name)
+        for step, (x, y) in zip(range(steps), cycle(loader)):
+            loss = F.cross_entropy(model(prompt(x.to(accelerator.device))), y.to(accelerator.device))
+            if not torch.isfinite(loss):
+                raise PassZooError(f"{self.name} sparse training diverged at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            reg.regularize(model)
+            self.after_step(reg, step)
+            opt.step()
+            bar.update(1)
+        bar.close()
+        model.eval()
+
+    @staticmethod
+    def _pruner_kwargs(seq, importance) -> dict:
+        return dict(importance=importance, ignored_layers=seq.ignored, global_pruning=True)
+
+
+@register_method
+class GroupNorm(SparseTraining):
+    name = "group-norm"
+
+    def importance(self):
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
+
+    def regulariser(self, model, seq, importance):
+        return tp.pruner.GroupNormPruner(model, seq.example_input, reg=5e-4, **self._pruner_kwargs(seq, importance))
+
+
+@register_method
+class BNScale(SparseTraining):
+    name = "bn-scale"
+
+    def importance(self):
+        return tp.importance.BNScaleImportance(normalizer="mean")
+
+    def regulariser(self, model, seq, importance):
+        return tp.pruner.BNScalePruner(model, seq.example_input, reg=1e-5, **self._pruner_kwargs(seq, importance))
+
+
+@register_method
+class Taylor(TorchPruningCriterion):
+    name = "taylor"
+
+    def importance(self):
+        return tp.importance.GroupTaylorImportance(normalizer="mean")
+
+    def stage1_batches(self, steps: int, new_head: bool) -> int:
+        return max(1, steps)
+
+    def prepare(self, model, seq, prompt, loader, steps, accelerator, lr, importance, train_head, lr_head) -> None:
+        _accumulate_gradients(model, prompt, loader, max(1, steps), accelerator, lr_head if train_head else None)
+
+    def scoring(self):
+        return torch.enable_grad()
+
+
+@register_method
+class Random(TorchPruningCriterion):
+    name = "random"
+
+    def importance(self):
+        return tp.importance.RandomImportance()
+
+
+@register_method
+class GrowReg(SparseTraining):
+    name = "growreg"
+
+    def importance(self):
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
+
+    def regulariser(self, model, seq, importance):
+        return tp.pruner.GrowingRegPruner(model, seq.example_input, reg=1e-5, delta_reg=1e-5,
+                                          **self._pruner_kwargs(seq, importance))
+
+    def after_step(self, reg, step: int) -> None:
+        if step % 10 == 9:
+            reg.update_reg()
+
+
+def baseline_scores(method: str, model: nn.Module, seq, prompt: nn.Module, loader, steps: int, accelerator,
+                    lr: float = 0.01, train_head: bool = False, lr_head: float = 1e-3) -> List[torch.Tensor]:
+    """Scores of the criterion ``method`` (see ``TorchPruningCriterion.scores``)."""
+    criterion = get_method(method)
+    if not isinstance(criterion, TorchPruningCriterion):
+        raise PassZooError(f"'{method}' is not a Torch-Pruning criterion")
+    return criterion.scores(model, seq, prompt, loader, steps, accelerator, lr, train_head, lr_head)
+
+
+def _accumulate_gradients(model, prompt, loader, batches: int, accelerator, lr_head=None, only_head=False) -> None:
+    """Sum dL/dw over ``batches`` batches (weights unchanged): what Taylor importance reads.
+
+    ``lr_head``: the classifier also learns over these batches (its own gradients are not summed);
+    ``only_head``: nothing but the classifier (a linear probe for the one-shot criteria).
+    """
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters()]
+    flags = [p.requires_grad for p in params]
+    head = list(model.get_classifier().parameters()) if lr_head is not None else []
+    for p in params:
+        p.requires_grad_(not only_head)
+    for p in head:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(head, lr=lr_head) if head else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(batches)) if opt else None
+    model.zero_grad(set_to_none=True)
+    bar = progress(accelerator, batches, "head probe" if only_head else "taylor")
+    for _, (x, y) in zip(range(batches), cycle(loader)):
+        F.cross_entropy(model(prompt(x.to(accelerator.device))), y.to(accelerator.device)).backward()
+        if opt is not None:
+            opt.step()
+            sched.step()
+            for p in head:
+                p.grad = None
+        bar.update(1)
+    bar.close()
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+    model.train(was_training)
