@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .errors import BackboneError
+from .errors import BackboneError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
             raise BackboneError(f"cannot read weights {path}: the pickle holds objects other than tensors, which "
                                 "pass-zoo never unpickles; save torch.save(model.state_dict()) or a .safetensors file"
                                 ) from exc
-        raise BackboneError(f"cannot read weights {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise BackboneError(f"cannot read weights {path}: {one_line(exc)}") from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -118,8 +118,7 @@ def create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     except BackboneError:
         raise
     except Exception as exc:  # download / hub failures
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BackboneError(f"could not load pretrained weights for '{name}' ({first}); {OFFLINE_HINT}") from exc
+        raise BackboneError(f"could not load pretrained weights for '{name}' ({one_line(exc)}); {OFFLINE_HINT}") from exc
     if pretrained == "bundled":
         if name != BUNDLED_ARCH:
             raise BackboneError(f"--pretrained bundled holds {BUNDLED_ARCH} weights, not {name}")

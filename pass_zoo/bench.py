@@ -35,8 +35,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List
 
-from .errors import PassZooError
-from .pipeline import PruneConfig, apply_overrides
+from .errors import PassZooError, one_line
+from .config import PruneConfig, apply_overrides
 from .runio import atomic_write_json
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
@@ -53,7 +53,7 @@ def load_spec(path) -> dict:
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise PassZooError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise PassZooError(f"{path} is not valid YAML: {one_line(exc)}") from exc
     if not isinstance(spec, dict) or "grid" not in spec:
         raise PassZooError(f"{path}: a benchmark spec needs a 'grid' mapping")
     unknown = sorted(set(spec) - {"name", "base", "grid", "variants", "dense", "description"})

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .errors import PassZooError
+from .errors import PassZooError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class _Stage:
             return False
         if not isinstance(exc, Exception):
             return False  # KeyboardInterrupt and friends
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = one_line(exc)
         if not isinstance(exc, (PassZooError, _CheckFailed)):
             text = f"{type(exc).__name__}: {text}"  # a bug or a library error, not a refusal
             log.debug("%s", "".join(traceback.format_exception(exc_type, exc, tb)))
@@ -176,7 +176,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
     from .export import save_slim_model
     from .masks import smallest_macs, to_unit_masks
     from .onnx_export import export_onnx
-    from .prompt import PromptedModel, create_prompt
+    from .prompt import PromptedModel, create_prompt, default_prompt_width
     from .search import SearchConfig, search
     from .slim import count_macs, slim
     from .training import make_accelerator
@@ -205,7 +205,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
             stage.detail = (f"{result.groups} groups, {result.head_groups} of them attention heads; "
                             f"{result.excluded} left dense")
         with _Stage(result, "search", echo):
-            prompt = create_prompt("additive", size, max(1, round(size * 16 / 224)))
+            prompt = create_prompt("additive", size, default_prompt_width(size))
             data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (4,), generator=gen))
             cfg = SearchConfig(steps=search_steps)
             with contextlib.redirect_stderr(io.StringIO()):  # progress bars

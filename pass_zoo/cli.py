@@ -19,167 +19,33 @@ EPILOG = """examples (offline):
 """
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}'") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}'")
-    return value
+def _add_prune_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``prune``'s options: every config flag (see config.py) plus how to read and launch the run."""
+    from .config import GROUPS, WHAT, RUN, add_flags
 
-
-def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    from .backbone import PRETRAINED_HELP
-    from .methods import list_methods
-    from .data import DATASET_HELP
-    from .finetune import FinetuneConfig
-    from .pipeline import PruneConfig
-    from .search import SearchConfig
-
-    d, s, f = PruneConfig(), SearchConfig(), FinetuneConfig()
-    g = p.add_argument_group("what to prune")
-    g.add_argument("--model", default=d.model, help=f"timm model name (default: {d.model})")
-    g.add_argument("--pretrained", default=d.pretrained,
-                   help=f"weights: auto (bundled for tf_efficientnet_lite0, else timm) | {PRETRAINED_HELP}")
-    g.add_argument("--dataset", default=d.dataset, help=f"{DATASET_HELP} (default: {d.dataset})")
-    g.add_argument("--target-macs", type=float, default=d.target_macs,
-                   help="the slim model keeps at most this fraction of the dense MACs, in (0, 1] (default: %(default)s)")
-    g.add_argument("--round-to", type=int, default=s.round_to,
-                   help="keep each group's channels a multiple of N; odd widths waste real speed (default: %(default)s)")
-    g.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the model's own)")
-    g.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
-                   help="extra timm.create_model arguments, recorded in the export, e.g. '{\"img_size\": 64}' "
-                        "for a ViT/Swin at 64 px")
-    g.add_argument("--out", default=None, help="run folder (default: runs/MODEL-DATASET-passPCT)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    g.add_argument("--recipe", default=None, metavar="FILE",
-                   help="take every setting from a recipe YAML (see pass_zoo/recipes.py); flags given here "
-                        "override it; --out defaults to runs/NAME")
-    g.add_argument("--method", default=d.method, choices=list_methods(),
-                   help="how masks are chosen: pass, or a Torch-Pruning baseline under the same budget, slimming "
-                        "and fine-tuning (default: pass)")
-
-    g = p.add_argument_group("task head and prompt")
-    g.add_argument("--head", default=d.head, choices=["auto", "flm", "new"],
-                   help="flm: frequency label mapping onto the ImageNet classifier; new: a fresh linear head; "
-                        "auto: flm for 1000-class backbones (default: %(default)s)")
-    g.add_argument("--prompt", default=d.prompt, choices=["additive", "pad"],
-                   help="additive frame on the image border (paper's best) or pad (image shrunk into a canvas)")
-    g.add_argument("--prompt-size", type=int, default=None, help="prompt frame width in px (default: 16 at 224, scaled)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per-process batch size (default: %(default)s)")
-    g.add_argument("--train-subset", type=int, default=None, help="use a fixed random subset of N training images")
-    g.add_argument("--val-subset", type=int, default=None, help="evaluate on a fixed random subset of N images")
-    g.add_argument("--holdout", type=int, default=None, metavar="N",
-                   help="evaluate on N training images held out of training, never the test set (for choosing "
-                        "settings; one fixed split for every seed)")
-    g.add_argument("--no-adapt-bn", action="store_true",
-                   help="keep the backbone's ImageNet BN statistics for the label mapping and the search instead of "
-                        "re-estimating them on the target data first")
-    g.add_argument("--flm-samples", type=int, default=d.flm_samples,
-                   help="training images used to build the label mapping (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=d.workers, help="data-loader worker processes (default: %(default)s)")
-
-    g = p.add_argument_group("stage 1: PASS search (backbone frozen)")
-    g.add_argument("--search-steps", type=int, default=s.steps, help="optimisation steps (default: %(default)s)")
-    g.add_argument("--search-lr-prompt", type=float, default=s.lr_prompt, help="SGD lr of the prompt (default: %(default)s)")
-    g.add_argument("--search-lr-hypernet", type=float, default=s.lr_hypernet,
-                   help="AdamW lr of prompt encoder, LSTM and heads (default: %(default)s)")
-    g.add_argument("--hidden-size", type=int, default=s.hidden, help="hypernetwork hidden size (default: %(default)s)")
-    g.add_argument("--hypernet", default=s.core, choices=["lstm", "mlp", "cnn"],
-                   help="hypernetwork core: lstm (paper) or the mlp/cnn ablations (default: %(default)s)")
-    g.add_argument("--selection", default=s.selection, choices=["global", "uniform"],
-                   help="global: one ranking over all groups (paper); uniform: same fraction per group")
-    g.add_argument("--search-bn", default=s.bn_mode, choices=["batch", "frozen"],
-                   help="BatchNorm of the frozen backbone during search: batch statistics (default; depend on the "
-                        "per-process batch) or the frozen running statistics")
-    g.add_argument("--budget-warmup", type=float, default=s.budget_warmup, metavar="FRACTION",
-                   help="tighten the MACs budget from dense to the target over this fraction of the search steps "
-                        "(0: the target from the first step; default: %(default)s)")
-    g.add_argument("--no-prior", action="store_true",
-                   help="every part of the scores is learned (the paper's PASS): no hand-made log-magnitude ranking "
-                        "added to them")
-    g.add_argument("--hypernet-rank", type=int, default=s.rank, metavar="R",
-                   help="rank of the per-group unit embeddings, the hypernetwork's heads (default: %(default)s)")
-    g.add_argument("--distill", type=float, default=s.distill, metavar="W",
-                   help="weight of a KL(dense || masked) distillation term in the search loss (default: %(default)s)")
-    g.add_argument("--no-prompt-input", action="store_true", help="ablation: the hypernetwork does not see the prompt")
-    g.add_argument("--no-weight-input", action="store_true", help="ablation: the hypernetwork does not see weights")
-
-    g = p.add_argument_group("stage 2: fine-tuning the slim network with its prompt")
-    g.add_argument("--finetune-steps", type=int, default=f.steps, help="optimisation steps (default: %(default)s)")
-    g.add_argument("--finetune-epochs", type=float, default=None, help="epochs instead of steps")
-    g.add_argument("--finetune-lr", type=float, default=f.lr, help="SGD lr of the network (default: %(default)s)")
-    g.add_argument("--finetune-lr-prompt", type=float, default=f.lr_prompt, help="SGD lr of the prompt (default: %(default)s)")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed,
-                   help="random seed; the same seed repeats a one-process CPU run bit for bit (default: %(default)s)")
-    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"],
-                   help="autocast: bf16 (CPU or GPU), fp16 (GPU only) or no (default: %(default)s)")
-    g.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="train on N processes: relaunches itself through 'accelerate launch --multi_gpu' "
-                        "(gloo on the CPU); --batch-size is per process (default: %(default)s)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                   help="save a checkpoint to OUT/checkpoints every N steps of search and fine-tuning; also at the "
-                        "end of each stage and on Ctrl-C; 0: only then (default: %(default)s)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest checkpoint (same flags as the original run)")
-    g.add_argument("--no-onnx", action="store_true",
-                   help="skip writing the verified model.onnx (run 'pass-zoo export' later)")
-
-
-# prune flag (argparse dest) -> PruneConfig field ("section.field" inside SearchConfig/FinetuneConfig;
-# "!" = the flag sets the negated boolean). One table for defaults, recipes and overrides.
-PRUNE_FLAGS = {
-    "model": "model", "pretrained": "pretrained", "dataset": "dataset", "target_macs": "target_macs",
-    "round_to": "search.round_to", "img_size": "img_size", "out": "out", "overwrite": "overwrite",
-    "method": "method", "head": "head", "prompt": "prompt", "prompt_size": "prompt_size",
-    "batch_size": "batch_size", "train_subset": "train_subset", "val_subset": "val_subset", "holdout": "holdout",
-    "flm_samples": "flm_samples", "workers": "workers", "search_steps": "search.steps",
-    "search_lr_prompt": "search.lr_prompt", "search_lr_hypernet": "search.lr_hypernet",
-    "hidden_size": "search.hidden", "hypernet": "search.core", "selection": "search.selection",
-    "no_prompt_input": "!search.use_prompt", "no_weight_input": "!search.use_weights",
-    "finetune_steps": "finetune.steps", "finetune_epochs": "finetune.epochs", "finetune_lr": "finetune.lr",
-    "finetune_lr_prompt": "finetune.lr_prompt", "seed": "seed", "mixed_precision": "mixed_precision",
-    "no_onnx": "!onnx", "model_kwargs": "model_kwargs", "resume": "resume",
-    "checkpoint_every": "checkpoint_every", "search_bn": "search.bn_mode",
-    "budget_warmup": "search.budget_warmup", "no_prior": "!search.use_prior", "hypernet_rank": "search.rank",
-    "distill": "search.distill", "no_adapt_bn": "!adapt_bn",
-}
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    add_flags(groups, defaults)
+    groups[WHAT].add_argument("--recipe", **({"default": None} if defaults else {}), metavar="FILE",
+                              help="take every setting from a recipe YAML (see pass_zoo/recipes.py); flags given "
+                                   "here override it; --out defaults to runs/NAME")
+    groups[RUN].add_argument("--num-processes", type=int, **({"default": 1} if defaults else {}), metavar="N",
+                             help="train on N processes: relaunches itself through 'accelerate launch --multi_gpu' "
+                                  "(gloo on the CPU); --batch-size is per process (default: 1)")
 
 
 def _prune_config(args, base=None, given=None):
     """``base`` (a recipe's PruneConfig; default: PruneConfig()) with the flags in ``given`` applied
     (default: every flag, i.e. the parser's defaults, which are PruneConfig's own)."""
-    import copy
+    from .config import from_args
 
-    from .pipeline import PruneConfig
-
-    cfg = copy.deepcopy(base) if base is not None else PruneConfig()
-    for dest, field in PRUNE_FLAGS.items():
-        if given is not None and dest not in given:
-            continue
-        value = getattr(args, dest)
-        if field.startswith("!"):
-            field, value = field[1:], not value
-        *sections, leaf = field.split(".")
-        target = cfg
-        for section in sections:
-            target = getattr(target, section)
-        setattr(target, leaf, value)
-    return cfg
+    return from_args(args, base, given)
 
 
 def explicit_prune_flags(argv: List[str]) -> set:
-    """The prune flags typed on the command line (not defaults): ``argv`` parsed again with every
-    default suppressed, so only given options appear in the namespace."""
-    parser = argparse.ArgumentParser(prog="pass-zoo prune", add_help=False)
-    _add_prune_args(parser)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
+    """The prune flags typed on the command line (not defaults): ``argv`` parsed by a parser whose
+    options have no defaults, so only given options appear in the namespace."""
+    parser = argparse.ArgumentParser(prog="pass-zoo prune", add_help=False, argument_default=argparse.SUPPRESS)
+    _add_prune_args(parser, defaults=False)
     rest = argv[argv.index("prune") + 1:] if "prune" in argv else argv
     return set(vars(parser.parse_args(rest)))
 
@@ -334,23 +200,10 @@ def _write_json(path: Optional[str], obj) -> None:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .onnx_export import export_onnx
-    from .runio import atomic_write_json
+    from .onnx_export import export_run_onnx
 
     run_dir = Path(args.run_dir.removeprefix("local-dir:"))
-    metrics_path = run_dir / "metrics.json"
-    try:
-        report, error = export_onnx(run_dir, opset=args.opset, exporter=args.exporter), None
-    except PassZooError as exc:
-        report, error = getattr(exc, "report", None), exc
-    if report is not None and metrics_path.is_file():  # keep prune's record in step with the files on disk
-        metrics = json.loads(metrics_path.read_text())
-        diffs = [d for d in (report["max_abs_diff_random"], report["max_abs_diff_real"]) if d is not None]
-        metrics["onnx_max_abs_diff"] = max(diffs) if diffs else None
-        metrics.pop("onnx_error", None)
-        if error is not None:
-            metrics["onnx_error"] = str(error)
-        atomic_write_json(metrics_path, metrics)
+    report, error = export_run_onnx(run_dir, opset=args.opset, exporter=args.exporter)
     if error is not None:
         raise error
     real = "n/a" if report["max_abs_diff_real"] is None else f"{report['max_abs_diff_real']:.2g}"

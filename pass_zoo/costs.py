@@ -50,7 +50,7 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     from .adapter import build_layer_sequence
     from .backbone import create_backbone
     from .masks import to_channel_masks
-    from .prompt import PromptedModel, create_prompt
+    from .prompt import PromptedModel, create_prompt, default_prompt_width
     from .search import MaskedSearchModel, SearchConfig, _KeepRunningStats, build_hypernet
     from .slim import slim
 
@@ -60,7 +60,7 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     backbone.reset_classifier(10)
     example = torch.zeros(1, 3, img_size, img_size)
     seq = build_layer_sequence(backbone, example)
-    prompt = create_prompt("additive", img_size, max(1, round(img_size * 16 / 224)))
+    prompt = create_prompt("additive", img_size, default_prompt_width(img_size))
     cfg = SearchConfig()
     hypernet = build_hypernet(seq, cfg)
     searcher = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg).train()

@@ -39,6 +39,20 @@ class DataSpec:
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
 
+    @classmethod
+    def from_config(cls, dc: dict) -> "DataSpec":
+        """From a timm data config (``resolve_data_config``) or the same keys recorded in an export."""
+        return cls(img_size=int(dc["input_size"][-1]), mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                   interpolation=dc.get("interpolation", "bilinear"), crop_pct=float(dc.get("crop_pct", 1.0)))
+
+
+def data_spec_for(model, img_size: Optional[int] = None) -> DataSpec:
+    """The preprocessing timm resolves for ``model`` (its ``pretrained_cfg``), at ``img_size`` if given."""
+    from timm.data import resolve_data_config
+
+    args = {"input_size": (3, img_size, img_size)} if img_size else {}
+    return DataSpec.from_config(resolve_data_config(args, model=model))
+
 
 @dataclass
 class TaskData:
@@ -336,3 +350,9 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int, workers: i
     return DataLoader(SeededItems(ds, seed), batch_size=batch_size, sampler=EpochSampler(len(ds), seed, train),
                       drop_last=train and len(ds) > batch_size, num_workers=workers, generator=g,
                       persistent_workers=workers > 0, worker_init_fn=_worker_init if workers > 0 else None)
+
+
+def val_split(dataset: str, spec: DataSpec, val_subset: Optional[int], seed: int):
+    """``(validation images, class names)``: the same fixed subset ``prune`` draws for this seed."""
+    task = load_task_data(dataset, spec)
+    return subset(task.val, val_subset, seed + 1), task.class_names

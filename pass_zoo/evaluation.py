@@ -13,10 +13,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .data import DataSpec, load_task_data, make_loader, subset
+from .data import DataSpec, data_spec_for, make_loader, val_split
 from .errors import DataError, PassZooError
+from .runinfo import RUN, run_eval_defaults
 
-RUN = "run"  # "take this setting from the run's metrics.json"
 _FALLBACK_BATCH = 64
 
 
@@ -25,53 +25,13 @@ def target_kind(target: str) -> str:
     return "onnx" if str(target).endswith(".onnx") else "torch"
 
 
-def _metrics_path(target: str) -> Optional[Path]:
-    """Where the run's metrics.json is, if it can be found without the network."""
-    name = str(target)
-    if name.startswith("hf-hub:"):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        repo, _, rev = name[len("hf-hub:"):].partition("@")
-        found = try_to_load_from_cache(repo, "metrics.json", revision=rev or None)
-        return Path(found) if isinstance(found, str) else None
-    path = Path(name.removeprefix("local-dir:"))
-    folder = path.parent if path.suffix == ".onnx" else path
-    return folder / "metrics.json" if (folder / "metrics.json").is_file() else None
-
-
-def run_eval_defaults(target) -> dict:
-    """What the run evaluated on: ``dataset``, ``val_subset``, ``seed``, ``batch_size``, ``top1`` (as known)."""
-    path = _metrics_path(str(target))
-    if path is None:
-        return {}
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PassZooError(f"cannot read {path}: {exc}") from exc
-    cfg = metrics.get("config") or {}
-    out = {"dataset": metrics.get("dataset", cfg.get("dataset")), "val_subset": cfg.get("val_subset"),
-           "seed": metrics.get("seed", cfg.get("seed", 0)), "top1": metrics.get("top1")}
-    if cfg.get("batch_size"):
-        out["batch_size"] = 2 * int(cfg["batch_size"])  # prune evaluates with twice the training batch
-    return out
-
-
-def val_split(dataset: str, spec: DataSpec, val_subset: Optional[int], seed: int):
-    """``(validation images, class names)``: the same fixed subset ``prune`` draws for this seed."""
-    task = load_task_data(dataset, spec)
-    return subset(task.val, val_subset, seed + 1), task.class_names
-
-
 def spec_from_metadata(meta: dict, path) -> DataSpec:
     """The preprocessing recorded in an ONNX file's ``metadata_props``."""
     missing = [k for k in ("input_size", "mean", "std") if k not in meta]
     if missing:
         raise PassZooError(f"{path} has no preprocessing metadata ({', '.join(missing)} missing); "
                            "export it with 'pass-zoo export'")
-    return DataSpec(img_size=int(meta["input_size"][-1]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                    interpolation=meta.get("interpolation", "bilinear"), crop_pct=float(meta.get("crop_pct", 1.0)))
+    return DataSpec.from_config(meta)
 
 
 def _check_classes(model_names, num_outputs: Optional[int], dataset: str, data_names) -> None:
@@ -99,7 +59,6 @@ def _load(target: str, threads: Optional[int]) -> Tuple[object, DataSpec, list, 
             out_dim if isinstance(out_dim, int) else None
 
     from .export import load_run_model
-    from .onnx_export import data_spec_of
 
     model = load_run_model(target)
 
@@ -107,7 +66,7 @@ def _load(target: str, threads: Optional[int]) -> Tuple[object, DataSpec, list, 
     def predict(x: torch.Tensor) -> torch.Tensor:
         return model(x).argmax(1)
 
-    return predict, data_spec_of(model), model.pretrained_cfg.get("label_names"), model.num_classes
+    return predict, data_spec_for(model), model.pretrained_cfg.get("label_names"), model.num_classes
 
 
 def evaluate_target(target, dataset: Optional[str] = None, val_subset=RUN, seed: Optional[int] = None,

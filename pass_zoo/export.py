@@ -36,7 +36,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .adapter import build_graph
-from .errors import PassZooError
+from .errors import PassZooError, one_line
 from .families import family_by_name
 from .prompt import create_prompt
 from .runio import atomic_write_bytes, atomic_write_json, safetensors_bytes
@@ -250,7 +250,7 @@ def load_run_model(path) -> PassPrunedModel:
     except PassZooError as exc:
         raise type(exc)(f"cannot load {path}: {exc}") from exc
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = one_line(exc)
         if type(exc).__name__ == "SafetensorError":  # raised by timm's loader, names no file
             first = f"model.safetensors is truncated or corrupt ({first})"
         elif isinstance(exc, json.JSONDecodeError):

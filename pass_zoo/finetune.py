@@ -1,24 +1,14 @@
 """Stage 2 -- fine-tune the slim network jointly with its prompt (masks are now the architecture)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn.functional as F
 
+from .config import FinetuneConfig
 from .prompt import PromptedModel
 from .training import Batches, cosine_lambda, progress, take_step
-
-
-@dataclass
-class FinetuneConfig:
-    steps: int = 300  # about 2 epochs of a 10k-image subset at batch 64
-    epochs: Optional[float] = None  # when set, replaces steps (epochs * batches per epoch)
-    lr: float = 0.01  # SGD for the network weights, momentum 0.9, cosine
-    lr_prompt: float = 0.01  # SGD for the prompt
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
 
 
 def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator, checkpoints=None) -> List[float]:

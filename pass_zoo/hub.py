@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card
-from .errors import PassZooError
+from .errors import PassZooError, one_line
 from .runio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def check_repo_id(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise PublishError(f"invalid --repo-id '{repo_id}': {str(exc).splitlines()[0]}") from exc
+        raise PublishError(f"invalid --repo-id '{repo_id}': {one_line(exc)}") from exc
     if repo_id.count("/") != 1:
         raise PublishError(f"--repo-id must be ORG/NAME (a user or organisation and a name), got '{repo_id}'")
     return repo_id
@@ -141,11 +141,6 @@ def resolve_token(token: Optional[str]) -> str:
     return token
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def hub_error(action: str, exc: BaseException, endpoint: str) -> PublishError:
     """One clear line for whatever the client raised (HTTP status, no network, offline mode, ...)."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -160,11 +155,11 @@ def hub_error(action: str, exc: BaseException, endpoint: str) -> PublishError:
         reason = {401: "the Hub rejected the token (401 Unauthorized); check --token / HF_TOKEN",
                   403: "the token may not write there (403 Forbidden); use a write token for that namespace",
                   404: "not found (404); check --repo-id and --revision"}.get(status)
-        detail = getattr(exc, "server_message", None) or _first_line(exc)
-        return PublishError(f"{action}: {reason or f'the Hub answered HTTP {status}'} ({detail.splitlines()[0]})")
+        detail = getattr(exc, "server_message", None) or one_line(exc)
+        return PublishError(f"{action}: {reason or f'the Hub answered HTTP {status}'} ({one_line(detail)})")
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or type(exc).__module__.startswith("httpx"):
-        return PublishError(f"{action}: cannot reach the Hub at {endpoint} ({type(exc).__name__}: {_first_line(exc)})")
-    return PublishError(f"{action}: {type(exc).__name__}: {_first_line(exc)}")
+        return PublishError(f"{action}: cannot reach the Hub at {endpoint} ({type(exc).__name__}: {one_line(exc)})")
+    return PublishError(f"{action}: {type(exc).__name__}: {one_line(exc)}")
 
 
 def publish(run_dir, repo_id: str, *, private: bool = False, revision: Optional[str] = None,

@@ -34,7 +34,6 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 QUANTILES = 16
 

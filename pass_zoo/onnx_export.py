@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .errors import PassZooError
+from .errors import PassZooError, one_line
 from .runio import atomic_save_with, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ def export_graph(model: nn.Module, path, img_size: int, opset: int = DEFAULT_OPS
             return name
         except Exception as exc:
             first_error = first_error or exc
-            log.info("%s ONNX exporter failed: %s", name, _first_line(exc))
-    raise OnnxExportError(f"cannot export {type(model).__name__} to ONNX: {_first_line(first_error)}") from first_error
+            log.info("%s ONNX exporter failed: %s", name, one_line(exc))
+    raise OnnxExportError(f"cannot export {type(model).__name__} to ONNX: {one_line(first_error)}") from first_error
 
 
 def onnx_metadata(model: nn.Module) -> dict:
@@ -109,7 +109,7 @@ def read_onnx_metadata(path) -> dict:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise OnnxExportError(f"cannot read ONNX file {path}: {_first_line(exc)}") from exc
+        raise OnnxExportError(f"cannot read ONNX file {path}: {one_line(exc)}") from exc
     meta = {}
     for prop in proto.metadata_props:
         try:
@@ -131,7 +131,7 @@ def ort_session(path, threads: Optional[int] = None):
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise OnnxExportError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from exc
+        raise OnnxExportError(f"ONNX Runtime cannot load {path}: {one_line(exc)}") from exc
 
 
 def conditioning_check(model: nn.Module, session, x: torch.Tensor) -> dict:
@@ -232,10 +232,10 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
         # A model.onnx from an earlier export no longer matches what export.json says: remove it.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(run_dir / "model.onnx")
-        report.update(passed=False, sha256=None, error=_first_line(exc))
+        report.update(passed=False, sha256=None, error=one_line(exc))
         atomic_write_json(run_dir / "export.json", report)
         error = exc if isinstance(exc, OnnxExportError) else \
-            OnnxExportError(f"ONNX export of {run_dir} failed: {_first_line(exc)}")
+            OnnxExportError(f"ONNX export of {run_dir} failed: {one_line(exc)}")
         error.report = report  # the numbers, for callers that record them elsewhere (prune's metrics)
         if error is exc:
             raise
@@ -244,10 +244,38 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
     return report
 
 
+def record_onnx(metrics: dict, report: Optional[dict], error: Optional[BaseException]) -> None:
+    """The export's outcome in a run's metrics: the largest parity difference, and the error if any."""
+    metrics.pop("onnx_error", None)
+    if error is not None:
+        metrics["onnx_error"] = str(error)
+    report = report or {}
+    diffs = [d for d in (report.get("max_abs_diff_random"), report.get("max_abs_diff_real")) if d is not None]
+    metrics["onnx_max_abs_diff"] = max(diffs) if diffs else None
+
+
+def export_run_onnx(run_dir, metrics: Optional[dict] = None, **kwargs):
+    """``export_onnx`` with its outcome recorded in ``metrics`` (default: the run's metrics.json, when the
+    export got as far as a report). Returns ``(report, error)``; the caller decides when to raise."""
+    run_dir = Path(str(run_dir).removeprefix("local-dir:"))
+    try:
+        report, error = export_onnx(run_dir, **kwargs), None
+    except PassZooError as exc:
+        report, error = getattr(exc, "report", None), exc
+    if metrics is not None:
+        record_onnx(metrics, report, error)
+    elif report is not None and (run_dir / "metrics.json").is_file():  # keep prune's record in step with the files
+        saved = json.loads((run_dir / "metrics.json").read_text())
+        record_onnx(saved, report, error)
+        atomic_write_json(run_dir / "metrics.json", saved)
+    return report, error
+
+
 def _run_val_batch(run_dir: Path, model: nn.Module, dataset: Optional[str]):
     """The first images of the run's validation subset, or ``(None, reason)`` when not available."""
+    from .data import data_spec_for, val_split
     from .errors import DataError
-    from .evaluation import run_eval_defaults, val_split
+    from .runinfo import run_eval_defaults
 
     defaults = run_eval_defaults(run_dir)
     dataset = dataset or defaults.get("dataset")
@@ -255,23 +283,12 @@ def _run_val_batch(run_dir: Path, model: nn.Module, dataset: Optional[str]):
         log.warning("no dataset known for %s: ONNX parity is checked on random inputs only", run_dir)
         return None, "none (no dataset in metrics.json)"
     try:
-        ds, _ = val_split(dataset, data_spec_of(model), defaults.get("val_subset"), defaults.get("seed", 0))
+        ds, _ = val_split(dataset, data_spec_for(model), defaults.get("val_subset"), defaults.get("seed", 0))
     except DataError as exc:
         log.warning("ONNX parity on random inputs only: %s", exc)
         return None, f"none ({exc})"
     n = min(_REAL_BATCH, len(ds))
     return torch.stack([ds[i][0] for i in range(n)]), f"{dataset} validation, first {n} images"
-
-
-def data_spec_of(model: nn.Module):
-    """The preprocessing timm resolves for ``model`` (its exported ``pretrained_cfg``)."""
-    from timm.data import resolve_data_config
-
-    from .data import DataSpec
-
-    dc = resolve_data_config({}, model=model)
-    return DataSpec(img_size=dc["input_size"][-1], mean=tuple(dc["mean"]), std=tuple(dc["std"]),
-                    interpolation=dc.get("interpolation", "bilinear"), crop_pct=dc.get("crop_pct", 1.0))
 
 
 def _sha256(path) -> str:
@@ -280,8 +297,3 @@ def _sha256(path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _first_line(exc: Optional[BaseException]) -> str:
-    text = str(exc).strip() if exc is not None else ""
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,180 +1,193 @@
-"""``prune``: backbone -> data -> layer sequence -> PASS search -> slim -> fine-tune -> run folder.
+"""``prune``: backbone -> data -> task head -> layer sequence -> masks -> slim -> fine-tune -> run folder.
 
-Each stage is one public function over plain objects; this module only wires them together, so a
-user who wants a different loop can call the stages directly.
+``prune`` is a list of named stages; each is a public function over plain objects, so a user who
+wants a different loop can call the stages directly (``check`` and ``costs`` do).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
-from .adapter import build_layer_sequence
-from .checkpoint import RunCheckpoints
+from .adapter import LayerSequence, build_layer_sequence
 from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
-from .data import DataSpec, hold_out, load_task_data, make_loader, subset
-from .errors import BudgetError, PassZooError
-from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
+from .checkpoint import RunCheckpoints
+from .config import PruneConfig, apply_overrides  # noqa: F401  (apply_overrides: the mapping form)
+from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, make_loader, subset
+from .errors import PassZooError
+from .finetune import evaluate, finetune, recalibrate_bn
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
-from .masks import load_masks, masks_summary, save_masks, select_units, to_unit_masks
-from .methods import MethodContext, get_method, list_methods
-from .prompt import PromptedModel, create_prompt
+from .masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
+from .methods import Method, MethodContext, get_method
+from .prompt import PromptedModel, create_prompt, default_prompt_width
 from .runio import atomic_write_bytes, atomic_write_json, prepare_run_dir
-from .search import SearchConfig, search
 from .slim import count_macs, count_params, slim
-from .training import check_same_across_processes
 
 log = logging.getLogger(__name__)
 
 
+# ------------------------------------------------------------------ stages
 @dataclass
-class PruneConfig:
-    """Everything a ``prune`` run depends on (the CLI flags and recipe keys map 1:1 onto it)."""
-
-    model: str = BUNDLED_ARCH
-    pretrained: str = "auto"  # auto = bundled for tf_efficientnet_lite0, timm's weights otherwise
-    dataset: str = "fashion-mnist"
-    target_macs: float = 0.5
-    img_size: Optional[int] = None  # None = the backbone's own input size
-    # extra timm.create_model kwargs, recorded in the export (e.g. {"img_size": 64} for a ViT/Swin,
-    # whose patch grid / windows are fixed at creation)
-    model_kwargs: dict = field(default_factory=dict)
-    out: Optional[str] = None
-    overwrite: bool = False
-    resume: bool = False  # continue the run in ``out`` from its newest checkpoint
-    checkpoint_every: int = 50  # steps between checkpoints (0: only at stage ends and on Ctrl-C)
-    method: str = "pass"
-    head: str = "auto"  # auto | flm | new
-    prompt: str = "additive"  # additive | pad
-    prompt_size: Optional[int] = None  # None = 16 px at 224, scaled with the input size
-    batch_size: int = 64
-    train_subset: Optional[int] = None
-    val_subset: Optional[int] = None
-    holdout: Optional[int] = None  # validate on N held-out training images instead of the test set
-    flm_samples: int = 2000
-    transfer_from: Optional[str] = None  # a PASS run folder of another task (see pass-zoo transfer)
-    transfer_mode: str = "hypernet"  # hypernet: its hypernetwork + a new prompt | masks: its masks
-    bn_calibration_batches: int = 20  # re-estimate BN statistics of the slim network before fine-tuning
-    # Re-estimate the dense backbone's BN statistics on the target data (prompted) before the label
-    # mapping, so that mapping, search (batch statistics) and evaluation (recalibrated statistics) all
-    # see target-domain normalisation; with ImageNet statistics the mapping no longer fits once the
-    # statistics are recalibrated.
-    adapt_bn: bool = True
-    # Methods that train the weights in stage 1 (group-norm, bn-scale, growreg) fine-tune for that many
-    # steps fewer, so every method gets the same number of weight updates in total.
-    equal_updates: bool = True
-    workers: int = 0
-    seed: int = 0
-    mixed_precision: str = "no"
-    onnx: bool = True  # export + verify model.onnx at the end (False: --no-onnx)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-    def validate(self) -> None:
-        if not 0.0 < self.target_macs <= 1.0:
-            raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
-        if self.head not in ("auto", "flm", "new"):
-            raise PassZooError(f"--head must be auto, flm or new, got '{self.head}'")
-        if self.method not in list_methods():
-            raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(list_methods())})")
-        if self.batch_size <= 0 or self.search.steps < 0 or self.finetune.steps < 0:
-            raise PassZooError("batch size must be positive and step counts non-negative")
-        if self.transfer_mode not in ("hypernet", "masks"):
-            raise PassZooError(f"transfer mode must be hypernet or masks, got '{self.transfer_mode}'")
-        if self.search.round_to < 1:
-            raise PassZooError(f"--round-to must be >= 1, got {self.search.round_to}")
-        if self.search.bn_mode not in ("batch", "frozen"):
-            raise PassZooError(f"--search-bn must be batch or frozen, got '{self.search.bn_mode}'")
-        if not 0.0 <= self.search.budget_warmup <= 1.0:
-            raise PassZooError(f"--budget-warmup must be in [0, 1], got {self.search.budget_warmup}")
-        if self.search.rank < 1:
-            raise PassZooError(f"--hypernet-rank must be >= 1, got {self.search.rank}")
-        if not self.search.distill >= 0.0:
-            raise PassZooError(f"--distill must be >= 0, got {self.search.distill}")
-        if self.checkpoint_every < 0:
-            raise PassZooError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        if self.resume and self.overwrite:
-            raise PassZooError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
-
-    def default_out(self) -> str:
-        data = self.dataset.split(":")[0]
-        return f"runs/{self.model}-{data}-{get_method(self.method).run_tag}{round(self.target_macs * 100)}"
+class Backbone:
+    model: nn.Module
+    spec: DataSpec  # the preprocessing it expects, at the run's input size
+    model_kwargs: dict  # extra timm.create_model arguments (recorded in the export)
 
 
-def apply_overrides(cfg: PruneConfig, overrides: dict, where: str, noun: str = "key",
-                    error=PassZooError) -> PruneConfig:
-    """A copy of ``cfg`` with ``overrides`` (nested search/finetune sections) applied.
-
-    Recipes, benchmark specs and a run's saved ``config`` all use this one mapping format. Unknown
-    keys and values of the wrong type are refused with the key's name: a typo must not silently
-    fall back to a default and describe a different run than the file says.
-    """
-    cfg = copy.deepcopy(cfg)
-    if not isinstance(overrides, dict):
-        raise error(f"{where} must be a mapping of settings, got {type(overrides).__name__}")
-    for key, value in overrides.items():
-        if key in _SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise error(f"{where}: '{key}' must be a mapping of {_SECTIONS[key].__name__} fields")
-            sub = getattr(cfg, key)
-            setattr(cfg, key, dataclasses.replace(sub, **_typed(sub, value, where, noun, error, key + ".")))
-        else:
-            for name, v in _typed(cfg, {key: value}, where, noun, error, "").items():
-                setattr(cfg, name, v)
-    return cfg
+@dataclass
+class Data:
+    task: TaskData
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
 
 
-_SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}
+def resolve_pretrained(model: str, pretrained: str) -> str:
+    if pretrained != "auto":
+        return pretrained
+    return "bundled" if model == BUNDLED_ARCH else "timm"
 
 
-def _typed(obj, values: dict, where: str, noun: str, error, prefix: str) -> dict:
-    """``values`` checked against ``obj``'s dataclass fields (ints accepted for floats)."""
-    hints = typing.get_type_hints(type(obj))
-    known = [f.name for f in dataclasses.fields(obj) if f.name not in _SECTIONS]
-    out = {}
-    for key, value in values.items():
-        if key not in known:
-            allowed = known if prefix else [*known, *_SECTIONS]
-            raise error(f"{where}: unknown {noun} '{prefix}{key}' (known: {', '.join(allowed)})")
-        hint = hints[key]
-        if value is None and type(None) in typing.get_args(hint):
-            out[key] = None
-            continue
-        want = next((a for a in typing.get_args(hint) if a is not type(None)), hint) \
-            if typing.get_origin(hint) is typing.Union else hint
-        ok = {bool: lambda v: isinstance(v, bool),
-              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              str: lambda v: isinstance(v, str),
-              dict: lambda v: isinstance(v, dict)}.get(want, lambda v: True)
-        if not ok(value):
-            raise error(f"{where}: '{prefix}{key}' must be {getattr(want, '__name__', want)}, got {value!r}")
-        out[key] = float(value) if want is float else value
-    return out
+def load_backbone(cfg: PruneConfig) -> Backbone:
+    """The timm backbone (eval mode) and the preprocessing it expects."""
+    # a ViT/Swin asked for another input size is created at it (and the export records the kwarg)
+    model_kwargs = {**fixed_size_kwargs(cfg.model, cfg.img_size), **cfg.model_kwargs}
+    model = create_backbone(cfg.model, resolve_pretrained(cfg.model, cfg.pretrained), **model_kwargs).eval()
+    created_size = model_kwargs.get("img_size")  # timm leaves pretrained_cfg's input_size at 224
+    spec = data_spec_for(model, cfg.img_size or (created_size if isinstance(created_size, int) else None))
+    return Backbone(model, spec, model_kwargs)
 
 
-def _resolve_pretrained(cfg: PruneConfig) -> str:
-    if cfg.pretrained != "auto":
-        return cfg.pretrained
-    return "bundled" if cfg.model == BUNDLED_ARCH else "timm"
+def make_prompt(kind: str, img_size: int, width: Optional[int] = None) -> nn.Module:
+    """The visual prompt (default width: 16 px at 224, scaled); a bad setting is one line."""
+    try:
+        return create_prompt(kind, img_size, width if width is not None else default_prompt_width(img_size))
+    except ValueError as exc:
+        raise PassZooError(f"--prompt-size: {exc}") from exc
 
 
-def data_spec_for(model, img_size: Optional[int]) -> DataSpec:
-    from timm.data import resolve_data_config
+def load_data(cfg: PruneConfig, spec: DataSpec, accelerator) -> Data:
+    """The task's fixed train/val subsets and their loaders (validation sharded across processes)."""
+    task = load_task_data(cfg.dataset, spec)
+    if cfg.holdout:
+        task = hold_out(task, cfg.holdout)
+    train_ds = subset(task.train, cfg.train_subset, cfg.seed)
+    val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
+    train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.workers)
+    val_loader = accelerator.prepare(make_loader(val_ds, cfg.batch_size * 2, False, cfg.seed, cfg.workers))
+    return Data(task, train_ds, val_ds, train_loader, val_loader)
 
-    args = {"input_size": (3, img_size, img_size)} if img_size else {}
-    dc = resolve_data_config(args, model=model)
-    return DataSpec(img_size=dc["input_size"][-1], mean=tuple(dc["mean"]), std=tuple(dc["std"]),
-                    interpolation=dc.get("interpolation", "bilinear"), crop_pct=dc.get("crop_pct", 1.0))
+
+def _calibration_loader(cfg: PruneConfig, data: Data, accelerator, seed: int):
+    # Same batches on every process (unsharded loader, same seed): BN statistics stay identical, and
+    # with the global batch size they equal those of a one-process run.
+    return make_loader(data.train, cfg.batch_size * accelerator.num_processes, True, seed)
+
+
+def attach_head(cfg: PruneConfig, backbone: nn.Module, prompt: nn.Module, data: Data, accelerator,
+                carry: dict) -> Tuple[str, dict]:
+    """Target-domain BN statistics, then the task head: the frequency label mapping folded into the
+    classifier, or a fresh head. Returns the head kind and its metrics (label mapping, zero-shot top-1)."""
+    head = cfg.head
+    if head == "auto":
+        head = "flm" if backbone.num_classes == 1000 and data.task.num_classes <= 1000 else "new"
+    if cfg.adapt_bn:  # target-domain BN statistics for everything that follows
+        recalibrate_bn(PromptedModel(backbone, prompt), _calibration_loader(cfg, data, accelerator, cfg.seed + 4),
+                       cfg.bn_calibration_batches)
+    if head != "flm":
+        backbone.reset_classifier(data.task.num_classes)
+        return head, {}
+    n_target = data.task.num_classes
+    if backbone.num_classes < n_target:
+        raise PassZooError(f"--head flm needs at least {n_target} source classes, "
+                           f"the backbone has {backbone.num_classes}; use --head new")
+    if "label_mapping" not in carry:
+        flm_loader = accelerator.prepare(make_loader(subset(data.task.train, cfg.flm_samples, cfg.seed + 2),
+                                                     cfg.batch_size * 2, False, cfg.seed, cfg.workers))
+        counts = prediction_counts(backbone, flm_loader, n_target, backbone.num_classes, accelerator)
+        carry["label_mapping"] = frequency_label_mapping(counts)
+        fold_label_mapping(backbone, carry["label_mapping"])
+        carry["top1_dense_zero_shot"] = evaluate(backbone, data.val_loader, accelerator)
+    else:
+        fold_label_mapping(backbone, carry["label_mapping"])
+    return head, {"label_mapping": carry["label_mapping"], "top1_dense_zero_shot": carry["top1_dense_zero_shot"]}
+
+
+def layer_sequence(backbone: nn.Module, img_size: int, cfg: Optional[PruneConfig] = None) -> LayerSequence:
+    """The backbone's prunable groups; with ``cfg``, an unreachable budget fails now, not after stage 1."""
+    seq = build_layer_sequence(backbone, torch.zeros(1, 3, img_size, img_size))
+    if cfg is not None:  # selection raises the BudgetError
+        select_units([torch.zeros(g.units) for g in seq.groups], seq, cfg.target_macs, cfg.search.round_to,
+                     cfg.search.selection)
+    return seq
+
+
+def choose_masks(method: Method, ctx: MethodContext, carry: dict) -> Tuple[Masks, Dict[str, bytes]]:
+    """Stage 1: the method's masks and artefacts (from the checkpoint when resumed after it)."""
+    cfg, ckpts, seq = ctx.config, ctx.checkpoints, ctx.seq
+    t0 = time.time()
+    searched = ckpts.load_searched(ctx.backbone, ctx.prompt, seq)
+    if searched is not None:
+        return searched.masks, searched.artefacts
+    artefacts: Dict[str, bytes] = {}
+    if cfg.transfer_from and cfg.transfer_mode == "masks":  # masks found on another task
+        masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")
+        to_unit_masks(masks, seq)  # same architecture, or a clear error
+    else:
+        result = method.produce(ctx)
+        masks, artefacts = result.masks, result.artefacts
+        carry.update(result.record)
+    carry["search_seconds"] = round(time.time() - t0, 2)
+    ckpts.save_searched(ctx.backbone, ctx.prompt, masks, artefacts)
+    return masks, artefacts
+
+
+def slim_stage(backbone: nn.Module, masks: Masks, prompt: nn.Module, example: torch.Tensor, calibration,
+               batches: int):
+    """The slim network (BN statistics re-estimated) with its prompt, and the pruning history."""
+    slim_model, history = slim(backbone, masks, example)
+    prompted = PromptedModel(slim_model, prompt)
+    recalibrate_bn(prompted, calibration, batches)
+    return prompted, history
+
+
+def finetune_plan(cfg: PruneConfig, method: Method, data: Data, accelerator):
+    """Fine-tuning settings (epochs resolved to steps) and the weight updates stage 1 already made."""
+    ft_cfg = cfg.finetune
+    if ft_cfg.epochs:  # batches per epoch as each process sees them
+        per_epoch = len(accelerator.prepare(make_loader(data.train, cfg.batch_size, True, cfg.seed)))
+        ft_cfg = dataclasses.replace(ft_cfg, steps=max(1, round(ft_cfg.epochs * per_epoch)))
+    stage1_updates = cfg.search.steps if method.trains_weights and not cfg.transfer_from else 0
+    if cfg.equal_updates and stage1_updates:
+        ft_cfg = dataclasses.replace(ft_cfg, steps=max(0, ft_cfg.steps - stage1_updates))
+    return ft_cfg, stage1_updates
+
+
+def write_run(out: Path, cfg: PruneConfig, seq: LayerSequence, masks: Masks, artefacts: Dict[str, bytes],
+              prompted: nn.Module, history, bb: Backbone, data: Data, metrics: dict) -> Optional[PassZooError]:
+    """The run folder: masks, the method's artefacts, the slim model, model.onnx (verified), metrics."""
+    from .export import save_slim_model
+    from .onnx_export import export_run_onnx
+
+    save_masks(masks, masks_summary(masks, seq), out)
+    for name, content in artefacts.items():
+        atomic_write_bytes(out / name, content)
+    save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=data.task.num_classes,
+                    label_names=data.task.class_names, base_pretrained_cfg=dict(bb.model.pretrained_cfg),
+                    img_size=bb.spec.img_size, model_kwargs=bb.model_kwargs)
+    error = None
+    if cfg.onnx:
+        real = torch.stack([data.val[i][0] for i in range(min(32, len(data.val)))])  # what the run evaluated on
+        _, error = export_run_onnx(out, metrics, real_inputs=real)
+    atomic_write_json(out / "metrics.json", metrics)
+    return error
 
 
 def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, recipe: Optional[dict] = None) -> dict:
@@ -189,117 +202,45 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
 
     cfg.validate()
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    main = accelerator.is_main_process
     out = Path(cfg.out or cfg.default_out())
-    if main:
+    if accelerator.is_main_process:
         prepare_run_dir(out, cfg.overwrite, cfg.resume)
     accelerator.wait_for_everyone()
     ckpts = RunCheckpoints(out, accelerator, cfg.checkpoint_every, asdict(cfg), cfg.resume)
     carry = ckpts.carry  # stage results a resumed run takes from its checkpoint instead of recomputing
     set_seed(cfg.seed)
     t0 = time.time()
-
-    # backbone + data
-    # a ViT/Swin asked for another input size is created at it (and the export records the kwarg)
-    model_kwargs = {**fixed_size_kwargs(cfg.model, cfg.img_size), **cfg.model_kwargs}
-    backbone = create_backbone(cfg.model, _resolve_pretrained(cfg), **model_kwargs).eval()
-    created_size = model_kwargs.get("img_size")  # timm leaves pretrained_cfg's input_size at 224
-    spec = data_spec_for(backbone, cfg.img_size or (created_size if isinstance(created_size, int) else None))
-    prompt_size = cfg.prompt_size if cfg.prompt_size is not None else max(1, round(spec.img_size * 16 / 224))
-    try:  # before any data is read: a typo should fail in a second, as one line
-        prompt = create_prompt(cfg.prompt, spec.img_size, prompt_size)
-    except ValueError as exc:
-        raise PassZooError(f"--prompt-size: {exc}") from exc
-    task = load_task_data(cfg.dataset, spec)
-    if cfg.holdout:
-        task = hold_out(task, cfg.holdout)
-    train_ds = subset(task.train, cfg.train_subset, cfg.seed)
-    val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
-    train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.workers)
-    val_loader = accelerator.prepare(make_loader(val_ds, cfg.batch_size * 2, False, cfg.seed, cfg.workers))
-
-    # task head: fold the frequency label mapping into the classifier, or a fresh head
-    head = cfg.head
-    if head == "auto":
-        head = "flm" if backbone.num_classes == 1000 and task.num_classes <= 1000 else "new"
-    metrics: dict = {}
-    if cfg.adapt_bn:  # target-domain BN statistics for everything that follows (same batches on every process)
-        recalibrate_bn(PromptedModel(backbone, prompt),
-                       make_loader(train_ds, cfg.batch_size * accelerator.num_processes, True, cfg.seed + 4),
-                       cfg.bn_calibration_batches)
-    if head == "flm":
-        if backbone.num_classes < task.num_classes:
-            raise PassZooError(f"--head flm needs at least {task.num_classes} source classes, "
-                               f"the backbone has {backbone.num_classes}; use --head new")
-        if "label_mapping" not in carry:
-            flm_loader = accelerator.prepare(make_loader(subset(task.train, cfg.flm_samples, cfg.seed + 2),
-                                                         cfg.batch_size * 2, False, cfg.seed, cfg.workers))
-            counts = prediction_counts(backbone, flm_loader, task.num_classes, backbone.num_classes, accelerator)
-            carry["label_mapping"] = frequency_label_mapping(counts)
-            fold_label_mapping(backbone, carry["label_mapping"])
-            carry["top1_dense_zero_shot"] = evaluate(backbone, val_loader, accelerator)
-        else:
-            fold_label_mapping(backbone, carry["label_mapping"])
-        metrics["label_mapping"] = carry["label_mapping"]
-        metrics["top1_dense_zero_shot"] = carry["top1_dense_zero_shot"]
-    else:
-        backbone.reset_classifier(task.num_classes)
-
-    # layer sequence + mask search (PASS, or a baseline criterion under the same budget)
-    example = torch.zeros(1, 3, spec.img_size, spec.img_size)
-    seq = build_layer_sequence(backbone, example)
-    # An unreachable budget fails now, not after a stage-1 run (selection raises the BudgetError).
-    select_units([torch.zeros(g.units) for g in seq.groups], seq, cfg.target_macs, cfg.search.round_to,
-                 cfg.search.selection)
-    t_search = time.time()
     method = get_method(cfg.method)
-    searched = ckpts.load_searched(backbone, prompt, seq)  # resumed after the search: its result
-    if searched is not None:
-        masks, artefacts = searched.masks, searched.artefacts
-    else:
-        artefacts = {}
-        if cfg.transfer_from and cfg.transfer_mode == "masks":  # masks found on another task
-            masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")
-            to_unit_masks(masks, seq)  # same architecture, or a clear error
-        else:
-            result = method.produce(MethodContext(backbone, seq, prompt, train_loader, cfg, accelerator, ckpts, head))
-            masks, artefacts = result.masks, result.artefacts
-            carry.update(result.record)
-        carry["search_seconds"] = round(time.time() - t_search, 2)
-        ckpts.save_searched(backbone, prompt, masks, artefacts)
-    search_losses = carry.get("search_losses", [])
 
-    # slim + fine-tune
-    slim_model, history = slim(backbone, masks, example)
-    prompted = PromptedModel(slim_model, prompt)
-    # Same batches on every process (unsharded loader, same seed): BN statistics stay identical, and
-    # with the global batch size they equal those of a one-process run.
-    recalibrate_bn(prompted, make_loader(train_ds, cfg.batch_size * accelerator.num_processes, True, cfg.seed + 3),
-                   cfg.bn_calibration_batches)
-    top1_after_search = evaluate(prompted, val_loader, accelerator)
-    ft_cfg = cfg.finetune
-    if ft_cfg.epochs:  # batches per epoch as each process sees them
-        per_epoch = len(accelerator.prepare(make_loader(train_ds, cfg.batch_size, True, cfg.seed)))
-        ft_cfg = dataclasses.replace(ft_cfg, steps=max(1, round(ft_cfg.epochs * per_epoch)))
-    stage1_updates = cfg.search.steps if method.trains_weights and not cfg.transfer_from else 0
-    if cfg.equal_updates and stage1_updates:
-        ft_cfg = dataclasses.replace(ft_cfg, steps=max(0, ft_cfg.steps - stage1_updates))
+    bb = load_backbone(cfg)
+    prompt = make_prompt(cfg.prompt, bb.spec.img_size, cfg.prompt_size)  # before any data is read
+    data = load_data(cfg, bb.spec, accelerator)
+    head, metrics = attach_head(cfg, bb.model, prompt, data, accelerator, carry)
+    seq = layer_sequence(bb.model, bb.spec.img_size, cfg)
+    masks, artefacts = choose_masks(method, MethodContext(bb.model, seq, prompt, data.train_loader, cfg, accelerator,
+                                                          ckpts, head), carry)
+    prompted, history = slim_stage(bb.model, masks, prompt, seq.example_input,
+                                   _calibration_loader(cfg, data, accelerator, cfg.seed + 3), cfg.bn_calibration_batches)
+    top1_after_search = evaluate(prompted, data.val_loader, accelerator)
+    ft_cfg, stage1_updates = finetune_plan(cfg, method, data, accelerator)
     t_ft = time.time()
-    ft_losses = finetune(prompted, train_loader, ft_cfg, accelerator, checkpoints=ckpts)
+    ft_losses = finetune(prompted, data.train_loader, ft_cfg, accelerator, checkpoints=ckpts)
     t_ft = time.time() - t_ft
     prompted = accelerator.unwrap_model(prompted).eval()
-    top1 = evaluate(prompted, val_loader, accelerator)
+    top1 = evaluate(prompted, data.val_loader, accelerator)
 
+    example, slim_model = seq.example_input, prompted.model
+    search_losses = carry.get("search_losses", [])
     metrics.update({
         "model": cfg.model,
         "dataset": cfg.dataset,
         "method": cfg.method,
         "head": head,
         "target_macs": cfg.target_macs,
-        "img_size": spec.img_size,
-        "macs_dense": count_macs(backbone, example),
+        "img_size": bb.spec.img_size,
+        "macs_dense": count_macs(bb.model, example),
         "macs_slim": count_macs(slim_model, example),
-        "params_dense": count_params(backbone),
+        "params_dense": count_params(bb.model),
         "params_slim": count_params(slim_model),
         **{key: carry.get(key) for key in method.metric_keys},
         "top1": top1,
@@ -312,32 +253,22 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         "search_seconds": carry["search_seconds"],
         "finetune_seconds": round(t_ft, 2),
         "total_seconds": round(time.time() - t0, 2),
-        "train_images": len(train_ds),
-        "val_images": len(val_ds),
+        "train_images": len(data.train),
+        "val_images": len(data.val),
         "world_size": accelerator.num_processes,
         "resumed_from": ckpts.resumed_from,
         "seed": cfg.seed,
         "command": command or "pass_zoo.prune(...)",
         "config": asdict(cfg),
-        "class_names": task.class_names,
+        "class_names": data.task.class_names,
     })
     if recipe is not None:
         metrics["recipe"] = recipe
     metrics["macs_ratio"] = metrics["macs_slim"] / metrics["macs_dense"]
 
     onnx_error = None
-
-    if main:
-        save_masks(masks, masks_summary(masks, seq), out)
-        for name, data in artefacts.items():
-            atomic_write_bytes(out / name, data)
-        from .export import save_slim_model
-        save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
-                        label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),
-                        img_size=spec.img_size, model_kwargs=model_kwargs)
-        if cfg.onnx:
-            onnx_error = _export_onnx(out, val_ds, metrics)
-        atomic_write_json(out / "metrics.json", metrics)
+    if accelerator.is_main_process:
+        onnx_error = write_run(out, cfg, seq, masks, artefacts, prompted, history, bb, data, metrics)
     accelerator.wait_for_everyone()
     ckpts.finish()  # the run folder is complete
     if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
@@ -366,20 +297,3 @@ def compute_spent(cfg: PruneConfig, head: str, stage1_updates: int, finetune_ste
         "label_mapping_images": cfg.flm_samples if head == "flm" else 0,
         "bn_calibration_images": calibration,
     }
-
-
-def _export_onnx(out: Path, val_ds, metrics: dict) -> Optional[PassZooError]:
-    """Write the verified model.onnx; record the parity (or the failure) in ``metrics``."""
-    from .onnx_export import export_onnx
-
-    real = torch.stack([val_ds[i][0] for i in range(min(32, len(val_ds)))])  # what the run evaluated on
-    try:
-        report = export_onnx(out, real_inputs=real)
-    except PassZooError as exc:
-        report, error = getattr(exc, "report", {}), exc
-        metrics["onnx_error"] = str(exc)
-    else:
-        error = None
-    diffs = [d for d in (report.get("max_abs_diff_random"), report.get("max_abs_diff_real")) if d is not None]
-    metrics["onnx_max_abs_diff"] = max(diffs) if diffs else None
-    return error

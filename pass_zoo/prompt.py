@@ -70,6 +70,11 @@ def create_prompt(kind: str, img_size: int, width: int) -> nn.Module:
     return PROMPTS[kind](img_size, width)
 
 
+def default_prompt_width(img_size: int) -> int:
+    """16 px at 224, scaled with the input size (the paper's frame)."""
+    return max(1, round(img_size * 16 / 224))
+
+
 class PromptedModel(nn.Module):
     """prompt -> network: the unit that is fine-tuned, evaluated and exported."""
 

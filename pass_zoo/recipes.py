@@ -26,8 +26,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import PassZooError
-from .pipeline import PruneConfig, apply_overrides
+from .errors import PassZooError, one_line
+from .config import PruneConfig, apply_overrides
 
 DEFAULT_NAME = "{arch}-pass{percent}"
 EXTRA_KEYS = ("name", "hub_id")
@@ -79,8 +79,7 @@ def load_recipe(path) -> Tuple[str, PruneConfig, dict]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc}") from exc
     except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise RecipeError(f"recipe {path} is not valid YAML ({first})") from exc
+        raise RecipeError(f"recipe {path} is not valid YAML ({one_line(exc)})") from exc
     if values is None:
         values = {}
     if not isinstance(values, dict):

@@ -17,37 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapter import LayerSequence
+from .config import SearchConfig
 from .errors import PassZooError
 from .hypernet import PassHyperNetwork
 from .masks import Masks, select_units, to_channel_masks
 from .training import Batches, check_same_across_processes, cosine_lambda, progress, take_step
-
-
-@dataclass
-class SearchConfig:
-    """Stage-1 hyperparameters (defaults sized for a quick CPU run; the paper trains for epochs)."""
-
-    steps: int = 100
-    lr_prompt: float = 0.05  # SGD, momentum 0.9, cosine
-    lr_hypernet: float = 2e-3  # AdamW, cosine
-    lr_head: float = 1e-3  # a new classifier head (``--head new``) is trained with the hypernetwork
-    weight_decay: float = 1e-4
-    hidden: int = 64
-    rank: int = 8  # rank of the per-group unit embeddings (the heads); keeps the hypernetwork small
-    core: str = "lstm"  # lstm (paper) | mlp | cnn (ablations)
-    use_prompt: bool = True
-    use_weights: bool = True
-    use_prior: bool = True  # add the hand-made log-magnitude ranking to the scores (see hypernet.py)
-    selection: str = "global"  # global (paper) | uniform
-    bn_mode: str = "batch"  # batch: BN normalises with batch statistics (running stats kept) | frozen
-    round_to: int = 8
-    # Fraction of the steps over which the budget tightens from the dense network to the target
-    # (geometrically). A frozen network cut straight to a harsh budget predicts at chance, so its loss
-    # says little about which channels matter; tightening step by step keeps the loss informative.
-    budget_warmup: float = 0.5
-    # Weight of a distillation term KL(dense || masked) on the logits: the dense network with the same
-    # prompt is a denser training signal than the labels alone (0: cross-entropy only, the paper's).
-    distill: float = 0.0
 
 
 def _batch_norms(model: nn.Module):

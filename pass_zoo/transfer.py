@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import PassZooError
 from .methods import get_method, list_methods
-from .pipeline import PruneConfig, apply_overrides
+from .config import PruneConfig, apply_overrides
 
 
 def transfer_config(source_run, mode: str, **overrides) -> PruneConfig:

@@ -419,9 +419,9 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 def test_recipes_use_prune_config_fields():
     import dataclasses
 
-    from pass_zoo.finetune import FinetuneConfig
-    from pass_zoo.pipeline import PruneConfig
-    from pass_zoo.search import SearchConfig
+    from pass_zoo.config import FinetuneConfig
+    from pass_zoo.config import PruneConfig
+    from pass_zoo.config import SearchConfig
 
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     nested = {"search": {f.name for f in dataclasses.fields(SearchConfig)},

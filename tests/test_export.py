@@ -19,7 +19,8 @@ import pass_zoo.onnx_export as onnx_export
 from pass_zoo import PassZooError, build_layer_sequence, load_run_model, save_slim_model, select_units, slim
 from pass_zoo.cli import main
 from pass_zoo.data import FASHION_MNIST_CLASSES, make_loader
-from pass_zoo.evaluation import evaluate_target, val_split
+from pass_zoo.data import data_spec_for, val_split
+from pass_zoo.evaluation import evaluate_target
 from pass_zoo.export import SpecMismatchError
 from pass_zoo.masks import to_channel_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
@@ -90,7 +91,7 @@ def test_reload_local_dir_and_offline_hub_match_in_memory(exported, tmp_path, mo
 
     # eval resolves hf-hub: names too, and counts what the in-memory model predicts
     r = evaluate_target(name, dataset="fashion-mnist", val_subset=16, seed=5, batch_size=8)
-    ds, _ = val_split("fashion-mnist", onnx_export.data_spec_of(hub), 16, 5)
+    ds, _ = val_split("fashion-mnist", data_spec_for(hub), 16, 5)
     with torch.no_grad():
         correct = sum(int((prompted(xb).argmax(1) == yb).sum()) for xb, yb in make_loader(ds, 8, False, 5))
     assert r["images"] == 16 and r["correct"] == correct and r["backend"] == "torch"
@@ -124,7 +125,7 @@ def test_onnx_export_matches_torch_with_metadata(exported):
 
     # the batch axis is dynamic, and the file alone reproduces the in-memory prompted model
     session = onnx_export.ort_session(path)
-    real, _ = val_split("fashion-mnist", onnx_export.data_spec_of(reloaded), 7, 3)
+    real, _ = val_split("fashion-mnist", data_spec_for(reloaded), 7, 3)
     for x in (torch.randn(1, 3, S, S), torch.stack([real[i][0] for i in range(7)])):
         out = session.run(None, {"input": x.numpy()})[0]
         with torch.no_grad():

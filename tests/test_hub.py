@@ -23,7 +23,8 @@ import yaml
 
 import pass_zoo
 from pass_zoo.card import CardError, render_card
-from pass_zoo.cli import PRUNE_FLAGS, _prune_config, build_parser, explicit_prune_flags, main
+from pass_zoo.cli import _prune_config, build_parser, explicit_prune_flags, main
+from pass_zoo.config import PRUNE_FLAGS
 from pass_zoo.hub import PUBLISH_FILES
 
 HYPERNET_FILES = {"hypernet.json", "hypernet.safetensors"}  # a PASS run publishes its hypernetwork too

@@ -1,0 +1,402 @@
+"""Every setting of a run, once: dataclass fields that carry their CLI flag, help and choices.
+
+``PruneConfig`` (with its ``search`` and ``finetune`` sections) is what recipes, benchmark specs, a
+run's saved ``config`` and the ``prune`` flags all describe. The argparse options (``add_flags``),
+the flag -> field table (``PRUNE_FLAGS``) and the flags typed on a command line
+(``explicit_flags``) are generated from the field metadata, and each dataclass validates itself.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from .backbone import BUNDLED_ARCH, PRETRAINED_HELP
+from .errors import BudgetError, PassZooError
+
+# Help sections of ``pass-zoo prune``, in the order they are listed.
+WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN = (
+    "what to prune", "task head and prompt", "data", "stage 1: PASS search (backbone frozen)",
+    "stage 2: fine-tuning the slim network with its prompt", "run")
+GROUPS = (WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN)
+
+
+def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "", group: str = RUN,
+           choices=None, negate: bool = False, metavar: Optional[str] = None, what: Optional[str] = None,
+           factory: Optional[Callable] = None):
+    """A dataclass field with its command-line form.
+
+    ``flag``: the option (None: recipe/API only); ``negate``: a ``--no-x`` switch that sets the field
+    False; ``choices``: allowed values, or a callable returning them (a registry read when needed);
+    ``what``: how errors name a field without a flag.
+    """
+    meta = {"flag": flag, "help": help, "group": group, "choices": choices, "negate": negate,
+            "metavar": metavar, "what": what or flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _choices(f: dataclasses.Field) -> Optional[List]:
+    c = f.metadata.get("choices")
+    return list(c() if callable(c) else c) if c is not None else None
+
+
+def _one_of(values: List) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def check_choices(obj) -> None:
+    """Every field with choices holds one of them."""
+    for f in dataclasses.fields(obj):
+        allowed = _choices(f)
+        value = getattr(obj, f.name)
+        if allowed is not None and value not in allowed:
+            raise PassZooError(f"{f.metadata['what'] or f.name} must be {_one_of(allowed)}, got '{value}'")
+
+
+def _cores():
+    from .hypernet import CORES
+
+    return CORES
+
+
+def _prompts():
+    from .prompt import PROMPTS
+
+    return PROMPTS
+
+
+def _methods():
+    from .methods import list_methods
+
+    return list_methods()
+
+
+def _precisions():
+    from .training import PRECISIONS
+
+    return PRECISIONS
+
+
+def _dataset_help() -> str:
+    from .data import DATASET_HELP
+
+    return f"{DATASET_HELP} (default: fashion-mnist)"
+
+
+@dataclass
+class SearchConfig:
+    """Stage-1 hyperparameters (defaults sized for a quick CPU run; the paper trains for epochs)."""
+
+    steps: int = option(100, flag="--search-steps", group=SEARCH, help="optimisation steps (default: %(default)s)")
+    lr_prompt: float = option(0.05, flag="--search-lr-prompt", group=SEARCH,  # SGD, momentum 0.9, cosine
+                              help="SGD lr of the prompt (default: %(default)s)")
+    lr_hypernet: float = option(2e-3, flag="--search-lr-hypernet", group=SEARCH,  # AdamW, cosine
+                                help="AdamW lr of prompt encoder, LSTM and heads (default: %(default)s)")
+    lr_head: float = 1e-3  # a new classifier head (``--head new``) is trained with the hypernetwork
+    weight_decay: float = 1e-4
+    hidden: int = option(64, flag="--hidden-size", group=SEARCH, help="hypernetwork hidden size (default: %(default)s)")
+    # rank of the per-group unit embeddings (the heads); keeps the hypernetwork small
+    rank: int = option(8, flag="--hypernet-rank", group=SEARCH, metavar="R",
+                       help="rank of the per-group unit embeddings, the hypernetwork's heads (default: %(default)s)")
+    core: str = option("lstm", flag="--hypernet", group=SEARCH, choices=_cores,
+                       help="hypernetwork core: lstm (paper) or the mlp/cnn ablations (default: %(default)s)")
+    use_prompt: bool = option(True, flag="--no-prompt-input", negate=True, group=SEARCH,
+                              help="ablation: the hypernetwork does not see the prompt")
+    use_weights: bool = option(True, flag="--no-weight-input", negate=True, group=SEARCH,
+                               help="ablation: the hypernetwork does not see weights")
+    # add the hand-made log-magnitude ranking to the scores (see hypernet.py)
+    use_prior: bool = option(True, flag="--no-prior", negate=True, group=SEARCH,
+                             help="every part of the scores is learned (the paper's PASS): no hand-made log-magnitude "
+                                  "ranking added to them")
+    selection: str = option("global", flag="--selection", group=SEARCH, choices=("global", "uniform"),
+                            help="global: one ranking over all groups (paper); uniform: same fraction per group")
+    # batch: BN normalises with batch statistics (running stats kept) | frozen
+    bn_mode: str = option("batch", flag="--search-bn", group=SEARCH, choices=("batch", "frozen"),
+                          help="BatchNorm of the frozen backbone during search: batch statistics (default; depend on "
+                               "the per-process batch) or the frozen running statistics")
+    round_to: int = option(8, flag="--round-to", group=WHAT,
+                           help="keep each group's channels a multiple of N; odd widths waste real speed "
+                                "(default: %(default)s)")
+    # Fraction of the steps over which the budget tightens from the dense network to the target
+    # (geometrically). A frozen network cut straight to a harsh budget predicts at chance, so its loss
+    # says little about which channels matter; tightening step by step keeps the loss informative.
+    budget_warmup: float = option(0.5, flag="--budget-warmup", group=SEARCH, metavar="FRACTION",
+                                  help="tighten the MACs budget from dense to the target over this fraction of the "
+                                       "search steps (0: the target from the first step; default: %(default)s)")
+    # Weight of a distillation term KL(dense || masked) on the logits: the dense network with the same
+    # prompt is a denser training signal than the labels alone (0: cross-entropy only, the paper's).
+    distill: float = option(0.0, flag="--distill", group=SEARCH, metavar="W",
+                            help="weight of a KL(dense || masked) distillation term in the search loss "
+                                 "(default: %(default)s)")
+
+    def validate(self) -> None:
+        check_choices(self)
+        if self.steps < 0:
+            raise PassZooError("batch size must be positive and step counts non-negative")
+        if self.round_to < 1:
+            raise PassZooError(f"--round-to must be >= 1, got {self.round_to}")
+        if not 0.0 <= self.budget_warmup <= 1.0:
+            raise PassZooError(f"--budget-warmup must be in [0, 1], got {self.budget_warmup}")
+        if self.rank < 1:
+            raise PassZooError(f"--hypernet-rank must be >= 1, got {self.rank}")
+        if not self.distill >= 0.0:
+            raise PassZooError(f"--distill must be >= 0, got {self.distill}")
+
+
+@dataclass
+class FinetuneConfig:
+    # about 2 epochs of a 10k-image subset at batch 64
+    steps: int = option(300, flag="--finetune-steps", group=FINETUNE, help="optimisation steps (default: %(default)s)")
+    # when set, replaces steps (epochs * batches per epoch)
+    epochs: Optional[float] = option(None, flag="--finetune-epochs", group=FINETUNE, help="epochs instead of steps")
+    lr: float = option(0.01, flag="--finetune-lr", group=FINETUNE,  # SGD, momentum 0.9, cosine
+                       help="SGD lr of the network (default: %(default)s)")
+    lr_prompt: float = option(0.01, flag="--finetune-lr-prompt", group=FINETUNE,
+                              help="SGD lr of the prompt (default: %(default)s)")
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+
+    def validate(self) -> None:
+        check_choices(self)
+        if self.steps < 0:
+            raise PassZooError("batch size must be positive and step counts non-negative")
+
+
+@dataclass
+class PruneConfig:
+    """Everything a ``prune`` run depends on (the CLI flags and recipe keys map 1:1 onto it)."""
+
+    model: str = option(BUNDLED_ARCH, flag="--model", group=WHAT, help=f"timm model name (default: {BUNDLED_ARCH})")
+    # auto = bundled for tf_efficientnet_lite0, timm's weights otherwise
+    pretrained: str = option("auto", flag="--pretrained", group=WHAT,
+                             help=f"weights: auto (bundled for tf_efficientnet_lite0, else timm) | {PRETRAINED_HELP}")
+    dataset: str = option("fashion-mnist", flag="--dataset", group=WHAT, help=_dataset_help)
+    target_macs: float = option(0.5, flag="--target-macs", group=WHAT,
+                                help="the slim model keeps at most this fraction of the dense MACs, in (0, 1] "
+                                     "(default: %(default)s)")
+    img_size: Optional[int] = option(None, flag="--img-size", group=WHAT,  # None = the backbone's own input size
+                                     help="input size in pixels (default: the model's own)")
+    # extra timm.create_model kwargs, recorded in the export (e.g. {"img_size": 64} for a ViT/Swin,
+    # whose patch grid / windows are fixed at creation)
+    model_kwargs: dict = option(flag="--model-kwargs", group=WHAT, metavar="JSON", factory=dict,
+                                help="extra timm.create_model arguments, recorded in the export, e.g. "
+                                     "'{\"img_size\": 64}' for a ViT/Swin at 64 px")
+    out: Optional[str] = option(None, flag="--out", group=WHAT, help="run folder (default: runs/MODEL-DATASET-METHODPCT)")
+    overwrite: bool = option(False, flag="--overwrite", group=WHAT, help="replace an existing non-empty --out")
+    # continue the run in ``out`` from its newest checkpoint
+    resume: bool = option(False, flag="--resume", group=RUN,
+                          help="continue the run in --out from its newest checkpoint (same flags as the original run)")
+    # steps between checkpoints (0: only at stage ends and on Ctrl-C)
+    checkpoint_every: int = option(50, flag="--checkpoint-every", group=RUN, metavar="N",
+                                   help="save a checkpoint to OUT/checkpoints every N steps of search and fine-tuning; "
+                                        "also at the end of each stage and on Ctrl-C; 0: only then (default: %(default)s)")
+    method: str = option("pass", flag="--method", group=WHAT, choices=_methods,
+                         help="how masks are chosen: pass, or a Torch-Pruning baseline under the same budget, "
+                              "slimming and fine-tuning (default: pass)")
+    head: str = option("auto", flag="--head", group=HEAD, choices=("auto", "flm", "new"),
+                       help="flm: frequency label mapping onto the ImageNet classifier; new: a fresh linear head; "
+                            "auto: flm for 1000-class backbones (default: %(default)s)")
+    prompt: str = option("additive", flag="--prompt", group=HEAD, choices=_prompts,
+                         help="additive frame on the image border (paper's best) or pad (image shrunk into a canvas)")
+    # None = 16 px at 224, scaled with the input size
+    prompt_size: Optional[int] = option(None, flag="--prompt-size", group=HEAD,
+                                        help="prompt frame width in px (default: 16 at 224, scaled)")
+    batch_size: int = option(64, flag="--batch-size", group=DATA, help="per-process batch size (default: %(default)s)")
+    train_subset: Optional[int] = option(None, flag="--train-subset", group=DATA,
+                                         help="use a fixed random subset of N training images")
+    val_subset: Optional[int] = option(None, flag="--val-subset", group=DATA,
+                                       help="evaluate on a fixed random subset of N images")
+    # validate on N held-out training images instead of the test set
+    holdout: Optional[int] = option(None, flag="--holdout", group=DATA, metavar="N",
+                                    help="evaluate on N training images held out of training, never the test set (for "
+                                         "choosing settings; one fixed split for every seed)")
+    flm_samples: int = option(2000, flag="--flm-samples", group=DATA,
+                              help="training images used to build the label mapping (default: %(default)s)")
+    transfer_from: Optional[str] = None  # a run folder of another task (see pass-zoo transfer)
+    # hypernet: the source method's learned artefacts + a new prompt | masks: its masks
+    transfer_mode: str = option("hypernet", choices=("hypernet", "masks"), what="transfer mode")
+    bn_calibration_batches: int = 20  # re-estimate BN statistics of the slim network before fine-tuning
+    # Re-estimate the dense backbone's BN statistics on the target data (prompted) before the label
+    # mapping, so that mapping, search (batch statistics) and evaluation (recalibrated statistics) all
+    # see target-domain normalisation; with ImageNet statistics the mapping no longer fits once the
+    # statistics are recalibrated.
+    adapt_bn: bool = option(True, flag="--no-adapt-bn", negate=True, group=DATA,
+                            help="keep the backbone's ImageNet BN statistics for the label mapping and the search "
+                                 "instead of re-estimating them on the target data first")
+    # Methods that train the weights in stage 1 (group-norm, bn-scale, growreg) fine-tune for that many
+    # steps fewer, so every method gets the same number of weight updates in total.
+    equal_updates: bool = True
+    workers: int = option(0, flag="--workers", group=DATA, help="data-loader worker processes (default: %(default)s)")
+    seed: int = option(0, flag="--seed", group=RUN,
+                       help="random seed; the same seed repeats a one-process CPU run bit for bit (default: %(default)s)")
+    mixed_precision: str = option("no", flag="--mixed-precision", group=RUN, choices=_precisions,
+                                  help="autocast: bf16 (CPU or GPU), fp16 (GPU only) or no (default: %(default)s)")
+    onnx: bool = option(True, flag="--no-onnx", negate=True, group=RUN,  # export + verify model.onnx at the end
+                        help="skip writing the verified model.onnx (run 'pass-zoo export' later)")
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_macs <= 1.0:
+            raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.method not in _methods():
+            raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(_methods())})")
+        check_choices(self)
+        if self.batch_size <= 0:
+            raise PassZooError("batch size must be positive and step counts non-negative")
+        self.search.validate()
+        self.finetune.validate()
+        if self.checkpoint_every < 0:
+            raise PassZooError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.resume and self.overwrite:
+            raise PassZooError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+
+    def default_out(self) -> str:
+        from .methods import get_method
+
+        data = self.dataset.split(":")[0]
+        return f"runs/{self.model}-{data}-{get_method(self.method).run_tag}{round(self.target_macs * 100)}"
+
+
+_SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}
+
+
+# ------------------------------------------------------------------ command-line form
+@dataclass
+class Flag:
+    dest: str  # argparse dest
+    path: str  # "field" or "section.field"
+    field: dataclasses.Field
+    hint: object
+
+    @property
+    def negate(self) -> bool:
+        return self.field.metadata["negate"]
+
+
+def _flags() -> List[Flag]:
+    out = []
+    for prefix, cls in (("", PruneConfig), *((f"{k}.", v) for k, v in _SECTIONS.items())):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            if flag:
+                out.append(Flag(flag.lstrip("-").replace("-", "_"), prefix + f.name, f, hints[f.name]))
+    return out
+
+
+FLAGS = _flags()
+# prune flag (argparse dest) -> PruneConfig field ("section.field", "!" = the flag sets the negated boolean)
+PRUNE_FLAGS = {f.dest: ("!" if f.negate else "") + f.path for f in FLAGS}
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}'")
+    return value
+
+
+def _plain(hint):
+    """int for Optional[int], and so on."""
+    if typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_flags(groups: Dict[str, argparse._ArgumentGroup], defaults: bool = True) -> None:
+    """Add every config flag to its help group; ``defaults=False`` leaves defaults to the parser
+    (``argument_default=SUPPRESS`` then shows which flags were typed)."""
+    for f in FLAGS:
+        meta, kind = f.field.metadata, _plain(f.hint)
+        help_ = meta["help"]() if callable(meta["help"]) else meta["help"]
+        kwargs = {"dest": f.dest, "help": help_}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = json_object if kind is dict else kind
+            if meta["metavar"]:
+                kwargs["metavar"] = meta["metavar"]
+            if meta["choices"] is not None:
+                kwargs["choices"] = _choices(f.field)
+            if defaults:
+                f0 = f.field
+                kwargs["default"] = f0.default_factory() if f0.default_factory is not dataclasses.MISSING else f0.default
+        groups[meta["group"]].add_argument(meta["flag"], **kwargs)
+
+
+def from_args(args: argparse.Namespace, base: Optional[PruneConfig] = None, given=None) -> PruneConfig:
+    """``base`` (default: PruneConfig()) with the flags in ``given`` applied (default: every flag, i.e. the
+    parser's defaults, which are the dataclass's own)."""
+    cfg = copy.deepcopy(base) if base is not None else PruneConfig()
+    for f in FLAGS:
+        if given is not None and f.dest not in given:
+            continue
+        value = getattr(args, f.dest)
+        *sections, leaf = f.path.split(".")
+        target = cfg
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, leaf, not value if f.negate else value)
+    return cfg
+
+
+# ------------------------------------------------------------------ mapping form (recipes, specs, saved configs)
+def apply_overrides(cfg: PruneConfig, overrides: dict, where: str, noun: str = "key",
+                    error=PassZooError) -> PruneConfig:
+    """A copy of ``cfg`` with ``overrides`` (nested search/finetune sections) applied.
+
+    Recipes, benchmark specs and a run's saved ``config`` all use this one mapping format. Unknown
+    keys and values of the wrong type are refused with the key's name: a typo must not silently
+    fall back to a default and describe a different run than the file says.
+    """
+    cfg = copy.deepcopy(cfg)
+    if not isinstance(overrides, dict):
+        raise error(f"{where} must be a mapping of settings, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        if key in _SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise error(f"{where}: '{key}' must be a mapping of {_SECTIONS[key].__name__} fields")
+            sub = getattr(cfg, key)
+            setattr(cfg, key, dataclasses.replace(sub, **_typed(sub, value, where, noun, error, key + ".")))
+        else:
+            for name, v in _typed(cfg, {key: value}, where, noun, error, "").items():
+                setattr(cfg, name, v)
+    return cfg
+
+
+def _typed(obj, values: dict, where: str, noun: str, error, prefix: str) -> dict:
+    """``values`` checked against ``obj``'s dataclass fields (ints accepted for floats)."""
+    hints = typing.get_type_hints(type(obj))
+    known = [f.name for f in dataclasses.fields(obj) if f.name not in _SECTIONS]
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            allowed = known if prefix else [*known, *_SECTIONS]
+            raise error(f"{where}: unknown {noun} '{prefix}{key}' (known: {', '.join(allowed)})")
+        hint = hints[key]
+        if value is None and type(None) in typing.get_args(hint):
+            out[key] = None
+            continue
+        want = _plain(hint)
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str),
+              dict: lambda v: isinstance(v, dict)}.get(want, lambda v: True)
+        if not ok(value):
+            raise error(f"{where}: '{prefix}{key}' must be {getattr(want, '__name__', want)}, got {value!r}")
+        out[key] = float(value) if want is float else value
+    return out
