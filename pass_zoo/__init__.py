@@ -3,12 +3,13 @@
 Importing the package registers the ``pass_pruned`` architecture with timm, so exported
 checkpoints load with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``.
 """
-from .adapter import LayerSequence, build_layer_sequence
+from .graph.sequence import LayerSequence, build_layer_sequence
 from .errors import PassZooError
-from .export import PassPrunedModel, load_run_model, save_slim_model
-from .masks import Masks, select_units
+from .export.timm_model import PassPrunedModel, load_run_model, save_slim_model
+from .graph.masks import Masks, select_units
 from .pipeline import PruneConfig, prune
-from .slim import count_macs, count_params, slim
+from .graph.costs import count_macs, count_params
+from .graph.slim import slim
 
 __version__ = "0.1.0"
 

@@ -113,7 +113,7 @@ def cmd_prune(args) -> int:
     if args.num_processes > 1:
         if distributed:
             raise PassZooError("--num-processes starts its own processes; do not combine it with accelerate launch")
-        from .launch import relaunch, without_num_processes
+        from .train.launch import relaunch, without_num_processes
 
         rc = relaunch(without_num_processes(args._argv), args.num_processes, args.mixed_precision)
         if rc != 0 and not existed:
@@ -132,7 +132,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from .card import LATENCY_FILE, write_card
+    from .publish.card import LATENCY_FILE, write_card
 
     path = write_card(args.run_dir, repo_id=args.repo_id)
     print(f"wrote {path} and {path.parent / 'kept_channels.png'}")
@@ -143,7 +143,7 @@ def cmd_card(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from .hub import format_size, publish
+    from .publish.hub import format_size, publish
 
     result = publish(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
                      token=args.token, dry_run=args.dry_run)
@@ -161,14 +161,14 @@ def cmd_publish(args) -> int:
 
 
 def cmd_zoo_list(args) -> int:
-    from .zoo import format_zoo, zoo_entries
+    from .publish.zoo import format_zoo, zoo_entries
 
     print(format_zoo(zoo_entries(args.recipes_dir, args.runs_dir)))
     return 0
 
 
 def cmd_zoo_build(args) -> int:
-    from .zoo import build_entry
+    from .publish.zoo import build_entry
 
     m, cfg, card = build_entry(args.name, recipes_dir=args.recipes_dir, runs_dir=args.runs_dir,
                                overwrite=args.overwrite, argv=args._argv)
@@ -200,7 +200,7 @@ def _write_json(path: Optional[str], obj) -> None:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .onnx_export import export_run_onnx
+    from .export.onnx import export_run_onnx
 
     run_dir = Path(args.run_dir.removeprefix("local-dir:"))
     report, error = export_run_onnx(run_dir, opset=args.opset, exporter=args.exporter)
@@ -214,7 +214,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate_target
+    from .export.evaluation import evaluate_target
 
     r = evaluate_target(args.target, dataset=args.dataset, val_subset=args.val_subset, seed=args.seed,
                         batch_size=args.batch_size, threads=args.threads)
@@ -229,7 +229,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_latency(args) -> int:
-    from .latency import format_latency, measure_latency
+    from .export.latency import format_latency, measure_latency
 
     report = measure_latency(args.run_dir, batches=args.batch, threads=args.threads, repeats=args.repeats,
                              warmup=args.warmup, opset=args.opset)
@@ -241,7 +241,7 @@ def cmd_latency(args) -> int:
 def cmd_costs(args) -> int:
     from pathlib import Path
 
-    from .costs import latency_points, measure_costs, plot_costs
+    from .tools.costs import latency_points, measure_costs, plot_costs
 
     report = measure_costs(args.model, args.pretrained, args.img_size, args.batch, args.target_macs, args.steps,
                            args.warmup, args.threads, args.seed)
@@ -265,7 +265,7 @@ def cmd_costs(args) -> int:
 
 def cmd_transfer(args) -> int:
     from .pipeline import prune
-    from .transfer import transfer_config
+    from .tools.transfer import transfer_config
 
     cfg = transfer_config(args.source, args.mode, dataset=args.dataset, out=args.out, overwrite=args.overwrite,
                           seed=args.seed, train_subset=args.train_subset, val_subset=args.val_subset,
@@ -280,7 +280,7 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import gap_table, learned_labels, results_table, run_bench
+    from .tools.bench import gap_table, learned_labels, results_table, run_bench
 
     doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads,
                     log=lambda msg: print(msg, file=sys.stderr))
@@ -294,7 +294,7 @@ def cmd_bench(args) -> int:
     return 0
 
 def cmd_check(args) -> int:
-    from .check import CURATED, markdown_table, run_all, run_check
+    from .tools.check import CURATED, markdown_table, run_all, run_check
 
     if args.all == (args.model is not None):
         raise PassZooError("check needs exactly one of --model NAME or --all")

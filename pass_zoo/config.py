@@ -61,7 +61,7 @@ def check_choices(obj) -> None:
 
 
 def _cores():
-    from .hypernet import CORES
+    from .methods.pass_hypernet import CORES
 
     return CORES
 
@@ -79,7 +79,7 @@ def _methods():
 
 
 def _precisions():
-    from .training import PRECISIONS
+    from .train.loop import PRECISIONS
 
     return PRECISIONS
 

@@ -6,6 +6,7 @@ names the file it was writing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -61,19 +62,19 @@ def _mkdir(path: Path) -> None:
         raise write_error(path, exc) from exc
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    path = Path(path)
+@contextlib.contextmanager
+def _sibling(path: Path):
+    """A hidden temporary file next to ``path``, renamed onto ``path`` when the block ends without
+    error and removed when it does not."""
     _mkdir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
     except OSError as exc:
         raise write_error(path, exc) from exc
     try:
-        try:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would surprise users sharing run folders
-            _write_fd(fd, data)
-        finally:
-            os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would surprise users sharing run folders
+        yield tmp
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
@@ -81,6 +82,16 @@ def atomic_write_bytes(path, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise write_error(path, exc) from exc
         raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    with _sibling(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            _write_fd(fd, data)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -99,22 +110,8 @@ def atomic_write_json(path, obj) -> None:
 def atomic_save_with(path, save_fn) -> None:
     """Atomic write for libraries that only save to a path (e.g. ONNX): write a sibling, then rename."""
     path = Path(path)
-    _mkdir(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as exc:
-        raise write_error(path, exc) from exc
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
+    with _sibling(path) as tmp:
         save_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from exc
-        raise
 
 
 def atomic_write_dir(path, files: dict) -> None:

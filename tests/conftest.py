@@ -59,7 +59,7 @@ def example_input() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def model_seq():
     """``model_seq(name) -> (model, seq)``, built once per session (models are never mutated)."""
-    from pass_zoo.adapter import build_layer_sequence
+    from pass_zoo.graph.sequence import build_layer_sequence
 
     cache = {}
 

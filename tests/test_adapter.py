@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pass_zoo.adapter import build_layer_sequence
+from pass_zoo.graph.sequence import build_layer_sequence
 from pass_zoo.errors import AdapterError
-from pass_zoo.masks import select_units, to_channel_masks
-from pass_zoo.slim import count_macs, count_params, slim
+from pass_zoo.graph.masks import select_units, to_channel_masks
+from pass_zoo.graph.costs import count_macs, count_params
+from pass_zoo.graph.slim import slim
 
 from conftest import NUM_CLASSES
 

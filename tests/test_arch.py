@@ -15,16 +15,17 @@ import torch
 import torch.nn as nn
 import yaml
 
-import pass_zoo.onnx_export as onnx_export
-from pass_zoo import build_layer_sequence, load_run_model, save_slim_model, select_units, slim
-from pass_zoo.check import CURATED, STAGES, CheckResult, _child, family_of, markdown_table, perturb, run_check
+import pass_zoo.export.onnx as onnx_export
+from pass_zoo import build_layer_sequence, load_run_model, save_slim_model, select_units
+from pass_zoo.graph import slim
+from pass_zoo.tools.check import (CURATED, STAGES, CheckResult, _child, family_of, markdown_table, perturb, run_check)
 from pass_zoo.cli import main
 from pass_zoo.errors import AdapterError
-from pass_zoo.export import SPEC_FORMAT, SpecMismatchError
-from pass_zoo.families import attention_modules
-from pass_zoo.masks import masks_summary, to_channel_masks, to_unit_masks
+from pass_zoo.export.timm_model import SPEC_FORMAT, SpecMismatchError
+from pass_zoo.graph.families import attention_modules
+from pass_zoo.graph.masks import masks_summary, to_channel_masks, to_unit_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
-from pass_zoo.slim import count_macs
+from pass_zoo.graph.costs import count_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -276,7 +277,7 @@ def test_a_group_torch_pruning_cannot_resolve_is_a_clear_error(monkeypatch):
 
     import torch_pruning as tp
 
-    import pass_zoo.adapter as adapter
+    import pass_zoo.graph.groups as adapter
 
     def stuck(self, *args, **kwargs):
         yield from ()
@@ -356,7 +357,7 @@ def test_prune_cli_on_a_vit(tmp_path):
 
 # ------------------------------------------------------------------------------ check command
 def test_check_cli_runs_every_stage(capsys, monkeypatch):
-    import pass_zoo.check as check
+    import pass_zoo.tools.check as check
 
     results = []
     monkeypatch.setattr(check, "run_check", lambda *a, **k: results.append(run_check(*a, **k)) or results[-1])
@@ -375,7 +376,7 @@ def test_check_cli_runs_every_stage(capsys, monkeypatch):
 def test_check_reports_the_failing_stage(monkeypatch):
     import importlib
 
-    slim_module = importlib.import_module("pass_zoo.slim")  # the package re-exports slim(), shadowing it
+    slim_module = importlib.import_module("pass_zoo.graph.costs")  # where count_macs lives
     monkeypatch.setattr(slim_module, "count_macs", lambda model, x: 7)  # a MACs model that disagrees
     lines = []
     result = run_check("resnet10t", img_size=32, echo=lines.append, search_steps=1)

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from pass_zoo import bench as bench_mod
+from pass_zoo.tools import bench as bench_mod
 from pass_zoo.cli import main
 from pass_zoo.errors import PassZooError
 

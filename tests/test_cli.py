@@ -15,9 +15,10 @@ import pass_zoo
 
 from pass_zoo.cli import main
 from pass_zoo.data import FASHION_MNIST_CLASSES
-from pass_zoo.masks import load_masks
+from pass_zoo.graph.masks import load_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
-from pass_zoo.slim import count_macs, count_params, slim
+from pass_zoo.graph.costs import count_macs, count_params
+from pass_zoo.graph.slim import slim
 
 from conftest import write_image_folder
 
@@ -141,7 +142,7 @@ def test_lite0_export_reloads_through_timm(lite0_run, lite0_loaded):
 
 def test_lite0_export_reproduces_the_reported_accuracy(lite0_run, lite0_loaded):
     from pass_zoo.data import load_task_data, make_loader, subset
-    from pass_zoo.finetune import evaluate
+    from pass_zoo.train.finetune import evaluate
     from pass_zoo.pipeline import data_spec_for
 
     m = lite0_run["metrics"]

@@ -15,14 +15,15 @@ import torch
 from timm.data import resolve_data_config
 
 import pass_zoo
-import pass_zoo.onnx_export as onnx_export
-from pass_zoo import PassZooError, build_layer_sequence, load_run_model, save_slim_model, select_units, slim
+import pass_zoo.export.onnx as onnx_export
+from pass_zoo import PassZooError, build_layer_sequence, load_run_model, save_slim_model, select_units
+from pass_zoo.graph import slim
 from pass_zoo.cli import main
 from pass_zoo.data import FASHION_MNIST_CLASSES, make_loader
 from pass_zoo.data import data_spec_for, val_split
-from pass_zoo.evaluation import evaluate_target
-from pass_zoo.export import SpecMismatchError
-from pass_zoo.masks import to_channel_masks
+from pass_zoo.export.evaluation import evaluate_target
+from pass_zoo.export.timm_model import SpecMismatchError
+from pass_zoo.graph.masks import to_channel_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
 
 from conftest import offline_hf_cache

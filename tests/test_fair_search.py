@@ -9,15 +9,16 @@ import pytest
 import timm
 import torch
 
-from pass_zoo.adapter import build_layer_sequence
+from pass_zoo.graph.sequence import build_layer_sequence
 from pass_zoo.data import TaskData, hold_out
-from pass_zoo.hypernet import PassHyperNetwork
-from pass_zoo.masks import select_units
+from pass_zoo.methods.pass_hypernet import PassHyperNetwork
+from pass_zoo.graph.masks import select_units
 from pass_zoo.pipeline import PruneConfig, prune
 from pass_zoo.prompt import AdditivePrompt
-from pass_zoo.finetune import FinetuneConfig
-from pass_zoo.search import MaskedSearchModel, SearchConfig, build_hypernet
-from pass_zoo.slim import count_params
+from pass_zoo.train.finetune import FinetuneConfig
+from pass_zoo.config import SearchConfig
+from pass_zoo.methods.pass_search import MaskedSearchModel, build_hypernet
+from pass_zoo.graph.costs import count_params
 
 from conftest import make_model, randomise_bn, write_image_folder
 
@@ -130,9 +131,9 @@ def test_compute_is_recorded_per_stage(tiny_runs):
 def test_a_new_head_learns_in_stage_1_for_every_method(tmp_path):
     """l1 reads only weights, yet with a new head it spends stage 1 on a linear probe, as PASS trains
     its head during the search: the fine-tune then starts from a trained head for every method."""
-    from pass_zoo.adapter import build_layer_sequence
+    from pass_zoo.graph.sequence import build_layer_sequence
     from pass_zoo.methods.torch_pruning import baseline_scores
-    from pass_zoo.training import make_accelerator
+    from pass_zoo.train.loop import make_accelerator
 
     model = make_model("resnet10t", num_classes=3)
     seq = build_layer_sequence(model, torch.zeros(1, 3, 32, 32))

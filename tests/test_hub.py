@@ -22,10 +22,10 @@ import torch
 import yaml
 
 import pass_zoo
-from pass_zoo.card import CardError, render_card
+from pass_zoo.publish.card import CardError, render_card
 from pass_zoo.cli import _prune_config, build_parser, explicit_prune_flags, main
 from pass_zoo.config import PRUNE_FLAGS
-from pass_zoo.hub import PUBLISH_FILES
+from pass_zoo.publish.hub import PUBLISH_FILES
 
 HYPERNET_FILES = {"hypernet.json", "hypernet.safetensors"}  # a PASS run publishes its hypernetwork too
 from pass_zoo.recipes import RecipeError, load_recipe

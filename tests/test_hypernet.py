@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from pass_zoo.adapter import build_layer_sequence
-from pass_zoo.hypernet import PassHyperNetwork
+from pass_zoo.graph.sequence import build_layer_sequence
+from pass_zoo.methods.pass_stats import WeightStats
+from pass_zoo.methods.pass_hypernet import PassHyperNetwork
 from pass_zoo.prompt import AdditivePrompt
-from pass_zoo.search import MaskedSearchModel, SearchConfig, search
+from pass_zoo.config import SearchConfig
+from pass_zoo.methods.pass_search import MaskedSearchModel, search
 
 from conftest import NUM_CLASSES, make_model, randomise_bn
 
@@ -106,7 +108,7 @@ def test_variants_score_every_group_and_train(core, use_prompt, use_weights):
     assert hasattr(hn, "encoder") == use_prompt
     assert hasattr(hn, "h0") == (not use_prompt)
     assert hasattr(hn, "c0") == (core == "lstm")
-    scores = hn(model.prompt.image(), seq.weight_stats)
+    scores = hn(model.prompt.image(), WeightStats(seq))
     assert [s.shape for s in scores] == [torch.Size([g.units]) for g in seq.groups]
     assert all(torch.isfinite(s).all() for s in scores)
 
@@ -144,10 +146,10 @@ def test_weight_inputs_change_the_scores():
     model, seq = _setup()
     hn = model.hypernet
     with torch.no_grad():
-        before = torch.cat(hn(model.prompt.image(), seq.weight_stats))
+        before = torch.cat(hn(model.prompt.image(), WeightStats(seq)))
         conv = model.backbone.get_submodule(seq.groups[1].producers[0].module_name)
         conv.weight[: conv.weight.shape[0] // 2] *= 5.0
-        after = torch.cat(hn(model.prompt.image(), seq.weight_stats))
+        after = torch.cat(hn(model.prompt.image(), WeightStats(seq)))
     assert (before - after).abs().max() > 1e-4
 
 
@@ -162,14 +164,14 @@ def test_weight_stats_by_hand():
     g0, g1 = seq.groups[0], seq.groups[1]
     w0 = model.get_submodule(g0.producers[0].module_name).weight.abs()
     assert len(g0.producers) == 1 and g0.ch_groups == 1
-    assert torch.allclose(seq.weight_stats(0, []), w0.mean(dim=(1, 2, 3)))
+    assert torch.allclose(WeightStats(seq)(0, []), w0.mean(dim=(1, 2, 3)))
     # group 1's producer reads group 0: masked input channels leave the average
     assert len(g1.producers) == 1
     w1 = model.get_submodule(g1.producers[0].module_name).weight.abs()
     mask0 = torch.zeros(g0.units)
     mask0[::3] = 1.0
     expected = w1[:, mask0.bool()].mean(dim=(1, 2, 3))
-    assert torch.allclose(seq.weight_stats(1, [mask0]), expected, atol=1e-6)
+    assert torch.allclose(WeightStats(seq)(1, [mask0]), expected, atol=1e-6)
 
 
 def test_dead_bn_channel_scores_lowest_not_highest():
@@ -184,7 +186,7 @@ def test_dead_bn_channel_scores_lowest_not_highest():
         bn.running_var.fill_(1.0)
         bn.weight[3] = 5.0
         bn.running_var[3] = 0.0
-    stats = seq.weight_stats(0, [])
+    stats = WeightStats(seq)(0, [])
     w0 = model.get_submodule(g0.producers[0].module_name).weight.abs().mean(dim=(1, 2, 3))
     assert stats[3] == 0.0
     live = torch.ones(g0.units, dtype=torch.bool)
@@ -193,7 +195,7 @@ def test_dead_bn_channel_scores_lowest_not_highest():
 
 
 def test_search_trains_prompt_and_hypernet_only():
-    from pass_zoo.training import make_accelerator
+    from pass_zoo.train.loop import make_accelerator
 
     backbone = randomise_bn(make_model("resnet10t"))
     seq = build_layer_sequence(backbone, torch.zeros(1, 3, 32, 32))
@@ -219,7 +221,7 @@ def test_search_trains_prompt_and_hypernet_only():
 
 
 def test_search_with_new_head_trains_only_the_head():
-    from pass_zoo.training import make_accelerator
+    from pass_zoo.train.loop import make_accelerator
 
     backbone = make_model("resnet10t", num_classes=3)
     seq = build_layer_sequence(backbone, torch.zeros(1, 3, 32, 32))
@@ -237,7 +239,7 @@ def test_search_with_new_head_trains_only_the_head():
 
 
 def test_budget_warmup_tightens_from_dense_to_the_target():
-    from pass_zoo.search import budget_at
+    from pass_zoo.methods.pass_search import budget_at
 
     cfg = SearchConfig(steps=10, budget_warmup=0.5)
     budgets = [budget_at(step, cfg, 0.1) for step in range(10)]

@@ -7,9 +7,9 @@ import yaml
 
 import pass_zoo.pipeline as pipeline
 from pass_zoo import PruneConfig, prune
-from pass_zoo import bench as bench_mod
+from pass_zoo.tools import bench as bench_mod
 from pass_zoo.cli import build_parser
-from pass_zoo.masks import select_units, to_channel_masks
+from pass_zoo.graph.masks import select_units, to_channel_masks
 from pass_zoo.methods import Method, MethodResult, get_method, list_methods, register_method
 
 CALLS = []

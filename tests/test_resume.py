@@ -215,7 +215,7 @@ def test_resume_takes_the_label_mapping_from_the_checkpoint(tmp_path, monkeypatc
 
     import pass_zoo.pipeline
     from pass_zoo.cli import main
-    from pass_zoo.training import StopRequest
+    from pass_zoo.train.loop import StopRequest
 
     args = ["prune", "--model", "resnet10t", "--pretrained", "none", "--head", "flm", "--dataset", "fashion-mnist",
             "--img-size", "32", "--train-subset", "32", "--val-subset", "16", "--flm-samples", "32",

@@ -72,7 +72,7 @@ def test_architecture_the_adapter_cannot_prune(tmp_path):
     """Groups that cannot be gated exactly stay dense; with none left the adapter says which layer."""
     import torch.nn as nn
 
-    from pass_zoo.adapter import build_layer_sequence
+    from pass_zoo.graph.sequence import build_layer_sequence
     from pass_zoo.errors import AdapterError
 
     class OnlyMixedChannels(nn.Module):
@@ -211,7 +211,7 @@ def test_bf16_on_the_cpu_runs(tmp_path):
 def test_masks_that_differ_between_processes_are_refused(monkeypatch):
     import accelerate.utils
 
-    from pass_zoo.training import check_same_across_processes, digest
+    from pass_zoo.train.loop import check_same_across_processes, digest
 
     masks = [torch.tensor([True, False, True])]
     fake = types.SimpleNamespace(num_processes=2)
@@ -313,10 +313,10 @@ def nan_run(tmp_path_factory):
         loss = real(logits, target, *a, **kw)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    import pass_zoo.search
+    import pass_zoo.methods.pass_search
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(pass_zoo.search, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+        m.setattr(pass_zoo.methods.pass_search, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
         code, _, stderr = _run(_tiny(out, "--checkpoint-every", "2", steps=6))
     return out, code, stderr
 
@@ -423,7 +423,7 @@ def test_tampered_run_weights(tmp_path):
 
 def test_num_processes_shows_one_line_of_the_workers_stderr():
     """What two workers and the launcher print after Ctrl-C (recorded), as ``--num-processes`` shows it."""
-    from pass_zoo.launch import forward_worker_stderr
+    from pass_zoo.train.launch import forward_worker_stderr
 
     line = b"pass-zoo: interrupted at search step 3 of 16; checkpoint saved in /r/checkpoints/search-000003 (...)\n"
     recorded = (

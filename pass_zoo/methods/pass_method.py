@@ -1,9 +1,9 @@
 """PASS as a mask producer: prompt + hypernetwork search (``search.py``), its hypernetwork the artefact."""
 from __future__ import annotations
 
-from ..hypernet import hypernet_files, load_hypernet
-from ..search import search
-from ..slim import count_params
+from .pass_hypernet import hypernet_files, load_hypernet
+from .pass_search import search
+from ..graph.costs import count_params
 from .registry import Method, MethodContext, MethodResult, register_method
 
 

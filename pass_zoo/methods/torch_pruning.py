@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from ..errors import PassZooError
-from ..masks import select_units, to_channel_masks
-from ..training import check_same_across_processes, cosine_lambda, cycle, progress
+from ..graph.masks import select_units, to_channel_masks
+from ..train.loop import check_same_across_processes, cosine_lambda, cycle, progress
 from .registry import Method, MethodContext, MethodResult, get_method, register_method
 
 

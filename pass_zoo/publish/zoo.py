@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import List, Optional
 
-from .recipes import find_recipe, list_recipes, recipe_record
+from ..recipes import find_recipe, list_recipes, recipe_record
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -64,7 +64,7 @@ def build_entry(name: str, recipes_dir=None, runs_dir="runs", overwrite: bool = 
     import os
 
     from .card import write_card
-    from .pipeline import prune
+    from ..pipeline import prune
 
     name, cfg, extras = find_recipe(name, recipes_dir)
     cfg.out, cfg.overwrite, cfg.onnx = str(Path(runs_dir) / name), overwrite, True  # publishable needs ONNX

@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 
 from tqdm.auto import tqdm
 
-from .errors import DataError, PassZooError
+from ..errors import DataError, PassZooError
 
 PRECISIONS = ("no", "fp16", "bf16")
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, Interrupted, PassZooError, one_line
-from .runio import atomic_write_dir, remove_temporaries, safetensors_bytes
-from .training import Batches, StopRequest
+from ..errors import CheckpointError, Interrupted, PassZooError, one_line
+from ..runio import atomic_write_dir, remove_temporaries, safetensors_bytes
+from .loop import Batches, StopRequest
 
 FORMAT = "pass-zoo-checkpoint/1"
 STAGES = ("search", "searched", "finetune")  # in run order

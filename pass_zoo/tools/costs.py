@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import PassZooError
+from ..errors import PassZooError
 
 KINDS = ("search", "fixed_masks", "finetune")
 
@@ -47,20 +47,21 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     import torch
     import torch.nn.functional as F
 
-    from .adapter import build_layer_sequence
-    from .backbone import create_backbone
-    from .masks import to_channel_masks
-    from .prompt import PromptedModel, create_prompt, default_prompt_width
-    from .search import MaskedSearchModel, SearchConfig, _KeepRunningStats, build_hypernet
-    from .slim import slim
+    from ..backbone import create_backbone
+    from ..graph.masks import to_channel_masks
+    from ..pipeline import layer_sequence, make_prompt
+    from ..prompt import PromptedModel
+    from ..config import SearchConfig
+    from ..methods.pass_search import MaskedSearchModel, _KeepRunningStats, build_hypernet
+    from ..graph.slim import slim
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     backbone = create_backbone(model_name, pretrained).eval()
     backbone.reset_classifier(10)
-    example = torch.zeros(1, 3, img_size, img_size)
-    seq = build_layer_sequence(backbone, example)
-    prompt = create_prompt("additive", img_size, default_prompt_width(img_size))
+    seq = layer_sequence(backbone, img_size)
+    example = seq.example_input
+    prompt = make_prompt("additive", img_size)
     cfg = SearchConfig()
     hypernet = build_hypernet(seq, cfg)
     searcher = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg).train()
@@ -144,7 +145,7 @@ def measure_costs(model: str = "tf_efficientnet_lite0", pretrained: str = "bundl
 
 def latency_points(run_dirs: Sequence, batches=(1, 32), threads: int = 2, repeats: int = 20) -> list:
     """ORT speedup (dense / slim) against the MACs ratio for each run folder."""
-    from .latency import measure_latency
+    from ..export.latency import measure_latency
 
     points = []
     for run_dir in run_dirs:

@@ -13,8 +13,8 @@ from pathlib import Path
 from string import Template
 from typing import Optional, Tuple
 
-from .errors import PassZooError
-from .runio import atomic_save_with, atomic_write_text
+from ..errors import PassZooError
+from ..runio import atomic_save_with, atomic_write_text
 
 CARD_FILE = "README.md"
 PLOT_FILE = "kept_channels.png"
@@ -35,7 +35,7 @@ class CardError(PassZooError):
 
 def template_dir() -> Path:
     """``hub_cards/`` of this checkout, or the copy installed inside the package."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package
     for folder in (here.parent / "hub_cards", here / "hub_cards"):
         if (folder / "model_card.md").is_file():
             return folder
@@ -89,7 +89,7 @@ def base_model_info(arch: str, pretrained: str) -> Tuple[Optional[str], str, str
     """``(base_model Hub id or None, license, words for the body)`` for the weights prune started from."""
     from timm.models import get_pretrained_cfg
 
-    from .backbone import BUNDLED_ARCH
+    from ..backbone import BUNDLED_ARCH
 
     if pretrained == "auto":
         pretrained = "bundled" if arch == BUNDLED_ARCH else "timm"
@@ -153,7 +153,7 @@ def card_data(run_dir, repo_id: Optional[str] = None) -> dict:
 
 
 def _method_tag(method: str) -> str:
-    from .methods import get_method
+    from ..methods import get_method
 
     try:
         return get_method(method).run_tag

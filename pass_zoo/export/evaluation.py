@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .data import DataSpec, data_spec_for, make_loader, val_split
-from .errors import DataError, PassZooError
+from ..data import DataSpec, data_spec_for, make_loader, val_split
+from ..errors import DataError, PassZooError
 from .runinfo import RUN, run_eval_defaults
 
 _FALLBACK_BATCH = 64
@@ -45,7 +45,7 @@ def _check_classes(model_names, num_outputs: Optional[int], dataset: str, data_n
 def _load(target: str, threads: Optional[int]) -> Tuple[object, DataSpec, list, Optional[int]]:
     """``(predict function, preprocessing, class names, outputs)`` for either backend."""
     if target_kind(target) == "onnx":
-        from .onnx_export import ort_session, read_onnx_metadata
+        from .onnx import ort_session, read_onnx_metadata
 
         meta = read_onnx_metadata(target)
         session = ort_session(target, threads)
@@ -58,7 +58,7 @@ def _load(target: str, threads: Optional[int]) -> Tuple[object, DataSpec, list, 
         return predict, spec_from_metadata(meta, target), meta.get("class_names"), \
             out_dim if isinstance(out_dim, int) else None
 
-    from .export import load_run_model
+    from .timm_model import load_run_model
 
     model = load_run_model(target)
 

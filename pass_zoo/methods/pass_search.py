@@ -6,6 +6,8 @@ frozen network through straight-through estimators; cross-entropy of the prompte
 network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine). Over the first
 ``budget_warmup`` of the steps the budget tightens from the dense network to the target; the final
 masks are always selected at the target.
+
+``cfg`` everywhere is the run's ``config.SearchConfig`` (read, never built here).
 """
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapter import LayerSequence
-from .config import SearchConfig
-from .errors import PassZooError
-from .hypernet import PassHyperNetwork
-from .masks import Masks, select_units, to_channel_masks
-from .training import Batches, check_same_across_processes, cosine_lambda, progress, take_step
+from ..graph.sequence import LayerSequence
+from ..errors import PassZooError
+from .pass_hypernet import PassHyperNetwork
+from .pass_stats import WeightStats
+from ..graph.masks import Masks, select_units, to_channel_masks
+from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
 
 
 def _batch_norms(model: nn.Module):
@@ -56,10 +58,11 @@ class MaskedSearchModel(nn.Module):
     """Frozen backbone, gated by the masks the hypernetwork proposes on every forward pass."""
 
     def __init__(self, backbone: nn.Module, seq: LayerSequence, prompt: nn.Module,
-                 hypernet: PassHyperNetwork, target_macs: float, cfg: SearchConfig):
+                 hypernet: PassHyperNetwork, target_macs: float, cfg):
         super().__init__()
         self.backbone, self.prompt, self.hypernet = backbone, prompt, hypernet
         object.__setattr__(self, "seq", seq)  # plain reference, not a submodule
+        object.__setattr__(self, "weight_stats", WeightStats(seq))
         self.target_macs, self.round_to, self.selection = target_macs, cfg.round_to, cfg.selection
         self.budget = target_macs  # the budget of the current step (see SearchConfig.budget_warmup)
         self.next_budget = target_macs  # the budget of the step after it: what the provisional threshold is for
@@ -78,7 +81,7 @@ class MaskedSearchModel(nn.Module):
 
     def propose(self):
         """(straight-through unit masks, hard unit masks) for the current prompt and hypernetwork."""
-        scores = self.hypernet(self.prompt.image(), self.seq.weight_stats)
+        scores = self.hypernet(self.prompt.image(), self.weight_stats)
         hard = select_units(scores, self.seq, self.budget, self.round_to, self.selection)
         flat = torch.cat(scores)
         # One shared scale over all groups keeps scores comparable across groups for the STE.
@@ -126,7 +129,7 @@ class MaskedSearchModel(nn.Module):
 
 
 
-def build_hypernet(seq: LayerSequence, cfg: SearchConfig) -> PassHyperNetwork:
+def build_hypernet(seq: LayerSequence, cfg) -> PassHyperNetwork:
     return PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core, use_prompt=cfg.use_prompt,
                             use_weights=cfg.use_weights, use_prior=cfg.use_prior, rank=cfg.rank)
 
@@ -140,7 +143,7 @@ class SearchResult:
 
 
 def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target_macs: float,
-           cfg: SearchConfig, accelerator, train_head: bool = False,
+           cfg, accelerator, train_head: bool = False,
            hypernet: Optional[PassHyperNetwork] = None, checkpoints=None) -> SearchResult:
     """Run stage 1; ``prompt`` is trained in place. Returns the final masks and the hypernetwork.
 
@@ -149,7 +152,7 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     ``checkpoints`` (a ``checkpoint.RunCheckpoints``) saves the loop every N steps, on Ctrl-C and at
     the end, and continues from its newest search checkpoint when the run is resumed.
     """
-    from .checkpoint import LoopState, StageCheckpoints
+    from ..train.checkpoint import LoopState, StageCheckpoints
 
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -213,7 +216,7 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, loop.losses)
 
 
-def budget_at(step: int, cfg: SearchConfig, target_macs: float) -> float:
+def budget_at(step: int, cfg, target_macs: float) -> float:
     """The MACs budget of search step ``step``: dense -> target geometrically over the warm-up, then target."""
     warm = cfg.budget_warmup * cfg.steps
     if step >= warm:

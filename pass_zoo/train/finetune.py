@@ -6,13 +6,13 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .config import FinetuneConfig
-from .prompt import PromptedModel
-from .training import Batches, cosine_lambda, progress, take_step
+from ..prompt import PromptedModel
+from .loop import Batches, cosine_lambda, progress, take_step
 
 
-def finetune(model: PromptedModel, loader, cfg: FinetuneConfig, accelerator, checkpoints=None) -> List[float]:
-    """Train ``model`` (slim network + prompt) in place; returns the loss per step.
+def finetune(model: PromptedModel, loader, cfg, accelerator, checkpoints=None) -> List[float]:
+    """Train ``model`` (slim network + prompt) in place with ``cfg`` (a ``config.FinetuneConfig``);
+    returns the loss per step.
 
     ``checkpoints`` (a ``checkpoint.RunCheckpoints``) saves the loop every N steps, on Ctrl-C and at
     the end, and continues from its newest fine-tune checkpoint when the run is resumed.

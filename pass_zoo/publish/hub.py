@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card
-from .errors import PassZooError, one_line
-from .runio import atomic_write_json
+from ..errors import PassZooError, one_line
+from ..runio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _card_is_current(run_dir: Path, repo_id: str) -> bool:
 def optional_files(run_dir: Path) -> Tuple[str, ...]:
     """Published when present: the latency report and the method's artefacts (what lets others
     transfer what it learned, e.g. PASS's hypernetwork)."""
-    from .methods import get_method
+    from ..methods import get_method
 
     try:
         method = json.loads((run_dir / "metrics.json").read_text()).get("method")
@@ -167,7 +167,7 @@ def publish(run_dir, repo_id: str, *, private: bool = False, revision: Optional[
     """Upload a run folder as a Hub model repo; ``dry_run`` only returns the plan (changes nothing)."""
     from huggingface_hub import HfApi
 
-    from . import __version__
+    from .. import __version__
 
     plan = publish_plan(run_dir, repo_id)
     if dry_run:

@@ -35,9 +35,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List
 
-from .errors import PassZooError, one_line
-from .config import PruneConfig, apply_overrides
-from .runio import atomic_write_json
+from ..errors import PassZooError, one_line
+from ..config import PruneConfig, apply_overrides
+from ..runio import atomic_write_json
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
                 "top1", "top1_after_search", "top1_dense_zero_shot", "search_seconds", "finetune_seconds",
@@ -176,7 +176,7 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
 
 
 def _method_keys(method) -> tuple:
-    from .methods import get_method
+    from ..methods import get_method
 
     try:
         return get_method(method).metric_keys
@@ -186,7 +186,7 @@ def _method_keys(method) -> tuple:
 
 def learned_labels(doc: dict) -> List[str]:
     """Labels of the cells whose method is not a Torch-Pruning baseline (what gap tables are about)."""
-    from .methods import get_method, list_methods
+    from ..methods import get_method, list_methods
 
     learned = {m for m in list_methods() if not get_method(m).baseline}
     return sorted({r["label"] for r in doc["runs"] if r["label"] != "dense" and r.get("method") in learned})
@@ -214,7 +214,7 @@ def _init_worker(threads: int) -> None:
 
 
 def _run_cell(cfg: PruneConfig, command: str) -> dict:
-    from .pipeline import prune
+    from ..pipeline import prune
 
     t0 = time.time()
     metrics = prune(cfg, command=command)

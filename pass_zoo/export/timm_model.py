@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .adapter import build_graph
-from .errors import PassZooError, one_line
-from .families import family_by_name
-from .prompt import create_prompt
-from .runio import atomic_write_bytes, atomic_write_json, safetensors_bytes
+from ..graph.groups import build_graph
+from ..errors import PassZooError, one_line
+from ..graph.families import family_by_name
+from ..prompt import create_prompt
+from ..runio import atomic_write_bytes, atomic_write_json, safetensors_bytes
 
 SPEC_FORMAT_V1 = "pass-zoo-slim/1"
 SPEC_FORMAT = "pass-zoo-slim/2"
@@ -183,7 +183,7 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def pass_pruned(pretrained: bool = False, **kwargs) -> PassPrunedModel:
-    """A PASS-pruned slim network with its learned prompt (see ``pass_zoo.export``)."""
+    """A PASS-pruned slim network with its learned prompt (see ``pass_zoo.export.timm_model``)."""
     return _create_pass_pruned("pass_pruned", pretrained=pretrained, **kwargs)
 
 
@@ -207,7 +207,7 @@ def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num
     """Write ``config.json`` + ``model.safetensors`` for a prompted slim model.
 
     ``model_kwargs``: what the base model was created with (``timm.create_model(base_arch, **kw)``);
-    ``fixups``: default ``history.fixups`` (``pass_zoo.slim.PruningHistory``).
+    ``fixups``: default ``history.fixups`` (``pass_zoo.graph.slim.PruningHistory``).
     """
     out = Path(out)
     prompt = prompted.prompt

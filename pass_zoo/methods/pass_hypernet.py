@@ -25,7 +25,7 @@ part of the score is learned (the paper's setting).
 
 While walking, the mask of group i is a *provisional* one: scores above the threshold of the global
 selection at the current step's budget (see ``search.MaskedSearchModel``). The final masks come from
-the global budgeted selection over all scores (``pass_zoo.masks.select_units``), which needs every
+the global budgeted selection over all scores (``pass_zoo.graph.masks.select_units``), which needs every
 group's scores first.
 """
 from __future__ import annotations
@@ -200,7 +200,7 @@ def hypernet_files(hypernet: PassHyperNetwork) -> dict:
     """``{"hypernet.safetensors", "hypernet.json"}`` contents: the weights and what rebuilds them."""
     from safetensors.torch import save as st_save
 
-    from .runio import json_bytes
+    from ..runio import json_bytes
 
     state = {k: v.detach().contiguous().cpu() for k, v in hypernet.state_dict().items()}
     return {"hypernet.safetensors": st_save(state), "hypernet.json": json_bytes(hypernet.config())}
@@ -221,7 +221,7 @@ def load_hypernet(folder) -> PassHyperNetwork:
     """Rebuild a saved hypernetwork (strict; no pickle)."""
     from pathlib import Path
 
-    from .errors import PassZooError, one_line
+    from ..errors import PassZooError, one_line
 
     folder = Path(folder)
     cfg_path, weights = folder / "hypernet.json", folder / "hypernet.safetensors"

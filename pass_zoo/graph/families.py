@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Type
 import torch
 import torch.nn as nn
 
-from .errors import AdapterError
+from ..errors import AdapterError
 
 ATTENTION_FAMILIES: Dict[Type[nn.Module], "AttentionFamily"] = {}
 _BY_NAME: Dict[str, "AttentionFamily"] = {}

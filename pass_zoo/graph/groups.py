@@ -1,43 +1,34 @@
-"""Layer sequence: any timm model as an ordered list of prunable channel groups.
+"""Coupled channel groups: Torch-Pruning's dependency graph as plain ``ChannelGroup`` data.
 
 Torch-Pruning's ``DependencyGraph`` finds the *coupled* channels of a network (a conv, its BN, the
-convs that read it, every branch of a residual sum, ...). Each coupled group is one step of the
-PASS walk. This module turns the graph into plain data the rest of the pipeline needs:
+convs that read it, every branch of a residual sum, ...). ``GroupBuilder`` turns each coupled group
+into a ``ChannelGroup`` -- name, channel count, units (what one mask entry controls), producers
+(layers whose output channels are the group) and consumers (layers that read them) -- or leaves it
+dense with the reason (the exclusion policy below).
 
-* ``ChannelGroup`` -- name, channel count, units (what one mask entry controls), producers
-  (layers whose output channels are the group) and consumers (layers that read them);
-* ``LayerCost`` -- every conv/linear layer with the groups that own its input/output channels,
-  and ``AttentionCost`` -- every attention module's matmuls, owned by its head group -- so the MACs
-  of any mask can be computed exactly without building the slim model;
-* a search-time gate that multiplies every consumer's input by the group mask. Zeroing an input
-  channel of a conv/linear is exactly the same function as removing it, so a gated network equals
-  the physically slimmed one (BN in eval mode).
-
-Transformers: a registered attention module (``pass_zoo.families``) turns its ``qkv`` group into a
-*head* group -- one unit per head (its q, k, v rows and its ``proj`` columns), gated at ``proj``'s
-input. MLP hidden units (fc1 out / fc2 in) are ordinary channel groups.
+Transformers: a registered attention module (``families``) turns its ``qkv`` group into a *head*
+group -- one unit per head (its q, k, v rows and its ``proj`` columns), gated at ``proj``'s input.
+MLP hidden units (fc1 out / fc2 in) are ordinary channel groups.
 
 Groups that cannot be gated exactly -- their channels pass through LayerNorm/GroupNorm, a bare
 parameter (layer scale, position embeddings), a weight-standardised conv, a split/concatenation
 Torch-Pruning maps unevenly, or are the network's output -- are *excluded*: they stay dense, are
-listed in ``LayerSequence.excluded`` with the reason, and the rest of the network is still pruned.
-Only a model with nothing prunable is refused (``AdapterError`` naming the layers).
+listed with the reason, and the rest of the network is still pruned. Only a model with nothing
+prunable is refused (``AdapterError`` naming the layers).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .errors import AdapterError
+from ..errors import AdapterError
 from .families import attention_modules
 
 log = logging.getLogger(__name__)
@@ -116,41 +107,6 @@ class ChannelGroup:
     def expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
         """Unit mask -> root-channel mask."""
         return unit_mask[self.unit_of_channel().to(unit_mask.device)]
-
-
-@dataclass
-class LayerCost:
-    """MACs of one conv/linear layer as a function of the kept channels on both sides."""
-
-    name: str
-    out_dense: int
-    in_dense: int
-    positions: int  # output positions per sample (H*W, tokens, or 1)
-    kernel: int  # kernel area
-    groups: int
-    depthwise: bool
-    out_owners: List[Tuple[int, int]] = field(default_factory=list)  # (group idx, positions/unit)
-    in_owners: List[Tuple[int, int]] = field(default_factory=list)
-
-    def macs(self, kept_units: Sequence[int], groups: Sequence[ChannelGroup]) -> int:
-        out_kept = self.out_dense - sum(n * (groups[g].units - kept_units[g]) for g, n in self.out_owners)
-        in_kept = self.in_dense - sum(n * (groups[g].units - kept_units[g]) for g, n in self.in_owners)
-        if self.depthwise:
-            return self.positions * self.kernel * out_kept
-        return self.positions * self.kernel * out_kept * in_kept // self.groups
-
-
-@dataclass
-class AttentionCost:
-    """MACs of one attention module's ``q @ k^T`` and ``attn @ v``: linear in its kept heads."""
-
-    name: str
-    per_head: int  # MACs per head per sample (2 * windows * tokens^2 * head_dim)
-    heads: int  # dense heads
-    owner: Optional[int] = None  # the head group, None when its heads are not pruned
-
-    def macs(self, kept_units: Sequence[int], groups: Sequence[ChannelGroup]) -> int:
-        return self.per_head * (self.heads if self.owner is None else kept_units[self.owner])
 
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
@@ -261,29 +217,11 @@ class _Excluded(Exception):
     """A group that cannot be gated exactly: it stays dense (the reason is kept for the log)."""
 
 
-class LayerSequence:
-    """An ordered list of ``ChannelGroup`` over one model, with exact MACs and search-time gates."""
+class GroupBuilder:
+    """Torch-Pruning's groups of one traced model -> ``ChannelGroup`` list (walk order) + ``excluded``."""
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignored_layers: Iterable[nn.Module] = ()):
-        self.model = model
-        self.example_input = example_input
-        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-        ignored = list(ignored_layers)
-        if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
-            ignored.append(classifier)  # the classifier's outputs are the task's classes: never pruned
-        self.ignored = ignored
-        was_training = model.training
-        frozen = [p for p in model.parameters() if not p.requires_grad]
-        model.eval()
-        try:
-            for p in frozen:  # the graph is traced through autograd: frozen weights would hide every layer
-                p.requires_grad_(True)
-            self.graph = build_graph(model, example_input)
-            order, out_positions, attn_per_head = _module_positions(model, example_input)
-        finally:
-            model.train(was_training)
-            for p in frozen:
-                p.requires_grad_(False)
+    def __init__(self, model: nn.Module, graph: tp.DependencyGraph, ignored: List[nn.Module]):
+        self.model, self.graph, self.ignored = model, graph, ignored
         self.module_names = {m: n for n, m in model.named_modules()}
         self.param_names = {p: n for n, p in model.named_parameters()}
         # qkv layer -> (attention module name, module, family), for the head groups
@@ -296,17 +234,11 @@ class LayerSequence:
             else:
                 self._attention[fam.qkv(mod)] = (name, mod, fam)
         self.excluded: List[Tuple[str, str]] = []  # (group root, why it stays dense)
-        self.groups: List[ChannelGroup] = self._collect_groups(order)
-        self.costs: List = self._collect_costs(out_positions) + self._attention_costs(attn_per_head)
-        self._consumer_slots: Dict[str, List[Tuple[int, _Slot]]] = {}
-        for gi, g in enumerate(self.groups):
-            for slot in g.consumers:
-                self._consumer_slots.setdefault(slot.module_name, []).append((gi, slot))
-        self.dense_macs = self.macs([g.units for g in self.groups])
-        self._abs_cache: Dict[str, tuple] = {}  # module name -> ((weight id, version), |W| summed over k, k)
 
-    # ------------------------------------------------------------------ construction
-    def _collect_groups(self, order: Dict[str, int]) -> List[ChannelGroup]:
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def collect(self, order: Dict[str, int]) -> List[ChannelGroup]:
         groups = []
         all_groups = self.graph.get_all_groups(ignored_layers=self.ignored, root_module_types=_GATEABLE)
         for tp_group in _each_within(all_groups, GROUP_TIME_LIMIT_S, self.module_names):
@@ -411,170 +343,3 @@ class LayerSequence:
                              root, tp_group[0].dep.handler, producers, consumers, [], kind="heads",
                              head_dim=fam.head_dim(attn), attention=attn_name, unit_index=head_of)
         return group
-
-    def _collect_costs(self, out_positions: Dict[str, int]) -> List[LayerCost]:
-        owners_out: Dict[str, List[Tuple[int, int]]] = {}
-        owners_in: Dict[str, List[Tuple[int, int]]] = {}
-        for gi, g in enumerate(self.groups):
-            for slot in g.producers:
-                owners_out.setdefault(slot.module_name, []).append((gi, len(slot.positions) // g.units))
-            for slot in g.consumers:
-                owners_in.setdefault(slot.module_name, []).append((gi, len(slot.positions) // g.units))
-        costs = []
-        for name, mod in self.model.named_modules():
-            if not isinstance(mod, _GATEABLE) or name not in out_positions:
-                continue
-            if isinstance(mod, nn.Linear):
-                out_d, in_d, kernel, groups = mod.out_features, mod.in_features, 1, 1
-            else:
-                out_d, in_d, groups = mod.out_channels, mod.in_channels, mod.groups
-                kernel = math.prod(mod.kernel_size)
-            costs.append(LayerCost(name, out_d, in_d, out_positions[name], kernel, groups, _is_depthwise(mod),
-                                   owners_out.get(name, []), owners_in.get(name, [])))
-        return costs
-
-    def _attention_costs(self, attn_per_head: Dict[str, int]) -> List[AttentionCost]:
-        owner = {g.attention: gi for gi, g in enumerate(self.groups) if g.kind == "heads"}
-        return [AttentionCost(name, attn_per_head[name], fam.heads(mod), owner.get(name))
-                for name, mod, fam in attention_modules(self.model) if name in attn_per_head]
-
-    # ------------------------------------------------------------------ queries
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __iter__(self):
-        return iter(self.groups)
-
-    @property
-    def names(self) -> List[str]:
-        return [g.name for g in self.groups]
-
-    @property
-    def max_units(self) -> int:
-        return max(g.units for g in self.groups)
-
-    def macs(self, kept_units: Sequence[int]) -> int:
-        """Exact MACs of the slim network that keeps ``kept_units[i]`` units of group i: conv + linear
-        MACs, plus attention matmuls (q @ k^T, attn @ v) -- the same count as ``slim.count_macs``."""
-        return sum(c.macs(kept_units, self.groups) for c in self.costs)
-
-    def unit_macs(self) -> List[float]:
-        """Dense MACs one unit of each group costs (removing one unit, all else dense)."""
-        full = [g.units for g in self.groups]
-        out = []
-        for i, g in enumerate(self.groups):
-            kept = list(full)
-            kept[i] -= 1
-            out.append(float(self.dense_macs - self.macs(kept)))
-        return out
-
-    # ------------------------------------------------------------------ gates
-    def _module(self, name: str) -> nn.Module:
-        return self.model.get_submodule(name)
-
-    def _input_gate(self, name: str, unit_masks: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-        """The input gate of one layer from the masks known so far (None: nothing masked)."""
-        gate = None
-        for gi, slot in self._consumer_slots.get(name, ()):
-            if gi >= len(unit_masks) or unit_masks[gi] is None:
-                continue
-            mask = unit_masks[gi]
-            if gate is None:
-                mod = self._module(name)
-                n_in = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
-                gate = torch.ones(n_in, dtype=mask.dtype, device=mask.device)
-            gate = gate.index_put((slot.positions.to(mask.device),), mask[slot.units.to(mask.device)])
-        return gate
-
-    def input_gates(self, unit_masks: Sequence[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Per consumer layer, a multiplier over its input channels (1 where no mask says otherwise)."""
-        gates = {name: self._input_gate(name, unit_masks) for name in self._consumer_slots}
-        return {name: g for name, g in gates.items() if g is not None}
-
-    @contextlib.contextmanager
-    def gated(self, unit_masks: Sequence[Optional[torch.Tensor]]):
-        """Within the block every consumer's input is multiplied by its gate (masks may carry grads)."""
-        gates = self.input_gates(unit_masks)
-
-        def gate(name):
-            def _fn(mod, inp):
-                x = inp[0]
-                shape = [1] * x.dim()
-                shape[-1 if isinstance(mod, nn.Linear) else 1] = -1
-                return (x * gates[name].view(shape).to(x.dtype),) + tuple(inp[1:])
-            return _fn
-
-        handles = [self._module(name).register_forward_pre_hook(gate(name)) for name in gates]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    # ------------------------------------------------------------------ weight statistics
-    def weight_stats(self, index: int, unit_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-        """Mean |W| per unit of group ``index``, over (c_in, k, k) with masked inputs removed.
-
-        Averaged over every layer producing the group's channels (all branches of a residual sum),
-        and scaled by the BatchNorm output scale |gamma| * sqrt(var / (var + eps)) of those channels
-        where there is one: BN rescales every output channel, so the folded weight is what the next
-        layer actually sees, and a channel with no variance passes on nothing but a constant.
-        """
-        g = self.groups[index]
-        stats = []
-        for slot in g.producers:
-            mod = self._module(slot.module_name)
-            summed, kernel = self._kernel_summed_abs(slot.module_name, mod)  # (out, in): |W| summed over k
-            gate = self._input_gate(slot.module_name, unit_masks)
-            if gate is not None and not _is_depthwise(mod) and summed.shape[1] == gate.numel():
-                per_out = (summed @ gate.to(summed.dtype)) / (gate.sum().clamp_min(1) * kernel)
-            else:
-                per_out = summed.sum(1) / (summed.shape[1] * kernel)
-            per_unit = torch.zeros(g.units, dtype=per_out.dtype, device=per_out.device)
-            per_unit = per_unit.index_add(0, slot.units.to(per_out.device), per_out[slot.positions.to(per_out.device)])
-            stats.append(per_unit / (len(slot.positions) // g.units))
-        if not stats:  # a group with no weighted producer (e.g. only a BN): nothing to read
-            return torch.zeros(g.units)
-        out = torch.stack(stats).mean(0)
-        if g.norms:
-            out = out * self._bn_gain(g)
-        return out
-
-    def _kernel_summed_abs(self, name: str, mod: nn.Module) -> Tuple[torch.Tensor, int]:
-        """|W| summed over the kernel, cached until the weight changes (the search reads it every step)."""
-        w = mod.weight
-        key = (id(w), w._version)
-        cached = self._abs_cache.get(name)
-        if cached is None or cached[0] != key:
-            a = w.detach().abs()
-            summed = a.flatten(2).sum(2) if a.dim() > 2 else a
-            cached = (key, summed, a[0, 0].numel() if a.dim() > 2 else 1)
-            self._abs_cache[name] = cached
-        return cached[1], cached[2]
-
-    def _bn_gain(self, g: ChannelGroup) -> torch.Tensor:
-        gains = []
-        for slot in g.norms:
-            bn = self._module(slot.module_name)
-            if bn.weight is None or bn.running_var is None:
-                continue
-            var = bn.running_var.detach().clamp_min(0)
-            # The scale of what the channel passes on: |gamma| * sqrt(var / (var + eps)), ~|gamma| for
-            # a live channel and ~0 for a dead one (zero variance: a constant, which the next BN
-            # absorbs). Folding |gamma| / sigma into the weight instead would rank channels with the
-            # least signal (smallest sigma) first.
-            gain = (bn.weight.detach().abs() * torch.sqrt(var / (var + bn.eps)))[slot.positions]
-            per_unit = torch.zeros(g.units, dtype=gain.dtype).index_add_(0, slot.units, gain)
-            gains.append(per_unit / (len(slot.positions) // g.units))
-        return torch.stack(gains).mean(0) if gains else torch.ones(g.units)
-
-
-def build_layer_sequence(model: nn.Module, example_input: torch.Tensor,
-                         ignored_layers: Iterable[nn.Module] = ()) -> LayerSequence:
-    """The one entry point: a model and an example input -> its ordered prunable groups."""
-    try:
-        return LayerSequence(model, example_input, ignored_layers)
-    except AdapterError:
-        raise
-    except Exception as exc:  # tracing failures inside Torch-Pruning
-        raise AdapterError(f"cannot build the dependency graph of {type(model).__name__}: {exc}") from exc

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 
-from .adapter import build_layer_sequence
-from .families import attention_family, attention_modules
+from .sequence import build_layer_sequence
+from .families import attention_family
 from .masks import Masks, to_unit_masks
 
 
@@ -31,7 +30,7 @@ def slim(model: nn.Module, masks: Masks, example_input: torch.Tensor) -> Tuple[n
 
     The pruning history is Torch-Pruning's JSON-able list of ``[root layer, is_out, indices]`` with
     the head fixups attached (``PruningHistory.fixups``); replaying both on a fresh base model
-    rebuilds the slim shape (see ``pass_zoo.export``).
+    rebuilds the slim shape (see ``pass_zoo.export.timm_model``).
     """
     model = copy.deepcopy(model)
     seq = build_layer_sequence(model, example_input)
@@ -55,40 +54,3 @@ def apply_head_fixup(model: nn.Module, module_name: str, kept_heads: List[int], 
     fam.set_heads(attn, kept_heads, head_dim)
     return {"module": module_name, "family": fam.name, "head_dim": int(head_dim),
             "kept_heads": [int(k) for k in kept_heads]}
-
-
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """MACs for one sample: conv + linear layers, plus the attention matmuls (``q @ k^T`` and
-    ``attn @ v``) of every registered attention module -- the same count the budget uses."""
-    total = 0
-
-    def hook(mod, inp, out):
-        nonlocal total
-        if isinstance(mod, nn.Linear):
-            total += out.numel() * mod.in_features
-        else:
-            total += out.numel() * math.prod(mod.kernel_size) * (mod.in_channels // mod.groups)
-
-    def attention_hook(fam):
-        def _fn(mod, inp, out):
-            nonlocal total
-            total += fam.matmul_macs(mod, inp[0])
-        return _fn
-
-    # batch 1, so every output element (all windows of a Swin stage included) belongs to the sample
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
-    handles += [m.register_forward_hook(attention_hook(f)) for _, m, f in attention_modules(model)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input[:1])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return int(total)
-
-
-def count_params(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))

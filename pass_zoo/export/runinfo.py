@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .errors import PassZooError
+from ..errors import PassZooError
 
 RUN = "run"  # "take this setting from the run's metrics.json"
 

@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .errors import PassZooError, one_line
-from .runio import atomic_save_with, atomic_write_json
+from ..errors import PassZooError, one_line
+from ..runio import atomic_save_with, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
     import onnx
     import onnxruntime
 
-    from .export import load_run_model
+    from .timm_model import load_run_model
 
     if opset < DEFAULT_OPSET:
         raise OnnxExportError(f"--opset must be at least {DEFAULT_OPSET}, got {opset}")
@@ -273,8 +273,8 @@ def export_run_onnx(run_dir, metrics: Optional[dict] = None, **kwargs):
 
 def _run_val_batch(run_dir: Path, model: nn.Module, dataset: Optional[str]):
     """The first images of the run's validation subset, or ``(None, reason)`` when not available."""
-    from .data import data_spec_for, val_split
-    from .errors import DataError
+    from ..data import data_spec_for, val_split
+    from ..errors import DataError
     from .runinfo import run_eval_defaults
 
     defaults = run_eval_defaults(run_dir)

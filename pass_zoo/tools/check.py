@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .errors import PassZooError, one_line
+from ..errors import PassZooError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def check_setup(name: str, img_size: Optional[int] = None):
     """
     import timm
 
-    from .backbone import fixed_size_kwargs
+    from ..backbone import fixed_size_kwargs
 
     cfg = timm.get_pretrained_cfg(name)
     if cfg is not None and getattr(cfg, "fixed_input_size", False):
@@ -171,15 +171,18 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
     """Run every stage on ``name``; stops at the first failing stage (later stages are ``skip``)."""
     import timm
 
-    from .adapter import build_layer_sequence
-    from .data import make_loader
-    from .export import save_slim_model
-    from .masks import smallest_macs, to_unit_masks
-    from .onnx_export import export_onnx
-    from .prompt import PromptedModel, create_prompt, default_prompt_width
-    from .search import SearchConfig, search
-    from .slim import count_macs, slim
-    from .training import make_accelerator
+    from ..graph.sequence import build_layer_sequence
+    from ..data import make_loader
+    from ..export.timm_model import save_slim_model
+    from ..graph.masks import smallest_macs, to_unit_masks
+    from ..export.onnx import export_onnx
+    from ..pipeline import make_prompt
+    from ..prompt import PromptedModel
+    from ..config import SearchConfig
+    from ..methods.pass_search import search
+    from ..graph.costs import count_macs
+    from ..graph.slim import slim
+    from ..train.loop import make_accelerator
 
     t0 = time.time()
     result = CheckResult(name)
@@ -205,7 +208,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
             stage.detail = (f"{result.groups} groups, {result.head_groups} of them attention heads; "
                             f"{result.excluded} left dense")
         with _Stage(result, "search", echo):
-            prompt = create_prompt("additive", size, default_prompt_width(size))
+            prompt = make_prompt("additive", size)
             data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (4,), generator=gen))
             cfg = SearchConfig(steps=search_steps)
             with contextlib.redirect_stderr(io.StringIO()):  # progress bars
@@ -252,7 +255,7 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
                 if not result.reload_diff <= RELOAD_TOL:
                     raise _CheckFailed(f"reloaded model differs by {result.reload_diff:.3g} (x output scale)")
             with _Stage(result, "onnx", echo) as stage:
-                logging.getLogger("pass_zoo.onnx_export").setLevel(logging.ERROR)  # "random inputs only"
+                logging.getLogger("pass_zoo.export.onnx").setLevel(logging.ERROR)  # "random inputs only"
                 # the product's 1e-4, scaled like the other comparisons: random deep nets reach
                 # |logits| ~ 1e3, where float32 rounding alone differs by more than 1e-4
                 with torch.no_grad():
@@ -271,10 +274,10 @@ def _child(name: str, img_size: Optional[int], timeout: float, threads: int) -> 
     """One model in its own process: a crash, a hang or a memory blow-up stays contained."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = fh.name
-    cmd = [sys.executable, "-m", "pass_zoo.check", "--model", name, "--json", out, "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "pass_zoo.tools.check", "--model", name, "--json", out, "--threads", str(threads)]
     if img_size:
         cmd += ["--img-size", str(img_size)]
-    root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
+    root = str(Path(__file__).resolve().parents[2])  # this checkout, installed or not
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     t0 = time.time()
@@ -341,8 +344,8 @@ def markdown_table(results: List[CheckResult], command: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m pass_zoo.check``: the per-model child of ``--all`` (and usable on its own)."""
-    p = argparse.ArgumentParser(prog="python -m pass_zoo.check")
+    """``python -m pass_zoo.tools.check``: the per-model child of ``--all`` (and usable on its own)."""
+    p = argparse.ArgumentParser(prog="python -m pass_zoo.tools.check")
     p.add_argument("--model", required=True)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -353,7 +356,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     result = run_check(args.model, args.img_size)
     if args.json:
-        from .runio import atomic_write_json
+        from ..runio import atomic_write_json
 
         atomic_write_json(args.json, asdict(result))
     return 0 if result.passed else 1

@@ -1,0 +1,67 @@
+"""Search-time gates: every consumer's input multiplied by its group's unit mask.
+
+Zeroing an input channel of a conv/linear is exactly the same function as removing it, so a gated
+network equals the physically slimmed one (BN in eval mode).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .groups import ChannelGroup, _Slot
+
+
+class Gates:
+    """Input gates of every layer that reads a group's channels."""
+
+    def __init__(self, model: nn.Module, groups: List[ChannelGroup]):
+        self.model = model
+        self._consumer_slots: Dict[str, List[Tuple[int, _Slot]]] = {}
+        for gi, g in enumerate(groups):
+            for slot in g.consumers:
+                self._consumer_slots.setdefault(slot.module_name, []).append((gi, slot))
+
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def input_gate(self, name: str, unit_masks: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+        """The input gate of one layer from the masks known so far (None: nothing masked)."""
+        gate = None
+        for gi, slot in self._consumer_slots.get(name, ()):
+            if gi >= len(unit_masks) or unit_masks[gi] is None:
+                continue
+            mask = unit_masks[gi]
+            if gate is None:
+                mod = self._module(name)
+                n_in = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+                gate = torch.ones(n_in, dtype=mask.dtype, device=mask.device)
+            gate = gate.index_put((slot.positions.to(mask.device),), mask[slot.units.to(mask.device)])
+        return gate
+
+    def input_gates(self, unit_masks: Sequence[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Per consumer layer, a multiplier over its input channels (1 where no mask says otherwise)."""
+        gates = {name: self.input_gate(name, unit_masks) for name in self._consumer_slots}
+        return {name: g for name, g in gates.items() if g is not None}
+
+    @contextlib.contextmanager
+    def gated(self, unit_masks: Sequence[Optional[torch.Tensor]]):
+        """Within the block every consumer's input is multiplied by its gate (masks may carry grads)."""
+        gates = self.input_gates(unit_masks)
+
+        def gate(name):
+            def _fn(mod, inp):
+                x = inp[0]
+                shape = [1] * x.dim()
+                shape[-1 if isinstance(mod, nn.Linear) else 1] = -1
+                return (x * gates[name].view(shape).to(x.dtype),) + tuple(inp[1:])
+            return _fn
+
+        handles = [self._module(name).register_forward_pre_hook(gate(name)) for name in gates]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

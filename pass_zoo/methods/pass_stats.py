@@ -1,0 +1,73 @@
+"""PASS's weight statistics: what the hypernetwork reads about each group at every walk step."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..graph.groups import ChannelGroup, _is_depthwise
+
+
+class WeightStats:
+    """``stats(i, unit_masks)``: group i's statistics given the masks chosen so far in the walk."""
+
+    def __init__(self, seq):
+        self.seq = seq
+        self._abs_cache: Dict[str, tuple] = {}  # module name -> ((weight id, version), |W| summed over k, k)
+
+    def __call__(self, index: int, unit_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """Mean |W| per unit of group ``index``, over (c_in, k, k) with masked inputs removed.
+
+        Averaged over every layer producing the group's channels (all branches of a residual sum),
+        and scaled by the BatchNorm output scale |gamma| * sqrt(var / (var + eps)) of those channels
+        where there is one: BN rescales every output channel, so the folded weight is what the next
+        layer actually sees, and a channel with no variance passes on nothing but a constant.
+        """
+        g = self.seq.groups[index]
+        stats = []
+        for slot in g.producers:
+            mod = self.seq.model.get_submodule(slot.module_name)
+            summed, kernel = self._kernel_summed_abs(slot.module_name, mod)  # (out, in): |W| summed over k
+            gate = self.seq.gates.input_gate(slot.module_name, unit_masks)
+            if gate is not None and not _is_depthwise(mod) and summed.shape[1] == gate.numel():
+                per_out = (summed @ gate.to(summed.dtype)) / (gate.sum().clamp_min(1) * kernel)
+            else:
+                per_out = summed.sum(1) / (summed.shape[1] * kernel)
+            per_unit = torch.zeros(g.units, dtype=per_out.dtype, device=per_out.device)
+            per_unit = per_unit.index_add(0, slot.units.to(per_out.device), per_out[slot.positions.to(per_out.device)])
+            stats.append(per_unit / (len(slot.positions) // g.units))
+        if not stats:  # a group with no weighted producer (e.g. only a BN): nothing to read
+            return torch.zeros(g.units)
+        out = torch.stack(stats).mean(0)
+        if g.norms:
+            out = out * self._bn_gain(g)
+        return out
+
+    def _kernel_summed_abs(self, name: str, mod: nn.Module) -> Tuple[torch.Tensor, int]:
+        """|W| summed over the kernel, cached until the weight changes (the search reads it every step)."""
+        w = mod.weight
+        key = (id(w), w._version)
+        cached = self._abs_cache.get(name)
+        if cached is None or cached[0] != key:
+            a = w.detach().abs()
+            summed = a.flatten(2).sum(2) if a.dim() > 2 else a
+            cached = (key, summed, a[0, 0].numel() if a.dim() > 2 else 1)
+            self._abs_cache[name] = cached
+        return cached[1], cached[2]
+
+    def _bn_gain(self, g: ChannelGroup) -> torch.Tensor:
+        gains = []
+        for slot in g.norms:
+            bn = self.seq.model.get_submodule(slot.module_name)
+            if bn.weight is None or bn.running_var is None:
+                continue
+            var = bn.running_var.detach().clamp_min(0)
+            # The scale of what the channel passes on: |gamma| * sqrt(var / (var + eps)), ~|gamma| for
+            # a live channel and ~0 for a dead one (zero variance: a constant, which the next BN
+            # absorbs). Folding |gamma| / sigma into the weight instead would rank channels with the
+            # least signal (smallest sigma) first.
+            gain = (bn.weight.detach().abs() * torch.sqrt(var / (var + bn.eps)))[slot.positions]
+            per_unit = torch.zeros(g.units, dtype=gain.dtype).index_add_(0, slot.units, gain)
+            gains.append(per_unit / (len(slot.positions) // g.units))
+        return torch.stack(gains).mean(0) if gains else torch.ones(g.units)

@@ -1,0 +1,1 @@
+"""Commands built on the pipeline: bench grids, architecture checks, cost measurements, transfer."""

@@ -1,0 +1,1 @@
+"""Training loops' shared machinery: the accelerate step, fine-tuning, checkpoints, relaunching."""
