@@ -316,6 +316,9 @@ def cmd_check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import choices_of
+    from .export.onnx import EXPORTERS
+
     parser = argparse.ArgumentParser(
         prog="pass-zoo", description="PASS structured pruning for timm models: search masks with a visual "
         "prompt and a recurrent hypernetwork, slim, fine-tune, export.",
@@ -334,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with torch on random and validation images, and keep model.onnx only if they agree.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 17 (default: %(default)s)")
-    p.add_argument("--exporter", default="auto", choices=["auto", "torchscript", "dynamo"],
+    p.add_argument("--exporter", default="auto", choices=list(EXPORTERS),
                    help="torch.onnx exporter; auto: TorchScript, dynamo if that fails (default: %(default)s)")
     p.set_defaults(func=cmd_export)
 
@@ -387,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(b) --mode hypernet: the source run's hypernetwork, frozen, applied to a prompt learned "
                        "on the new dataset. Everything else comes from the source run's configuration.")
     p.add_argument("source", metavar="SOURCE_RUN", help="a finished PASS run folder (task A)")
-    p.add_argument("--mode", choices=["hypernet", "masks"], default="hypernet", help="what to transfer")
+    p.add_argument("--mode", choices=choices_of("transfer_mode"), default="hypernet", help="what to transfer")
     p.add_argument("--dataset", required=True, help="task B (e.g. fashion-mnist@5-9 or sklearn-digits)")
     p.add_argument("--out", required=True, help="run folder for task B")
     p.add_argument("--overwrite", action="store_true")

@@ -51,6 +51,11 @@ def _one_of(values: List) -> str:
     return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
+def choices_of(name: str, cls=None) -> List:
+    """The allowed values of the field ``name`` of ``cls`` (default: PruneConfig)."""
+    return _choices(next(f for f in dataclasses.fields(cls or PruneConfig) if f.name == name))
+
+
 def check_choices(obj) -> None:
     """Every field with choices holds one of them."""
     for f in dataclasses.fields(obj):
@@ -111,7 +116,7 @@ class SearchConfig:
                               help="ablation: the hypernetwork does not see the prompt")
     use_weights: bool = option(True, flag="--no-weight-input", negate=True, group=SEARCH,
                                help="ablation: the hypernetwork does not see weights")
-    # add the hand-made log-magnitude ranking to the scores (see hypernet.py)
+    # add the hand-made log-magnitude ranking to the scores (see methods/pass_hypernet.py)
     use_prior: bool = option(True, flag="--no-prior", negate=True, group=SEARCH,
                              help="every part of the scores is learned (the paper's PASS): no hand-made log-magnitude "
                                   "ranking added to them")

@@ -4,14 +4,14 @@ Schema (every key optional except what the entry needs to differ from the defaul
 
     name: lite0-fmnist-pass50      # published name; may be a pattern, default "{arch}-pass{percent}"
     hub_id: ORG/lite0-fmnist-pass50  # where `pass-zoo publish` should put it (optional)
-    model: tf_efficientnet_lite0   # any PruneConfig field (see pipeline.py), same names as the
+    model: tf_efficientnet_lite0   # any PruneConfig field (see config.py), same names as the
     pretrained: bundled            #   dataclass, same meaning as the CLI flags
     dataset: fashion-mnist
     target_macs: 0.5
     img_size: 64
-    search:                        # SearchConfig fields (search.py)
+    search:                        # SearchConfig fields (config.py)
       steps: 150
-    finetune:                      # FinetuneConfig fields (finetune.py)
+    finetune:                      # FinetuneConfig fields (config.py)
       steps: 150
 
 Name patterns can use ``{arch}`` (the timm model name), ``{percent}`` (target MACs in percent) and

@@ -15,7 +15,7 @@ from pass_zoo.methods.pass_hypernet import PassHyperNetwork
 from pass_zoo.graph.masks import select_units
 from pass_zoo.pipeline import PruneConfig, prune
 from pass_zoo.prompt import AdditivePrompt
-from pass_zoo.train.finetune import FinetuneConfig
+from pass_zoo.config import FinetuneConfig
 from pass_zoo.config import SearchConfig
 from pass_zoo.methods.pass_search import MaskedSearchModel, build_hypernet
 from pass_zoo.graph.costs import count_params

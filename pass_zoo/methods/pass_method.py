@@ -1,4 +1,4 @@
-"""PASS as a mask producer: prompt + hypernetwork search (``search.py``), its hypernetwork the artefact."""
+"""PASS as a mask producer: the prompt + hypernetwork search (``pass_search.py``), its hypernetwork the artefact."""
 from __future__ import annotations
 
 from .pass_hypernet import hypernet_files, load_hypernet
