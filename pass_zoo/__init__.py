@@ -3,13 +3,13 @@
 Importing the package registers the ``pass_pruned`` architecture with timm, so exported
 checkpoints load with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``.
 """
-from .graph.sequence import LayerSequence, build_layer_sequence
 from .errors import PassZooError
 from .export.timm_model import PassPrunedModel, load_run_model, save_slim_model
-from .graph.masks import Masks, select_units
-from .pipeline import PruneConfig, prune
 from .graph.costs import count_macs, count_params
+from .graph.masks import Masks, select_units
+from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import slim
+from .pipeline import PruneConfig, prune
 
 __version__ = "0.1.0"
 

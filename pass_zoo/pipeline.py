@@ -15,20 +15,20 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .graph.sequence import LayerSequence, build_layer_sequence
 from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
-from .train.checkpoint import RunCheckpoints
-from .config import PruneConfig, apply_overrides  # noqa: F401  (apply_overrides: the mapping form)
+from .config import PruneConfig
 from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, make_loader, subset
 from .errors import PassZooError
-from .train.finetune import evaluate, finetune, recalibrate_bn
-from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
+from .graph.costs import count_macs, count_params
 from .graph.masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
+from .graph.sequence import LayerSequence, build_layer_sequence
+from .graph.slim import slim
+from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .methods import Method, MethodContext, get_method
 from .prompt import PromptedModel, create_prompt, default_prompt_width
 from .runio import atomic_write_bytes, atomic_write_json, prepare_run_dir
-from .graph.costs import count_macs, count_params
-from .graph.slim import slim
+from .train.checkpoint import RunCheckpoints
+from .train.finetune import evaluate, finetune, recalibrate_bn
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ def finetune_plan(cfg: PruneConfig, method: Method, data: Data, accelerator):
 def write_run(out: Path, cfg: PruneConfig, seq: LayerSequence, masks: Masks, artefacts: Dict[str, bytes],
               prompted: nn.Module, history, bb: Backbone, data: Data, metrics: dict) -> Optional[PassZooError]:
     """The run folder: masks, the method's artefacts, the slim model, model.onnx (verified), metrics."""
-    from .export.timm_model import save_slim_model
     from .export.onnx import export_run_onnx
+    from .export.timm_model import save_slim_model
 
     save_masks(masks, masks_summary(masks, seq), out)
     for name, content in artefacts.items():

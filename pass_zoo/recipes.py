@@ -26,8 +26,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import PassZooError, one_line
 from .config import PruneConfig, apply_overrides
+from .errors import PassZooError, one_line
 
 DEFAULT_NAME = "{arch}-pass{percent}"
 EXTRA_KEYS = ("name", "hub_id")

@@ -32,9 +32,9 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
     import onnxruntime as ort
     import timm
 
-    from .timm_model import load_run_model
-    from .onnx import INPUT_NAME, export_graph, ort_session
     from ..graph.costs import count_macs
+    from .onnx import INPUT_NAME, export_graph, ort_session
+    from .timm_model import load_run_model
 
     if repeats < 1 or warmup < 0 or threads < 1 or not batches or min(batches) < 1:
         raise PassZooError("latency needs --repeats >= 1, --warmup >= 0, --threads >= 1 and batch sizes >= 1")

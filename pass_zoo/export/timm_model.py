@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..graph.groups import build_graph
 from ..errors import PassZooError, one_line
 from ..graph.families import family_by_name
+from ..graph.groups import build_graph
 from ..prompt import create_prompt
 from ..runio import atomic_write_bytes, atomic_write_json, safetensors_bytes
 

@@ -23,8 +23,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .sequence import LayerSequence
 from ..errors import BudgetError
+from .sequence import LayerSequence
 
 Masks = Dict[str, torch.Tensor]
 

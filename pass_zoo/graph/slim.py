@@ -7,9 +7,9 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
-from .sequence import build_layer_sequence
 from .families import attention_family
 from .masks import Masks, to_unit_masks
+from .sequence import build_layer_sequence
 
 
 class PruningHistory(list):

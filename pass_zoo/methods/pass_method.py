@@ -1,9 +1,9 @@
 """PASS as a mask producer: the prompt + hypernetwork search (``pass_search.py``), its hypernetwork the artefact."""
 from __future__ import annotations
 
+from ..graph.costs import count_params
 from .pass_hypernet import hypernet_files, load_hypernet
 from .pass_search import search
-from ..graph.costs import count_params
 from .registry import Method, MethodContext, MethodResult, register_method
 
 

@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.sequence import LayerSequence
 from ..errors import PassZooError
+from ..graph.masks import Masks, select_units, to_channel_masks
+from ..graph.sequence import LayerSequence
+from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
 from .pass_hypernet import PassHyperNetwork
 from .pass_stats import WeightStats
-from ..graph.masks import Masks, select_units, to_channel_masks
-from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
 
 
 def _batch_norms(model: nn.Module):

@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card
 from ..errors import PassZooError, one_line
 from ..runio import atomic_write_json
+from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card
 
 log = logging.getLogger(__name__)
 

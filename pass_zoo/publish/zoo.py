@@ -63,8 +63,8 @@ def build_entry(name: str, recipes_dir=None, runs_dir="runs", overwrite: bool = 
     write its card; returns ``(metrics, PruneConfig, card path)``."""
     import os
 
-    from .card import write_card
     from ..pipeline import prune
+    from .card import write_card
 
     name, cfg, extras = find_recipe(name, recipes_dir)
     cfg.out, cfg.overwrite, cfg.onnx = str(Path(runs_dir) / name), overwrite, True  # publishable needs ONNX

@@ -35,8 +35,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List
 
-from ..errors import PassZooError, one_line
 from ..config import PruneConfig, apply_overrides
+from ..errors import PassZooError, one_line
 from ..runio import atomic_write_json
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",

@@ -171,17 +171,17 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
     """Run every stage on ``name``; stops at the first failing stage (later stages are ``skip``)."""
     import timm
 
-    from ..graph.sequence import build_layer_sequence
+    from ..config import SearchConfig
     from ..data import make_loader
-    from ..export.timm_model import save_slim_model
-    from ..graph.masks import smallest_macs, to_unit_masks
     from ..export.onnx import export_onnx
+    from ..export.timm_model import save_slim_model
+    from ..graph.costs import count_macs
+    from ..graph.masks import smallest_macs, to_unit_masks
+    from ..graph.sequence import build_layer_sequence
+    from ..graph.slim import slim
+    from ..methods.pass_search import search
     from ..pipeline import make_prompt
     from ..prompt import PromptedModel
-    from ..config import SearchConfig
-    from ..methods.pass_search import search
-    from ..graph.costs import count_macs
-    from ..graph.slim import slim
     from ..train.loop import make_accelerator
 
     t0 = time.time()

@@ -48,12 +48,12 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     import torch.nn.functional as F
 
     from ..backbone import create_backbone
+    from ..config import SearchConfig
     from ..graph.masks import to_channel_masks
+    from ..graph.slim import slim
+    from ..methods.pass_search import MaskedSearchModel, _KeepRunningStats, build_hypernet
     from ..pipeline import layer_sequence, make_prompt
     from ..prompt import PromptedModel
-    from ..config import SearchConfig
-    from ..methods.pass_search import MaskedSearchModel, _KeepRunningStats, build_hypernet
-    from ..graph.slim import slim
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

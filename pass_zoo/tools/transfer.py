@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import PruneConfig, apply_overrides
 from ..errors import PassZooError
 from ..methods import get_method, list_methods
-from ..config import PruneConfig, apply_overrides
 
 
 def transfer_config(source_run, mode: str, **overrides) -> PruneConfig:
