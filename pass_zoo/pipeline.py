@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ stages
+def open_run(cfg: PruneConfig, accelerator) -> Tuple[Path, RunCheckpoints]:
+    """The run folder (new, replaced, or resumed) and its checkpoints."""
+    out = Path(cfg.out or cfg.default_out())
+    if accelerator.is_main_process:
+        prepare_run_dir(out, cfg.overwrite, cfg.resume)
+    accelerator.wait_for_everyone()
+    return out, RunCheckpoints(out, accelerator, cfg.checkpoint_every, asdict(cfg), cfg.resume)
+
+
 @dataclass
 class Backbone:
     model: nn.Module
@@ -171,6 +180,67 @@ def finetune_plan(cfg: PruneConfig, method: Method, data: Data, accelerator):
     return ft_cfg, stage1_updates
 
 
+@dataclass
+class Trained:
+    """Stage 2's outcome."""
+
+    model: PromptedModel  # the fine-tuned slim network with its prompt, eval mode
+    top1_after_search: float  # right after slimming (BN recalibrated), before fine-tuning
+    top1: float
+    steps: int
+    losses: List[float]
+    seconds: float
+    stage1_updates: int  # weight updates the method already made in stage 1
+
+
+def finetune_stage(cfg: PruneConfig, method: Method, prompted: PromptedModel, data: Data, accelerator,
+                   ckpts) -> Trained:
+    """Evaluate the slim network, fine-tune it with its prompt, evaluate again."""
+    top1_after_search = evaluate(prompted, data.val_loader, accelerator)
+    ft_cfg, stage1_updates = finetune_plan(cfg, method, data, accelerator)
+    t0 = time.time()
+    losses = finetune(prompted, data.train_loader, ft_cfg, accelerator, checkpoints=ckpts)
+    seconds = time.time() - t0
+    prompted = accelerator.unwrap_model(prompted).eval()
+    top1 = evaluate(prompted, data.val_loader, accelerator)
+    return Trained(prompted, top1_after_search, top1, ft_cfg.steps, losses, seconds, stage1_updates)
+
+
+def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data: Data, seq: LayerSequence,
+                trained: Trained, ckpts, world: int, started: float) -> dict:
+    """What metrics.json records about the run (besides the head's entries, the command and recipe)."""
+    carry, example, slim_model = ckpts.carry, seq.example_input, trained.model.model
+    search_losses = carry.get("search_losses", [])
+    return {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "method": cfg.method,
+        "head": head,
+        "target_macs": cfg.target_macs,
+        "img_size": bb.spec.img_size,
+        "macs_dense": count_macs(bb.model, example),
+        "macs_slim": count_macs(slim_model, example),
+        "params_dense": count_params(bb.model),
+        "params_slim": count_params(slim_model),
+        **{key: carry.get(key) for key in method.metric_keys},
+        "top1": trained.top1,
+        "top1_after_search": trained.top1_after_search,
+        "search_loss_first": search_losses[0] if search_losses else None,
+        "search_loss_last": search_losses[-1] if search_losses else None,
+        "finetune_steps": trained.steps,
+        "compute": compute_spent(cfg, head, trained.stage1_updates, trained.steps, world),
+        "finetune_loss_last": trained.losses[-1] if trained.losses else None,
+        "search_seconds": carry["search_seconds"],
+        "finetune_seconds": round(trained.seconds, 2),
+        "total_seconds": round(time.time() - started, 2),
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "world_size": world,
+        "resumed_from": ckpts.resumed_from,
+        "seed": cfg.seed,
+    }
+
+
 def write_run(out: Path, cfg: PruneConfig, seq: LayerSequence, masks: Masks, artefacts: Dict[str, bytes],
               prompted: nn.Module, history, bb: Backbone, data: Data, metrics: dict) -> Optional[PassZooError]:
     """The run folder: masks, the method's artefacts, the slim model, model.onnx (verified), metrics."""
@@ -203,11 +273,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
 
     cfg.validate()
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    out = Path(cfg.out or cfg.default_out())
-    if accelerator.is_main_process:
-        prepare_run_dir(out, cfg.overwrite, cfg.resume)
-    accelerator.wait_for_everyone()
-    ckpts = RunCheckpoints(out, accelerator, cfg.checkpoint_every, asdict(cfg), cfg.resume)
+    out, ckpts = open_run(cfg, accelerator)
     carry = ckpts.carry  # stage results a resumed run takes from its checkpoint instead of recomputing
     set_seed(cfg.seed)
     t0 = time.time()
@@ -222,54 +288,18 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
                                                           ckpts, head), carry)
     prompted, history = slim_stage(bb.model, masks, prompt, seq.example_input,
                                    _calibration_loader(cfg, data, accelerator, cfg.seed + 3), cfg.bn_calibration_batches)
-    top1_after_search = evaluate(prompted, data.val_loader, accelerator)
-    ft_cfg, stage1_updates = finetune_plan(cfg, method, data, accelerator)
-    t_ft = time.time()
-    ft_losses = finetune(prompted, data.train_loader, ft_cfg, accelerator, checkpoints=ckpts)
-    t_ft = time.time() - t_ft
-    prompted = accelerator.unwrap_model(prompted).eval()
-    top1 = evaluate(prompted, data.val_loader, accelerator)
+    trained = finetune_stage(cfg, method, prompted, data, accelerator, ckpts)
 
-    example, slim_model = seq.example_input, prompted.model
-    search_losses = carry.get("search_losses", [])
-    metrics.update({
-        "model": cfg.model,
-        "dataset": cfg.dataset,
-        "method": cfg.method,
-        "head": head,
-        "target_macs": cfg.target_macs,
-        "img_size": bb.spec.img_size,
-        "macs_dense": count_macs(bb.model, example),
-        "macs_slim": count_macs(slim_model, example),
-        "params_dense": count_params(bb.model),
-        "params_slim": count_params(slim_model),
-        **{key: carry.get(key) for key in method.metric_keys},
-        "top1": top1,
-        "top1_after_search": top1_after_search,
-        "search_loss_first": search_losses[0] if search_losses else None,
-        "search_loss_last": search_losses[-1] if search_losses else None,
-        "finetune_steps": ft_cfg.steps,
-        "compute": compute_spent(cfg, head, stage1_updates, ft_cfg.steps, accelerator.num_processes),
-        "finetune_loss_last": ft_losses[-1] if ft_losses else None,
-        "search_seconds": carry["search_seconds"],
-        "finetune_seconds": round(t_ft, 2),
-        "total_seconds": round(time.time() - t0, 2),
-        "train_images": len(data.train),
-        "val_images": len(data.val),
-        "world_size": accelerator.num_processes,
-        "resumed_from": ckpts.resumed_from,
-        "seed": cfg.seed,
-        "command": command or "pass_zoo.prune(...)",
-        "config": asdict(cfg),
-        "class_names": data.task.class_names,
-    })
+    metrics.update(run_metrics(cfg, method, head, bb, data, seq, trained, ckpts, accelerator.num_processes, t0))
+    metrics.update({"command": command or "pass_zoo.prune(...)", "config": asdict(cfg),
+                    "class_names": data.task.class_names})
     if recipe is not None:
         metrics["recipe"] = recipe
     metrics["macs_ratio"] = metrics["macs_slim"] / metrics["macs_dense"]
 
     onnx_error = None
     if accelerator.is_main_process:
-        onnx_error = write_run(out, cfg, seq, masks, artefacts, prompted, history, bb, data, metrics)
+        onnx_error = write_run(out, cfg, seq, masks, artefacts, trained.model, history, bb, data, metrics)
     accelerator.wait_for_everyone()
     ckpts.finish()  # the run folder is complete
     if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
