@@ -16,9 +16,9 @@ import torch.nn as nn
 import yaml
 
 import pass_zoo.export.onnx as onnx_export
-from pass_zoo import build_layer_sequence, load_run_model, save_slim_model, select_units
-from pass_zoo.graph import slim
-from pass_zoo.tools.check import (CURATED, STAGES, CheckResult, _child, family_of, markdown_table, perturb, run_check)
+from pass_zoo import build_layer_sequence, load_run_model, save_slim_model, select_units, slim
+from pass_zoo.tools.check import (CURATED, STAGES, CheckResult, _child, family_of, markdown_table, perturb,
+                                  run_check)
 from pass_zoo.cli import main
 from pass_zoo.errors import AdapterError
 from pass_zoo.export.timm_model import SPEC_FORMAT, SpecMismatchError

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from pass_zoo.backbone import (BUNDLED_ARCH, bundled_weights_path, create_backbone, load_state_dict_file, load_weights_into)
+from pass_zoo.backbone import (BUNDLED_ARCH, bundled_weights_path, create_backbone, load_state_dict_file,
+                               load_weights_into)
 from pass_zoo.errors import BackboneError
 
 from conftest import make_model

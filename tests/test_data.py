@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pass_zoo.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataSpec, GrayscaleTensorDataset, load_task_data, make_loader, subset)
+from pass_zoo.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataSpec, GrayscaleTensorDataset,
+                           load_task_data, make_loader, subset)
 from pass_zoo.errors import DataError
 
 from conftest import write_image_folder

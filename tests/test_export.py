@@ -16,8 +16,7 @@ from timm.data import resolve_data_config
 
 import pass_zoo
 import pass_zoo.export.onnx as onnx_export
-from pass_zoo import PassZooError, build_layer_sequence, load_run_model, save_slim_model, select_units
-from pass_zoo.graph import slim
+from pass_zoo import PassZooError, build_layer_sequence, load_run_model, save_slim_model, select_units, slim
 from pass_zoo.cli import main
 from pass_zoo.data import FASHION_MNIST_CLASSES, make_loader
 from pass_zoo.data import data_spec_for, val_split

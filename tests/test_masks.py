@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pass_zoo.errors import BudgetError
-from pass_zoo.graph.masks import (load_masks, masks_summary, save_masks, select_units, to_channel_masks, to_unit_masks)
+from pass_zoo.graph.masks import (load_masks, masks_summary, save_masks, select_units, to_channel_masks,
+                                  to_unit_masks)
 from pass_zoo.graph.costs import count_macs
 from pass_zoo.graph.slim import slim
 
