@@ -304,6 +304,7 @@ class LayerSequence:
                 self._consumer_slots.setdefault(slot.module_name, []).append((gi, slot))
         self.dense_macs = self.macs([g.units for g in self.groups])
         self._abs_cache: Dict[str, tuple] = {}  # module name -> ((weight id, version), |W| summed over k, k)
+        self._gain_cache: Dict[str, tuple] = {}  # group name -> (BN tensor versions, BN output scale)
 
     # ------------------------------------------------------------------ construction
     def _collect_groups(self, order: Dict[str, int]) -> List[ChannelGroup]:
@@ -589,6 +590,16 @@ class LayerSequence:
         return cached[1], cached[2]
 
     def _bn_gain(self, g: ChannelGroup) -> torch.Tensor:
+        """The group's BN output scale, cached until a BN weight or variance changes (read every step)."""
+        bns = [self._module(slot.module_name) for slot in g.norms]
+        key = tuple((id(t), t._version) for bn in bns for t in (bn.weight, bn.running_var) if t is not None)
+        cached = self._gain_cache.get(g.name)
+        if cached is None or cached[0] != key:
+            cached = (key, self._compute_bn_gain(g))
+            self._gain_cache[g.name] = cached
+        return cached[1]
+
+    def _compute_bn_gain(self, g: ChannelGroup) -> torch.Tensor:
         gains = []
         for slot in g.norms:
             bn = self._module(slot.module_name)

@@ -1,7 +1,8 @@
 """``pass-zoo costs``: what PASS costs to run, measured.
 
 * search step time with the hypernetwork / without it (the same frozen, gated backbone and prompt
-  update, masks fixed) -- the hypernetwork's overhead per step, timed in turns in one process;
+  update, masks fixed) -- the hypernetwork's overhead per step, timed in turns in one process in
+  CPU time (a shared CPU slows both alike, and the wall-clock ratio of two processes drifts with it);
 * peak memory of a search step / a fine-tune step of the slim network at the same batch;
 * optionally, ORT latency speedup against the MACs ratio of finished run folders.
 
@@ -93,19 +94,19 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
                 o.step()
         return step
 
-    if kind == "paired":  # both steps in turns in one process: a load that drifts hits both alike
+    if kind == "paired":  # both steps in turns in one process, in CPU time: other load hits neither
         with_hn, without = make_step(*search_kind()), make_step(*fixed_kind())
         pairs = []
         with _KeepRunningStats(backbone):
             for i in range(warmup + steps):
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 with_hn()
-                t1 = time.perf_counter()
+                t1 = time.process_time()
                 without()
                 if i >= warmup:
-                    pairs.append((t1 - t0, time.perf_counter() - t1))
-        return {"kind": kind, "steps": steps, "search_ms_median": 1000 * statistics.median(a for a, _ in pairs),
-                "fixed_masks_ms_median": 1000 * statistics.median(b for _, b in pairs),
+                    pairs.append((t1 - t0, time.process_time() - t1))
+        return {"kind": kind, "steps": steps, "search_cpu_ms_median": 1000 * statistics.median(a for a, _ in pairs),
+                "fixed_masks_cpu_ms_median": 1000 * statistics.median(b for _, b in pairs),
                 "ratio_median": statistics.median(a / b for a, b in pairs)}
     if kind == "search":
         forward, opts = search_kind()
