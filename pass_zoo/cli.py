@@ -254,7 +254,7 @@ def cmd_costs(args) -> int:
     r = report["results"]
     for kind in r:
         print(f"{kind:>12}: {r[kind]['step_ms_median']:8.1f} ms/step  peak +{r[kind]['peak_over_setup_mib'] or 0:.0f} MiB")
-    print(f"search step with / without hypernetwork: {report['search_step_with_over_without_hypernet']:.3f}x")
+    print(f"search step with / without hypernetwork: {report['search_step_with_over_without_hypernet']:.3f}x (CPU time, in turns)")
     if "search_over_finetune_peak_memory" in report:
         print(f"peak memory search / fine-tune: {report['search_over_finetune_peak_memory']:.2f}x")
     for p in report.get("latency", []):

@@ -243,3 +243,16 @@ def test_save_and_load_masks_round_trip(model_seq, tmp_path):
         assert entry["ch_groups"] == g.ch_groups
     # the masks from disk slim to the MACs the summary claims
     assert seq.macs([int(u.sum()) for u in to_unit_masks(loaded, seq)]) == js["macs_slim"]
+
+
+def test_batched_macs_equal_the_per_layer_count(model_seq):
+    """``macs_batch`` (what the selection's fill step queries) is exact, attention models included."""
+    from pass_zoo.graph.sequence import build_layer_sequence
+    from conftest import make_model
+
+    _, cnn = model_seq("resnet10t")
+    vit = build_layer_sequence(make_model("vit_tiny_patch16_224", img_size=32, patch_size=8), torch.zeros(1, 3, 32, 32))
+    g = torch.Generator().manual_seed(0)
+    for seq in (cnn, vit):
+        kept = torch.stack([torch.randint(1, grp.units + 1, (20,), generator=g) for grp in seq.groups], 1)
+        assert seq.macs_batch(kept).tolist() == [seq.macs(k.tolist()) for k in kept]

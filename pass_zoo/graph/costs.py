@@ -92,6 +92,42 @@ class CostModel:
         MACs, plus attention matmuls (q @ k^T, attn @ v) -- the same count as ``count_macs``."""
         return sum(c.macs(kept_units, self.groups) for c in self.costs)
 
+    def macs_batch(self, kept_units: torch.Tensor) -> torch.Tensor:
+        """``macs`` for many candidates at once: ``kept_units`` is (N, groups), the result (N,), exact."""
+        if not hasattr(self, "_cost_tables"):
+            self._cost_tables = self._build_cost_tables()
+        t = self._cost_tables
+        removed = torch.tensor([g.units for g in self.groups], dtype=torch.long) - kept_units.long()
+        out_kept = t["out_dense"] - removed @ t["out_owners"].T
+        in_kept = torch.where(t["depthwise"], 1, t["in_dense"] - removed @ t["in_owners"].T)
+        groups = torch.where(t["depthwise"], 1, t["groups"])
+        total = (t["coef"] * out_kept * in_kept).div(groups, rounding_mode="floor").sum(1)
+        if t["attn_per_head"].numel():
+            owned = t["attn_owner"] >= 0
+            heads = t["attn_heads"].expand(len(kept_units), -1).clone()
+            heads[:, owned] = kept_units.long()[:, t["attn_owner"][owned]]
+            total = total + (t["attn_per_head"] * heads).sum(1)
+        return total
+
+    def _build_cost_tables(self) -> Dict[str, torch.Tensor]:
+        layers = [c for c in self.costs if isinstance(c, LayerCost)]
+        attn = [c for c in self.costs if isinstance(c, AttentionCost)]
+        n_groups = len(self.groups)
+        out_owners = torch.zeros(len(layers), n_groups, dtype=torch.long)
+        in_owners = torch.zeros(len(layers), n_groups, dtype=torch.long)
+        for i, c in enumerate(layers):
+            for g, n in c.out_owners:
+                out_owners[i, g] += n
+            for g, n in c.in_owners:
+                in_owners[i, g] += n
+        long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return {"out_dense": long([c.out_dense for c in layers]), "in_dense": long([c.in_dense for c in layers]),
+                "coef": long([c.positions * c.kernel for c in layers]), "groups": long([c.groups for c in layers]),
+                "depthwise": torch.tensor([c.depthwise for c in layers], dtype=torch.bool),
+                "out_owners": out_owners, "in_owners": in_owners,
+                "attn_per_head": long([c.per_head for c in attn]), "attn_heads": long([c.heads for c in attn]),
+                "attn_owner": long([-1 if c.owner is None else c.owner for c in attn])}
+
     def unit_macs(self) -> List[float]:
         """Dense MACs one unit of each group costs (removing one unit, all else dense)."""
         full = [g.units for g in self.groups]

@@ -50,23 +50,29 @@ def _kept_counts_global(order_gid: torch.Tensor, k: int, totals: List[int], step
 
 
 def _fill(kept: List[int], scores, seq: LayerSequence, budget: float, totals, steps) -> List[int]:
-    """Rounding leaves budget unused: greedily add the best next step of any group that still fits."""
+    """Rounding leaves budget unused: greedily add the best next step of any group that still fits.
+
+    Every group's candidate is costed in one batched MACs query per added step; ties go to the first
+    group in walk order."""
     if all(s == 1 for s in steps):
         return kept
     ranked = [torch.sort(s.detach().float().flatten().cpu(), descending=True).values for s in scores]
-    kept = list(kept)
+    kept_t = torch.tensor(kept, dtype=torch.long)
+    totals_t = torch.tensor(totals, dtype=torch.long)
+    steps_t = torch.tensor(steps, dtype=torch.long)
+    eye = torch.eye(len(totals), dtype=torch.long)
     while True:
-        best, best_score = None, None
-        for g, (k, t, s) in enumerate(zip(kept, totals, steps)):
-            if k >= t:
-                continue
-            cand = list(kept)
-            cand[g] = min(t, k + s)
-            if (best_score is None or ranked[g][k] > best_score) and seq.macs(cand) <= budget:
-                best, best_score = cand, ranked[g][k]
-        if best is None:
-            return kept
-        kept = best
+        open_ = kept_t < totals_t
+        if not open_.any():
+            return kept_t.tolist()
+        cands = kept_t + eye * (torch.minimum(totals_t, kept_t + steps_t) - kept_t)  # row g: group g grown
+        fits = open_ & (seq.macs_batch(cands) <= budget)
+        if not fits.any():
+            return kept_t.tolist()
+        next_score = torch.tensor([float(ranked[g][k]) if k < t else float("-inf")
+                                   for g, (k, t) in enumerate(zip(kept_t.tolist(), totals))])
+        best = int(torch.argmax(torch.where(fits, next_score, torch.tensor(float("-inf")))))
+        kept_t = cands[best]
 
 
 def smallest_macs(seq: LayerSequence, round_to: int = 1) -> int:

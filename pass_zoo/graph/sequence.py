@@ -74,6 +74,9 @@ class LayerSequence:
     def macs(self, kept_units: Sequence[int]) -> int:
         return self.cost_model.macs(kept_units)
 
+    def macs_batch(self, kept_units: torch.Tensor) -> torch.Tensor:
+        return self.cost_model.macs_batch(kept_units)
+
     def unit_macs(self) -> List[float]:
         return self.cost_model.unit_macs()
 

@@ -15,6 +15,7 @@ class WeightStats:
     def __init__(self, seq):
         self.seq = seq
         self._abs_cache: Dict[str, tuple] = {}  # module name -> ((weight id, version), |W| summed over k, k)
+        self._gain_cache: Dict[str, tuple] = {}  # group name -> (BN tensor versions, BN output scale)
 
     def __call__(self, index: int, unit_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         """Mean |W| per unit of group ``index``, over (c_in, k, k) with masked inputs removed.
@@ -57,6 +58,16 @@ class WeightStats:
         return cached[1], cached[2]
 
     def _bn_gain(self, g: ChannelGroup) -> torch.Tensor:
+        """The group's BN output scale, cached until a BN weight or variance changes (read every step)."""
+        bns = [self.seq.model.get_submodule(slot.module_name) for slot in g.norms]
+        key = tuple((id(t), t._version) for bn in bns for t in (bn.weight, bn.running_var) if t is not None)
+        cached = self._gain_cache.get(g.name)
+        if cached is None or cached[0] != key:
+            cached = (key, self._compute_bn_gain(g))
+            self._gain_cache[g.name] = cached
+        return cached[1]
+
+    def _compute_bn_gain(self, g: ChannelGroup) -> torch.Tensor:
         gains = []
         for slot in g.norms:
             bn = self.seq.model.get_submodule(slot.module_name)

@@ -1,7 +1,8 @@
 """``pass-zoo costs``: what PASS costs to run, measured.
 
 * search step time with the hypernetwork / without it (the same frozen, gated backbone and prompt
-  update, masks fixed) -- the hypernetwork's overhead per step;
+  update, masks fixed) -- the hypernetwork's overhead per step, timed in turns in one process in
+  CPU time (a shared CPU slows both alike, and the wall-clock ratio of two processes drifts with it);
 * peak memory of a search step / a fine-tune step of the slim network at the same batch;
 * optionally, ORT latency speedup against the MACs ratio of finished run folders.
 
@@ -72,17 +73,46 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     x = torch.randn(batch, 3, img_size, img_size)
     y = torch.randint(0, 10, (batch,))
 
-    if kind == "search":  # hypernetwork forward + selection + gated backbone, both optimisers
-        opts = [torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9),
-                torch.optim.AdamW(hypernet.parameters(), lr=cfg.lr_hypernet)]
-        forward = searcher
-    elif kind == "fixed_masks":  # the same step with the masks given: no hypernetwork
-        fixed = [h.float() for h in hard]
-        opts = [torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9)]
+    def search_kind():  # hypernetwork forward + selection + gated backbone, both optimisers
+        return searcher, [torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9),
+                          torch.optim.AdamW(hypernet.parameters(), lr=cfg.lr_hypernet)]
 
-        def forward(inp):
+    def fixed_kind():  # the same step with the masks given: no hypernetwork
+        fixed = [h.float() for h in hard]
+
+        def gated_forward(inp):
             with seq.gated(fixed):
                 return backbone(prompt(inp))
+        return gated_forward, [torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9)]
+
+    def make_step(forward, opts):
+        def step():
+            loss = F.cross_entropy(forward(x), y)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+        return step
+
+    if kind == "paired":  # both steps in turns in one process, in CPU time: other load hits neither
+        with_hn, without = make_step(*search_kind()), make_step(*fixed_kind())
+        pairs = []
+        with _KeepRunningStats(backbone):
+            for i in range(warmup + steps):
+                t0 = time.process_time()
+                with_hn()
+                t1 = time.process_time()
+                without()
+                if i >= warmup:
+                    pairs.append((t1 - t0, time.process_time() - t1))
+        return {"kind": kind, "steps": steps, "search_cpu_ms_median": 1000 * statistics.median(a for a, _ in pairs),
+                "fixed_masks_cpu_ms_median": 1000 * statistics.median(b for _, b in pairs),
+                "ratio_median": statistics.median(a / b for a, b in pairs)}
+    if kind == "search":
+        forward, opts = search_kind()
+    elif kind == "fixed_masks":
+        forward, opts = fixed_kind()
     else:  # fine-tune: the physically slim network and the prompt, every weight trained
         slim_model, _ = slim(backbone, to_channel_masks(hard, seq), example)
         model = PromptedModel(slim_model, prompt).train()
@@ -91,14 +121,7 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
         opts = [torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)]
         forward = model
 
-    def step():
-        loss = F.cross_entropy(forward(x), y)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
-
+    step = make_step(forward, opts)
     times = []
     with _KeepRunningStats(backbone):
         for _ in range(warmup):
@@ -127,15 +150,18 @@ def measure_costs(model: str = "tf_efficientnet_lite0", pretrained: str = "bundl
                            "and --target-macs in (0, 1]")
     results = {}
     ctx = multiprocessing.get_context("spawn")
-    for kind in KINDS:
+    for kind in (*KINDS, "paired"):
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:  # a fresh process: its peak memory is its own
             results[kind] = pool.submit(_measure, kind, model, pretrained, img_size, batch, target_macs,
                                         steps, warmup, threads, seed).result()
-    s, f, fm = results["search"], results["finetune"], results["fixed_masks"]
+    paired = results.pop("paired")
+    s, f = results["search"], results["finetune"]
     report = {"model": model, "pretrained": pretrained, "img_size": img_size, "batch": batch,
               "target_macs": target_macs, "threads": threads, "seed": seed, "steps": steps, "warmup": warmup,
-              "results": results,
-              "search_step_with_over_without_hypernet": s["step_ms_median"] / fm["step_ms_median"],
+              "results": results, "paired": paired,
+              # from the paired steps (one process, in turns); the separate processes give memory and
+              # absolute times, but on a shared CPU their load differs
+              "search_step_with_over_without_hypernet": paired["ratio_median"],
               "search_over_finetune_step_time": s["step_ms_median"] / f["step_ms_median"]}
     if s["peak_over_setup_mib"] and f["peak_over_setup_mib"]:
         report["search_over_finetune_peak_memory"] = s["peak_over_setup_mib"] / f["peak_over_setup_mib"]
