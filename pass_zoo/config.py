@@ -1,9 +1,10 @@
 """Every setting of a run, once: dataclass fields that carry their CLI flag, help and choices.
 
 ``PruneConfig`` (with its ``search`` and ``finetune`` sections) is what recipes, benchmark specs, a
-run's saved ``config`` and the ``prune`` flags all describe. The argparse options (``add_flags``),
-the flag -> field table (``PRUNE_FLAGS``) and the flags typed on a command line
-(``explicit_flags``) are generated from the field metadata, and each dataclass validates itself.
+run's saved ``config`` and the ``prune`` flags all describe. The argparse options (``add_flags``,
+also without defaults, which is how ``cli`` tells the flags typed on a command line) and the
+flag -> field table (``PRUNE_FLAGS``) are generated from the field metadata, and each dataclass
+validates itself.
 """
 from __future__ import annotations
 
@@ -335,8 +336,8 @@ def add_flags(groups: Dict[str, argparse._ArgumentGroup], defaults: bool = True)
             if meta["choices"] is not None:
                 kwargs["choices"] = _choices(f.field)
             if defaults:
-                f0 = f.field
-                kwargs["default"] = f0.default_factory() if f0.default_factory is not dataclasses.MISSING else f0.default
+                factory = f.field.default_factory
+                kwargs["default"] = factory() if factory is not dataclasses.MISSING else f.field.default
         groups[meta["group"]].add_argument(meta["flag"], **kwargs)
 
 
