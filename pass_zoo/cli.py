@@ -127,6 +127,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "end of each stage and on Ctrl-C; 0: only then (default: %(default)s)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (same flags as the original run)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    g.add_argument("--log-every", type=int, default=50, metavar="N",
+                   help="when stderr is not a terminal (a log file, nohup, a scheduler), one progress line every "
+                        "N steps with loss, lr, elapsed time and ETA instead of a bar (default: %(default)s)")
     g.add_argument("--no-onnx", action="store_true",
                    help="skip writing the verified model.onnx (run 'pass-zoo export' later)")
 
@@ -607,6 +611,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_progress(args) -> None:
+    from .training import PROGRESS
+
+    every = getattr(args, "log_every", PROGRESS["log_every"])
+    if every < 1:
+        raise PassZooError(f"--log-every must be >= 1, got {every}")
+    PROGRESS.update(quiet=getattr(args, "quiet", False), log_every=every)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -614,6 +627,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args._argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        _set_progress(args)
         return args.func(args)
     except PassZooError as exc:
         print(f"pass-zoo: error: {one_line(exc)}", file=sys.stderr)
