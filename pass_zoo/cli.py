@@ -463,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_progress(args) -> None:
+    """Progress display for this command (prune's flags; the defaults elsewhere; checked by PruneConfig)."""
+    from .config import PruneConfig
+    from .train.loop import PROGRESS
+
+    d = PruneConfig()
+    PROGRESS.update(quiet=getattr(args, "quiet", d.quiet), log_every=max(1, getattr(args, "log_every", d.log_every)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -470,6 +479,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args._argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        _set_progress(args)
         return args.func(args)
     except PassZooError as exc:
         print(f"pass-zoo: error: {one_line(exc)}", file=sys.stderr)

@@ -244,6 +244,11 @@ class PruneConfig:
                        help="random seed; the same seed repeats a one-process CPU run bit for bit (default: %(default)s)")
     mixed_precision: str = option("no", flag="--mixed-precision", group=RUN, choices=_precisions,
                                   help="autocast: bf16 (CPU or GPU), fp16 (GPU only) or no (default: %(default)s)")
+    quiet: bool = option(False, flag="--quiet", group=RUN, help="no progress bar or progress lines")
+    log_every: int = option(50, flag="--log-every", group=RUN, metavar="N",
+                            help="when stderr is not a terminal (a log file, nohup, a scheduler), one progress line "
+                                 "every N steps with loss, lr, elapsed time and ETA instead of a bar "
+                                 "(default: %(default)s)")
     onnx: bool = option(True, flag="--no-onnx", negate=True, group=RUN,  # export + verify model.onnx at the end
                         help="skip writing the verified model.onnx (run 'pass-zoo export' later)")
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -259,6 +264,8 @@ class PruneConfig:
             raise PassZooError("batch size must be positive and step counts non-negative")
         self.search.validate()
         self.finetune.validate()
+        if self.log_every < 1:
+            raise PassZooError(f"--log-every must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 0:
             raise PassZooError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.resume and self.overwrite:

@@ -269,9 +269,10 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     """
     from accelerate.utils import set_seed
 
-    from .train.loop import make_accelerator
+    from .train.loop import PROGRESS, make_accelerator
 
     cfg.validate()
+    PROGRESS.update(quiet=cfg.quiet, log_every=cfg.log_every)
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     out, ckpts = open_run(cfg, accelerator)
     carry = ckpts.carry  # stage results a resumed run takes from its checkpoint instead of recomputing

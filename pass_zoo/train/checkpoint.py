@@ -39,7 +39,7 @@ from .loop import Batches, StopRequest
 FORMAT = "pass-zoo-checkpoint/1"
 STAGES = ("search", "searched", "finetune")  # in run order
 # Settings that may change between a run and its --resume (they do not change the result).
-OPERATIONAL = ("out", "overwrite", "resume", "checkpoint_every", "workers", "onnx")
+OPERATIONAL = ("out", "overwrite", "resume", "checkpoint_every", "workers", "onnx", "quiet", "log_every")
 ARTEFACT_PREFIX = "artefact-"  # a method's files inside searched/
 _STEP_DIR = re.compile(r"^(search|finetune)-(\d{6,})$")
 

@@ -112,9 +112,55 @@ def cycle(loader):
     return Batches(loader)
 
 
+# How progress is shown: a bar on a terminal; on a log file or pipe (nohup, a scheduler) one line every
+# ``log_every`` steps, since a bar there writes nothing readable until it ends. ``quiet``: neither.
+PROGRESS = {"log_every": 50, "quiet": False}
+
+
 def progress(accelerator, total: int, desc: str, initial: int = 0):
-    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
-                leave=False, file=sys.stderr, dynamic_ncols=True)
+    hidden = not accelerator.is_local_main_process or PROGRESS["quiet"]
+    if not hidden and not _is_terminal(sys.stderr):
+        return LogLines(total, desc, initial, PROGRESS["log_every"])
+    return tqdm(total=total, initial=initial, desc=desc, disable=hidden, leave=False, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class LogLines:
+    """The progress-bar interface as plain lines: ``desc step/total  loss  lr  elapsed  eta``."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, every: int = 50, stream=None):
+        import time
+
+        self.total, self.desc, self.n, self.every = total, desc, initial, max(1, every)
+        self.stream = stream or sys.stderr
+        self._start, self._start_n, self._clock = time.monotonic(), initial, time.monotonic
+        self.postfix: dict = {}
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            self._line()
+
+    def _line(self) -> None:
+        elapsed = self._clock() - self._start
+        done = self.n - self._start_n
+        eta = elapsed / done * (self.total - self.n) if done > 0 else float("nan")
+        extra = "".join(f"  {k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc} {self.n}/{self.total}{extra}  elapsed {elapsed:.0f}s  eta {eta:.0f}s",
+              file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 class StopRequest:
@@ -205,6 +251,7 @@ def take_step(loop, loss, accelerator, bar, ckpt, what: str, hint: str) -> None:
         sched.step()
     loop.losses.append(value)
     loop.step += 1
+    lr = next(iter(loop.optimizers.values())).param_groups[0]["lr"]
+    bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}")
     bar.update(1)
-    bar.set_postfix(loss=f"{value:.3f}")
     ckpt.after_step()
