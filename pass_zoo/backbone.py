@@ -1,6 +1,7 @@
 """Backbones: any timm model name, with weights from timm, the Hub, a local file, or the bundled Lite0."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import warnings
@@ -129,17 +130,102 @@ def create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     return model
 
 
+PROBE_TIMEOUT_S = 3.0
+
+
+def _probe(url: str) -> Optional[str]:
+    """One TCP connection to ``url``'s host (or the configured proxy), ``PROBE_TIMEOUT_S`` at most:
+    None if it answers, else why not. Replaces the download client's minute of retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    target = urlparse(url)
+    proxy = next((os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                              "ALL_PROXY", "all_proxy") if os.environ.get(k)), None)
+    where = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else target
+    port = where.port or (443 if where.scheme == "https" else 80)
+    try:
+        socket.create_connection((where.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
+def _weights_location(name: str, pretrained: str):
+    """(Hub repo id or None, URL or None) the pretrained weights of ``name`` come from."""
+    if pretrained.startswith("hf-hub:"):
+        return pretrained[len("hf-hub:"):], None
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:"):], None
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        return None, None
+    return getattr(cfg, "hf_hub_id", None) or None, getattr(cfg, "url", None) or None
+
+
+def _in_cache(repo: Optional[str], url: Optional[str]) -> bool:
+    import os
+
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, _, revision = repo.partition("@")
+        for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
+            if isinstance(try_to_load_from_cache(repo_id, fname, revision=revision or None), str):
+                return True
+    if url:
+        return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+    return False
+
+
+@contextlib.contextmanager
+def _reachable_weights(name: str, pretrained: str):
+    """Fail fast, in one line, when the weights are not cached and cannot be downloaded: honour
+    HF_HUB_OFFLINE, else probe the server once. Cached weights load offline without retries."""
+    import huggingface_hub.constants as hf_constants
+
+    repo, url = _weights_location(name, pretrained)
+    cached = _in_cache(repo, url)
+    source = f"Hub repo {repo}" if repo else (url or "timm")
+    if hf_constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise BackboneError(f"the pretrained weights of '{name}' ({source}) are not in the local cache and "
+                                f"HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
+        yield
+        return
+    endpoint = hf_constants.ENDPOINT if repo else url
+    why = _probe(endpoint) if endpoint else None
+    if why is None:
+        yield
+        return
+    if not cached:
+        raise BackboneError(f"cannot download the pretrained weights of '{name}': {endpoint} is unreachable "
+                            f"({why}); {OFFLINE_HINT}")
+    saved = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True  # unreachable but cached: load from the cache, no retries
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = saved
+
+
 def _create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     _check_name(name)
     pretrained = pretrained or "none"
     try:
         if pretrained == "none":
             return timm.create_model(name, pretrained=False, **kwargs)
-        if pretrained == "timm" or name.startswith(("hf-hub:", "local-dir:")):
+        if name.startswith("local-dir:"):
             return timm.create_model(name, pretrained=True, **kwargs)
+        if pretrained == "timm" or name.startswith("hf-hub:"):
+            with _reachable_weights(name, "timm"):
+                return timm.create_model(name, pretrained=True, **kwargs)
         if pretrained.startswith("hf-hub:"):
-            return timm.create_model(name, pretrained=True,
-                                     pretrained_cfg_overlay=dict(hf_hub_id=pretrained[len("hf-hub:"):]), **kwargs)
+            with _reachable_weights(name, pretrained):
+                return timm.create_model(name, pretrained=True,
+                                         pretrained_cfg_overlay=dict(hf_hub_id=pretrained[len("hf-hub:"):]),
+                                         **kwargs)
     except BackboneError:
         raise
     except Exception as exc:  # download / hub failures
