@@ -22,6 +22,7 @@ from .baselines import METHODS, baseline_scores
 from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
 from .data import DataSpec, load_task_data, make_loader, subset
 from .errors import BudgetError, PassZooError
+from .export import check_rebuild
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .hypernet import load_hypernet, save_hypernet
@@ -203,6 +204,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     except ValueError as exc:
         raise PassZooError(f"--prompt-size: {exc}") from exc
     task = load_task_data(cfg.dataset, spec)
+    check_rebuild(cfg.model, model_kwargs, task.num_classes)  # the export must load again: fail before stage 1
     train_ds = subset(task.train, cfg.train_subset, cfg.seed)
     val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
     train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.workers)
@@ -317,10 +319,11 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         save_masks(masks, masks_summary(masks, seq), out)
         if hypernet is not None:
             save_hypernet(hypernet, out)
-        from .export import save_slim_model
+        from .export import save_slim_model, verify_reload
         save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
                         label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),
                         img_size=spec.img_size, model_kwargs=model_kwargs)
+        verify_reload(out)  # no metrics.json (a finished run) for an export that cannot be loaded
         if cfg.onnx:
             onnx_error = _export_onnx(out, val_ds, metrics)
         atomic_write_json(out / "metrics.json", metrics)
