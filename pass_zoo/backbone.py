@@ -213,6 +213,11 @@ def _reachable_weights(name: str, pretrained: str):
 def _create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     _check_name(name)
     pretrained = pretrained or "none"
+    if pretrained == "none" and not name.startswith(("hf-hub:", "local-dir:")):
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as exc:  # an argument the architecture does not take
+            raise BackboneError(f"--model-kwargs {kwargs} do not fit '{name}': {exc}") from exc
     try:
         if pretrained == "none":
             return timm.create_model(name, pretrained=False, **kwargs)
