@@ -28,7 +28,7 @@ from .label_mapping import fold_label_mapping, frequency_label_mapping, predicti
 from .hypernet import load_hypernet, save_hypernet
 from .masks import load_masks, masks_summary, save_masks, select_units, to_channel_masks, to_unit_masks
 from .prompt import PromptedModel, create_prompt
-from .runio import atomic_write_json, prepare_run_dir
+from .runio import atomic_write_json, prepare_run_dir, unlock_run_dir
 from .search import SearchConfig, search
 from .slim import count_macs, count_params, slim
 from .training import check_same_across_processes
@@ -329,6 +329,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         atomic_write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     ckpts.finish()  # the run folder is complete
+    unlock_run_dir(out)  # (taken by prepare_run_dir) another process may use the folder now
     if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
         raise onnx_error
     return metrics

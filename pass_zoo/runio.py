@@ -181,8 +181,9 @@ _LOCKS: dict = {}
 def lock_run_dir(folder, action: str = "use") -> None:
     """Take the run folder's lock (``FOLDER/.pass-zoo.lock``, fcntl), or fail naming its holder.
 
-    Re-entrant within a process (``unlock_run_dir`` once per call). The kernel drops the lock when
-    the holder exits, however it dies, so a killed run never blocks ``--resume``.
+    Re-entrant within a process (``unlock_run_dir`` once per call; the last one removes the file).
+    The kernel drops the lock when the holder exits, however it dies, so a killed run never blocks
+    ``--resume``: its stale lock file is simply locked again.
     """
     import fcntl
 
@@ -199,27 +200,34 @@ def lock_run_dir(folder, action: str = "use") -> None:
             held[1] += 1
             return
         _close_lock(key)  # the folder was removed and made again: lock the new file
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-    except OSError as exc:
-        raise write_error(path, exc) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    while True:
         try:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip()
-        finally:
-            os.close(fd)
-        who = f"pid {holder}" if holder.isdigit() else "another process"
-        raise RunDirError(f"cannot {action} {folder}: another pass-zoo run ({who}) is using it; wait for it "
-                          "to finish or choose another folder") from None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as exc:
+            raise write_error(path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+            finally:
+                os.close(fd)
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            raise RunDirError(f"cannot {action} {folder}: another pass-zoo run ({who}) is using it; wait for "
+                              "it to finish or choose another folder") from None
+        try:  # the holder removes the file when it lets go: a lock on a removed file is no lock
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _LOCKS[key] = [fd, 1]
 
 
 def unlock_run_dir(folder, everything: bool = False) -> None:
-    """Undo one ``lock_run_dir`` (all of them with ``everything``); the lock file stays (harmless)."""
+    """Undo one ``lock_run_dir`` (all of them with ``everything``); the last one removes the lock file."""
     key = os.path.realpath(folder)
     held = _LOCKS.get(key)
     if held is None:
@@ -237,6 +245,11 @@ def unlock_all_run_dirs() -> None:
 
 def _close_lock(key: str) -> None:
     fd, _ = _LOCKS.pop(key)
+    try:  # removed while still locked, so a process that opens it now retries on a fresh file
+        if os.fstat(fd).st_ino == os.stat(os.path.join(key, LOCK_FILE)).st_ino:
+            os.unlink(os.path.join(key, LOCK_FILE))
+    except OSError:
+        pass
     os.close(fd)  # releases the flock
 
 

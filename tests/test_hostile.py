@@ -149,14 +149,19 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
     assert (out / "metrics.json").is_file()
 
 
-def test_overwrite_keeps_the_lock_and_an_empty_failed_run_is_removed(tmp_path):
-    from pass_zoo.runio import LOCK_FILE
+def test_the_lock_goes_with_the_run(tmp_path):
+    from pass_zoo.runio import LOCK_FILE, prepare_run_dir, unlock_run_dir
 
     out = tmp_path / "run"
     assert _run(_tiny(out, steps=1))[0] == 0
-    assert (out / LOCK_FILE).is_file()
+    assert (out / "metrics.json").is_file() and not (out / LOCK_FILE).exists()
     _error(_tiny(out, "--overwrite", "--dataset", "imagefolder:/nonexistent"))
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE] or not out.exists()
+    assert list(out.iterdir()) == []  # replaced, then nothing written: no stale lock either
+    prepare_run_dir(out)  # within one process the lock is re-entrant
+    prepare_run_dir(out, overwrite=True)
+    assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+    unlock_run_dir(out, everything=True)
+    assert not (out / LOCK_FILE).exists()
 
 
 def test_model_kwargs_the_export_cannot_rebuild(tmp_path):
@@ -328,3 +333,112 @@ def test_pretrained_timm_offline_fails_fast_in_one_line(offline, tmp_path, monke
         assert f"{hf_constants.ENDPOINT} is unreachable (Connection refused)" in line
     assert "offline alternatives" in line
     _gone(tmp_path / "run")
+
+
+# ------------------------------------------------------------------ soak
+_SOAK_DRIVER = r"""
+import contextlib, faulthandler, io, json, sys
+from pass_zoo.cli import main
+
+for line in sys.stdin:
+    case = json.loads(line)
+    faulthandler.dump_traceback_later(90, exit=True)  # a hang ends the driver, and the test fails
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            rc = main(case["argv"])
+        except BaseException as exc:  # anything main lets escape is a failure of its own
+            import traceback
+            rc, _ = "escaped", traceback.print_exc(file=err)
+    faulthandler.cancel_dump_traceback_later()
+    print(json.dumps({"i": case["i"], "rc": rc, "stderr": err.getvalue()}), flush=True)
+"""
+
+
+def _soak_data(root: Path) -> dict:
+    """Hostile and good image folders, made once for the soak cases to draw from."""
+    good = write_image_folder(root / "good", ["ant", "bee"], n_train=4, n_val=2)
+    loop = write_image_folder(root / "loop", ["ant", "bee"], n_train=2, n_val=1)
+    os.symlink("..", loop / "train" / "bee" / "loop")
+    corrupt = write_image_folder(root / "corrupt", ["ant", "bee"], n_train=4, n_val=2)
+    (corrupt / "train" / "ant" / "ant_1.png").write_bytes(b"not a png")
+    deep = root / "deep"
+    for split in ("train", "val"):
+        for ci, cls in enumerate(("ant", "bee")):
+            (deep / split / cls).mkdir(parents=True)
+            for i in range(4):
+                _grey16(deep / split / cls / f"{cls}_{i}.png", 9000 + 40000 * ci)
+    empty = root / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    (root / "not_a_folder").write_text("x")
+    (root / "junk.safetensors").write_bytes(b"\x00" * 40)
+    (root / "junk.pth").write_bytes(b"PK\x03\x04 not a zip")
+    return {"good": good, "loop": loop, "corrupt": corrupt, "deep": deep, "empty": empty, "root": root}
+
+
+def _soak_case(rng: random.Random, data: dict, out: Path) -> list:
+    good = f"imagefolder:{data['good']}"
+    hostile = [
+        ["--img-size", str(rng.choice([0, -1, -5]))],
+        ["--prompt-size", str(rng.choice([-1, -8]))],
+        ["--workers", "-1"],
+        ["--target-macs", rng.choice(["0", "1.5", "-0.2", "nan"])],
+        ["--round-to", "0"],
+        ["--batch-size", rng.choice(["0", "-3"])],
+        ["--train-subset", "0"],
+        ["--checkpoint-every", "-1"],
+        ["--model-kwargs", rng.choice(['{"num_classes": 0}', '{"in_chans": 1}', '{"bogus_arg": 3}'])],
+        ["--dataset", f"imagefolder:{data['loop']}"],
+        ["--dataset", f"imagefolder:{data['empty']}"],
+        ["--dataset", f"imagefolder:{data['root'] / 'missing'}"],
+        ["--dataset", f"imagefolder:{data['corrupt']}"],
+        ["--dataset", "imagefolder:"],
+        ["--dataset", "nosuchset"],
+        ["--dataset", "fashion-mnist@3"],
+        ["--pretrained", str(data["root"] / rng.choice(["junk.safetensors", "junk.pth", "absent.safetensors"]))],
+        ["--pretrained", "timm"],  # HF_HUB_OFFLINE is set and the cache is empty
+        ["--pretrained", "hf-hub:org/absent"],
+        ["--model", rng.choice(["resnet5", "vit_tiny_patch16_224"]), "--img-size", "40"],
+        ["--out", str(data["root"] / "not_a_folder")],
+        ["--resume"],
+        ["--resume", "--overwrite"],
+        ["--mixed-precision", "fp16"],
+    ]
+    argv = _tiny(out, "--dataset", good, steps=1)
+    if rng.random() < 0.15:  # now and then a run that must succeed
+        extra = rng.choice([[], ["--dataset", f"imagefolder:{data['deep']}"], ["--prompt-size", "0"]])
+    else:
+        extra = [a for flags in rng.sample(hostile, rng.choice([1, 1, 2])) for a in flags]
+    return [str(a) for a in argv + extra]
+
+
+def test_soak_back_to_back_hostile_runs(tmp_path):
+    """40 runs with hostile flags and data drawn from a seeded generator, back to back in one process:
+    none may print a traceback, hang, leave temporaries, or leave a folder that claims success wrongly."""
+    from test_robust import _PROGRESS
+
+    data = _soak_data(tmp_path / "data")
+    rng = random.Random(20261202)
+    cases = [{"i": i, "argv": _soak_case(rng, data, tmp_path / f"run{i:02d}")} for i in range(40)]
+    env = {**PY_ENV, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+           "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "TORCH_HOME": str(tmp_path / "torch")}
+    proc = subprocess.run([sys.executable, "-c", _SOAK_DRIVER], input="".join(json.dumps(c) + "\n" for c in cases),
+                          env=env, capture_output=True, text=True, timeout=300)
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(cases), proc.stderr[-3000:]
+    succeeded = 0
+    for case, r in zip(cases, results):
+        argv, where = case["argv"], f"case {case['i']}: {' '.join(case['argv'])}\n{r['stderr'][-1500:]}"
+        out = Path(argv[len(argv) - 1 - argv[::-1].index("--out") + 1])  # the last --out wins
+        assert "Traceback" not in r["stderr"] and r["rc"] in (0, 2), where
+        lines = [x for x in r["stderr"].replace("\r", "\n").splitlines() if x.strip() and not _PROGRESS.match(x)]
+        if out.is_dir():
+            assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], where
+        if r["rc"] == 0:
+            succeeded += 1
+            assert (out / "metrics.json").is_file() and (out / "model.safetensors").is_file(), where
+        else:
+            assert len(lines) == 1 and lines[0].startswith("pass-zoo: error: "), where
+            assert not (out.is_dir() and (out / "metrics.json").exists()), where
+    assert succeeded >= 2  # the generator drew some runs that must work, and they did
