@@ -299,7 +299,8 @@ def verify_run_weights(run_dir) -> None:
     except Exception as exc:
         with open(path, "rb") as fh:
             head = fh.read(4)
-        kind = " (it is a torch pickle/zip; pass-zoo never unpickles run weights)"             if head[:2] in (b"PK", b"\x80\x02") or head[:1] == b"\x80" else ""
+        pickled = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save: a zip, or a bare pickle
+        kind = " (it is a torch pickle/zip; pass-zoo never unpickles run weights)" if pickled else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PassZooError(f"{path} is not a valid safetensors file{kind}: {first}") from exc
     export_json = run_dir / "export.json"
