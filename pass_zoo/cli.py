@@ -243,6 +243,7 @@ def cmd_prune(args) -> int:
             _remove_empty_tree(out)
         raise
     if _is_main_process():
+        (out / "error.log").unlink(missing_ok=True)  # an earlier attempt's, now resumed to the end
         print(_summary(cfg.out or cfg.default_out(), cfg, m))
     return 0
 
