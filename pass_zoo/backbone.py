@@ -190,8 +190,8 @@ def _reachable_weights(name: str, pretrained: str):
     source = f"Hub repo {repo}" if repo else (url or "timm")
     if hf_constants.HF_HUB_OFFLINE:
         if not cached:
-            raise BackboneError(f"the pretrained weights of '{name}' ({source}) are not in the local cache and "
-                                f"HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
+            raise BackboneError(f"could not load pretrained weights for '{name}': they are not in the local "
+                                f"cache ({source}) and HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
         yield
         return
     endpoint = hf_constants.ENDPOINT if repo else url
@@ -200,8 +200,8 @@ def _reachable_weights(name: str, pretrained: str):
         yield
         return
     if not cached:
-        raise BackboneError(f"cannot download the pretrained weights of '{name}': {endpoint} is unreachable "
-                            f"({why}); {OFFLINE_HINT}")
+        raise BackboneError(f"could not load pretrained weights for '{name}': {endpoint} is unreachable "
+                            f"({why}) and they are not in the local cache; {OFFLINE_HINT}")
     saved = hf_constants.HF_HUB_OFFLINE
     hf_constants.HF_HUB_OFFLINE = True  # unreachable but cached: load from the cache, no retries
     try:

@@ -328,9 +328,10 @@ def test_pretrained_timm_offline_fails_fast_in_one_line(offline, tmp_path, monke
         monkeypatch.delenv(k, raising=False)
     line = _error(_tiny(tmp_path / "run", "--pretrained", "timm"))
     if offline:
-        assert "are not in the local cache and HF_HUB_OFFLINE is set" in line
+        assert "could not load pretrained weights for 'resnet10t': they are not in the local cache (Hub repo " \
+               "timm/resnet10t.c3_in1k) and HF_HUB_OFFLINE is set" in line
     else:
-        assert f"{hf_constants.ENDPOINT} is unreachable (Connection refused)" in line
+        assert f"for 'resnet10t': {hf_constants.ENDPOINT} is unreachable (Connection refused)" in line
     assert "offline alternatives" in line
     _gone(tmp_path / "run")
 
