@@ -55,3 +55,30 @@ def one_line(exc: BaseException) -> str:
         match = _EXC_LINE.match(lines[-1])
         return match.group(1) if match else lines[-1]
     return lines[0]
+
+
+# Modules that only wire stages together; the stage is the first pass_zoo module they called.
+_ORCHESTRATORS = {"cli", "pipeline", "zoo", "transfer", "bench", "launch", "errors", "runio"}
+_STAGE_NAMES = {"backbone": "backbone", "data": "data", "label_mapping": "label-mapping", "adapter": "adapter",
+                "masks": "mask-selection", "search": "search", "hypernet": "search", "baselines": "baseline",
+                "slim": "slim", "finetune": "fine-tune", "training": "training", "export": "export",
+                "onnx_export": "ONNX-export", "checkpoint": "checkpoint", "evaluation": "eval",
+                "latency": "latency", "card": "card", "hub": "publish", "costs": "costs", "check": "check",
+                "prompt": "prompt", "families": "adapter", "recipes": "recipe"}
+
+
+def stage_of(exc: BaseException):
+    """The pipeline stage an exception escaped from, read off its traceback (None if not known)."""
+    import os
+    import traceback
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = os.path.abspath(frame.filename)
+        if os.path.dirname(path) != package:
+            continue
+        module = os.path.splitext(os.path.basename(path))[0]
+        if module not in _ORCHESTRATORS:
+            name = _STAGE_NAMES.get(module, module)
+            return f"{name} ({module}.{frame.name})"
+    return None

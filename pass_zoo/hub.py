@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card
-from .errors import PassZooError
+from .errors import PassZooError, one_line
 from .runio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,13 @@ def check_publishable(run_dir) -> None:
         problems.append("model.onnx is not the file export.json verified (sha256 differs)")
     elif export is not None and not isinstance(export, dict):
         problems.append("export.json is not a JSON object")
+    if "model.safetensors" not in missing:  # what eval/export would refuse, before any request
+        from .export import verify_run_weights
+
+        try:
+            verify_run_weights(run_dir)
+        except PassZooError as exc:
+            problems.append(one_line(exc))
     if problems:
         no_export = {"model.onnx", "export.json"} & set(missing) and not isinstance(export, dict)
         hint = "; 'pass-zoo export RUN' writes a verified model.onnx" if no_export else ""

@@ -22,12 +22,13 @@ from .baselines import METHODS, TRAINS_WEIGHTS, baseline_scores
 from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
 from .data import DataSpec, hold_out, load_task_data, make_loader, subset
 from .errors import BudgetError, PassZooError
+from .export import check_rebuild
 from .finetune import FinetuneConfig, evaluate, finetune, recalibrate_bn
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .hypernet import load_hypernet, save_hypernet
 from .masks import load_masks, masks_summary, save_masks, select_units, to_channel_masks, to_unit_masks
 from .prompt import PromptedModel, create_prompt
-from .runio import atomic_write_json, prepare_run_dir
+from .runio import atomic_write_json, prepare_run_dir, unlock_run_dir
 from .search import SearchConfig, search
 from .slim import count_macs, count_params, slim
 from .training import check_same_across_processes
@@ -85,6 +86,10 @@ class PruneConfig:
             raise PassZooError(f"--head must be auto, flm or new, got '{self.head}'")
         if self.method not in METHODS:
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(METHODS)})")
+        for flag, value, least in (("--img-size", self.img_size, 1), ("--prompt-size", self.prompt_size, 0),
+                                   ("--workers", self.workers, 0), ("--hidden-size", self.search.hidden, 1)):
+            if value is not None and value < least:
+                raise PassZooError(f"{flag} must be at least {least}, got {value}")
         if self.batch_size <= 0 or self.search.steps < 0 or self.finetune.steps < 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
         if self.transfer_mode not in ("hypernet", "masks"):
@@ -214,6 +219,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     task = load_task_data(cfg.dataset, spec)
     if cfg.holdout:
         task = hold_out(task, cfg.holdout)
+    check_rebuild(cfg.model, model_kwargs, task.num_classes)  # the export must load again: fail before stage 1
     train_ds = subset(task.train, cfg.train_subset, cfg.seed)
     val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
     train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.workers)
@@ -337,15 +343,17 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         save_masks(masks, masks_summary(masks, seq), out)
         if hypernet is not None:
             save_hypernet(hypernet, out)
-        from .export import save_slim_model
+        from .export import save_slim_model, verify_reload
         save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=task.num_classes,
                         label_names=task.class_names, base_pretrained_cfg=dict(backbone.pretrained_cfg),
                         img_size=spec.img_size, model_kwargs=model_kwargs)
+        verify_reload(out)  # no metrics.json (a finished run) for an export that cannot be loaded
         if cfg.onnx:
             onnx_error = _export_onnx(out, val_ds, metrics)
         atomic_write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     ckpts.finish()  # the run folder is complete
+    unlock_run_dir(out)  # (taken by prepare_run_dir) another process may use the folder now
     if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
         raise onnx_error
     return metrics
