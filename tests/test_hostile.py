@@ -415,13 +415,13 @@ def _soak_case(rng: random.Random, data: dict, out: Path) -> list:
 
 
 def test_soak_back_to_back_hostile_runs(tmp_path):
-    """40 runs with hostile flags and data drawn from a seeded generator, back to back in one process:
+    """50 runs with hostile flags and data drawn from a seeded generator, back to back in one process:
     none may print a traceback, hang, leave temporaries, or leave a folder that claims success wrongly."""
     from test_robust import _PROGRESS
 
     data = _soak_data(tmp_path / "data")
     rng = random.Random(20261202)
-    cases = [{"i": i, "argv": _soak_case(rng, data, tmp_path / f"run{i:02d}")} for i in range(40)]
+    cases = [{"i": i, "argv": _soak_case(rng, data, tmp_path / f"run{i:02d}")} for i in range(50)]
     env = {**PY_ENV, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
            "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "TORCH_HOME": str(tmp_path / "torch")}
     proc = subprocess.run([sys.executable, "-c", _SOAK_DRIVER], input="".join(json.dumps(c) + "\n" for c in cases),
