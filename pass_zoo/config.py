@@ -144,6 +144,8 @@ class SearchConfig:
 
     def validate(self) -> None:
         check_choices(self)
+        if self.hidden < 1:
+            raise PassZooError(f"--hidden-size must be at least 1, got {self.hidden}")
         if self.steps < 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
         if self.round_to < 1:
@@ -260,6 +262,10 @@ class PruneConfig:
         if self.method not in _methods():
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(_methods())})")
         check_choices(self)
+        for flag, value, least in (("--img-size", self.img_size, 1), ("--prompt-size", self.prompt_size, 0),
+                                   ("--workers", self.workers, 0)):
+            if value is not None and value < least:
+                raise PassZooError(f"{flag} must be at least {least}, got {value}")
         if self.batch_size <= 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
         self.search.validate()

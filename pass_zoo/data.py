@@ -131,8 +131,58 @@ def _fashion_mnist(root: str, spec: DataSpec) -> TaskData:
     return TaskData(splits["train"], splits["val"], list(FASHION_MNIST_CLASSES))
 
 
-def _image_folder(root: str, spec: DataSpec) -> TaskData:
+def read_image(path):
+    """An image file as 8-bit RGB. High-bit-depth grey images (16-bit PNG: Pillow modes ``I;16*``
+    and ``I``) are scaled to 8 bits, not clipped (``convert("RGB")`` would make them all white);
+    32-bit float images are refused rather than guessed."""
     from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith("I;16") or img.mode == "I":
+                arr = np.asarray(img, dtype=np.float64)
+                if arr.size and (arr.min() < 0 or arr.max() > 65535):
+                    raise DataError(f"cannot read image {path}: {img.mode} pixel values outside 0..65535")
+                grey = np.rint(arr * (255.0 / 65535.0)).astype(np.uint8)
+                return Image.fromarray(grey, "L").convert("RGB")
+            if img.mode == "F":
+                raise DataError(f"cannot read image {path}: 32-bit float images (mode F) have no fixed "
+                                "range; save it as an 8- or 16-bit image")
+            return img.convert("RGB")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def check_links(folder: Path, root: str) -> None:
+    """Refuse symbolic links that would make torchvision's walk (which follows links) read images
+    twice or forever: a link to a folder above it (a loop), or any link out of the dataset root."""
+    base = os.path.realpath(Path(root))
+
+    def walk(path: Path, chain: tuple) -> None:
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            return  # unreadable folders are reported by ImageFolder itself
+        for entry in entries:
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                shown = f"{entry.path} -> {os.readlink(entry.path)}"
+                if os.path.commonpath([base, target]) != base:
+                    raise DataError(f"imagefolder:{root}: the symbolic link {shown} leaves the dataset folder; "
+                                    "copy the files in or remove the link")
+                if os.path.isdir(target) and target in chain:
+                    raise DataError(f"imagefolder:{root}: the symbolic link {shown} points to a folder above "
+                                    "it (a loop that would repeat its images without end); remove it")
+            if entry.is_dir(follow_symlinks=True):
+                real = os.path.realpath(entry.path)
+                walk(Path(entry.path), chain + (real,))
+
+    walk(folder, (os.path.realpath(folder),))
+
+
+def _image_folder(root: str, spec: DataSpec) -> TaskData:
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -143,16 +193,12 @@ def _image_folder(root: str, spec: DataSpec) -> TaskData:
     common = dict(input_size=(3, spec.img_size, spec.img_size), mean=spec.mean, std=spec.std,
                   interpolation=spec.interpolation)
 
-    def loader(path):
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
+    for split in ("train", "val"):
+        check_links(root_path / split, root)
 
     try:
-        train = ImageFolder(str(root_path / "train"), create_transform(is_training=True, **common), loader=loader)
-        val = ImageFolder(str(root_path / "val"), create_transform(crop_pct=spec.crop_pct, **common), loader=loader)
+        train = ImageFolder(str(root_path / "train"), create_transform(is_training=True, **common), loader=read_image)
+        val = ImageFolder(str(root_path / "val"), create_transform(crop_pct=spec.crop_pct, **common), loader=read_image)
     except (FileNotFoundError, RuntimeError) as exc:  # torchvision: no class folder / no valid file
         raise DataError(f"imagefolder:{root}: {exc}") from exc
     except OSError as exc:  # e.g. a folder the user may not read

@@ -55,3 +55,34 @@ def one_line(exc: BaseException) -> str:
         match = _EXC_LINE.match(lines[-1])
         return match.group(1) if match else lines[-1]
     return lines[0]
+
+
+# Modules that only wire stages together; the stage is the first pass_zoo module they called.
+_ORCHESTRATORS = {"cli", "pipeline", "publish.zoo", "tools.transfer", "tools.bench", "train.launch", "errors", "runio",
+                  "methods.registry", "methods.pass_method"}
+_STAGE_NAMES = {"backbone": "backbone", "data": "data", "label_mapping": "label-mapping", "config": "config",
+                "graph.groups": "adapter", "graph.sequence": "adapter", "graph.costs": "adapter",
+                "graph.gates": "adapter", "graph.families": "adapter", "graph.masks": "mask-selection",
+                "methods.pass_search": "search", "methods.pass_hypernet": "search", "methods.pass_stats": "search",
+                "methods.torch_pruning": "baseline", "graph.slim": "slim", "train.finetune": "fine-tune",
+                "train.loop": "training", "export.timm_model": "export", "export.onnx": "ONNX-export",
+                "train.checkpoint": "checkpoint", "export.evaluation": "eval", "export.runinfo": "eval",
+                "export.latency": "latency", "publish.card": "card", "publish.hub": "publish", "tools.costs": "costs",
+                "tools.check": "check", "prompt": "prompt", "recipes": "recipe"}
+
+
+def stage_of(exc: BaseException):
+    """The pipeline stage an exception escaped from, read off its traceback (None if not known)."""
+    import os
+    import traceback
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith(package + os.sep):
+            continue
+        module = os.path.splitext(os.path.relpath(path, package))[0].replace(os.sep, ".")
+        if module not in _ORCHESTRATORS:
+            name = _STAGE_NAMES.get(module, module)
+            return f"{name} ({module.rsplit('.', 1)[-1]}.{frame.name})"
+    return None

@@ -19,6 +19,7 @@ from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
 from .config import PruneConfig
 from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, make_loader, subset
 from .errors import PassZooError
+from .export.timm_model import check_rebuild
 from .graph.costs import count_macs, count_params
 from .graph.masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
 from .graph.sequence import LayerSequence, build_layer_sequence
@@ -26,7 +27,7 @@ from .graph.slim import slim
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .methods import Method, MethodContext, get_method
 from .prompt import PromptedModel, create_prompt, default_prompt_width
-from .runio import atomic_write_bytes, atomic_write_json, prepare_run_dir
+from .runio import atomic_write_bytes, atomic_write_json, prepare_run_dir, unlock_run_dir
 from .train.checkpoint import RunCheckpoints
 from .train.finetune import evaluate, finetune, recalibrate_bn
 
@@ -83,11 +84,14 @@ def make_prompt(kind: str, img_size: int, width: Optional[int] = None) -> nn.Mod
         raise PassZooError(f"--prompt-size: {exc}") from exc
 
 
-def load_data(cfg: PruneConfig, spec: DataSpec, accelerator) -> Data:
-    """The task's fixed train/val subsets and their loaders (validation sharded across processes)."""
+def load_task(cfg: PruneConfig, spec: DataSpec) -> TaskData:
+    """The task's train/val data (validation held out of the training set with ``holdout``)."""
     task = load_task_data(cfg.dataset, spec)
-    if cfg.holdout:
-        task = hold_out(task, cfg.holdout)
+    return hold_out(task, cfg.holdout) if cfg.holdout else task
+
+
+def load_data(cfg: PruneConfig, task: TaskData, accelerator) -> Data:
+    """The task's fixed train/val subsets and their loaders (validation sharded across processes)."""
     train_ds = subset(task.train, cfg.train_subset, cfg.seed)
     val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
     train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.workers)
@@ -245,7 +249,7 @@ def write_run(out: Path, cfg: PruneConfig, seq: LayerSequence, masks: Masks, art
               prompted: nn.Module, history, bb: Backbone, data: Data, metrics: dict) -> Optional[PassZooError]:
     """The run folder: masks, the method's artefacts, the slim model, model.onnx (verified), metrics."""
     from .export.onnx import export_run_onnx
-    from .export.timm_model import save_slim_model
+    from .export.timm_model import save_slim_model, verify_reload
 
     save_masks(masks, masks_summary(masks, seq), out)
     for name, content in artefacts.items():
@@ -253,6 +257,7 @@ def write_run(out: Path, cfg: PruneConfig, seq: LayerSequence, masks: Masks, art
     save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=data.task.num_classes,
                     label_names=data.task.class_names, base_pretrained_cfg=dict(bb.model.pretrained_cfg),
                     img_size=bb.spec.img_size, model_kwargs=bb.model_kwargs)
+    verify_reload(out)  # no metrics.json (a finished run) for an export that cannot be loaded
     error = None
     if cfg.onnx:
         real = torch.stack([data.val[i][0] for i in range(min(32, len(data.val)))])  # what the run evaluated on
@@ -282,7 +287,9 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
 
     bb = load_backbone(cfg)
     prompt = make_prompt(cfg.prompt, bb.spec.img_size, cfg.prompt_size)  # before any data is read
-    data = load_data(cfg, bb.spec, accelerator)
+    task = load_task(cfg, bb.spec)
+    check_rebuild(cfg.model, bb.model_kwargs, task.num_classes)  # the export must load again: fail before stage 1
+    data = load_data(cfg, task, accelerator)
     head, metrics = attach_head(cfg, bb.model, prompt, data, accelerator, carry)
     seq = layer_sequence(bb.model, bb.spec.img_size, cfg)
     masks, artefacts = choose_masks(method, MethodContext(bb.model, seq, prompt, data.train_loader, cfg, accelerator,
@@ -303,6 +310,7 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
         onnx_error = write_run(out, cfg, seq, masks, artefacts, trained.model, history, bb, data, metrics)
     accelerator.wait_for_everyone()
     ckpts.finish()  # the run folder is complete
+    unlock_run_dir(out)  # (taken by prepare_run_dir) another process may use the folder now
     if onnx_error is not None:  # raised after the barrier so other processes are not left waiting
         raise onnx_error
     return metrics

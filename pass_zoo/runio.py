@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import RunDirError
+from .errors import PassZooError, RunDirError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -173,22 +173,144 @@ def remove_temporaries(folder) -> None:
             p.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------ one process per run folder
+LOCK_FILE = ".pass-zoo.lock"
+# folder (resolved) -> [fd, depth]; fcntl locks belong to the process, so nested users share one
+_LOCKS: dict = {}
+
+
+def lock_run_dir(folder, action: str = "use") -> None:
+    """Take the run folder's lock (``FOLDER/.pass-zoo.lock``, fcntl), or fail naming its holder.
+
+    Re-entrant within a process (``unlock_run_dir`` once per call; the last one removes the file).
+    The kernel drops the lock when the holder exits, however it dies, so a killed run never blocks
+    ``--resume``: its stale lock file is simply locked again.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    key = os.path.realpath(folder)
+    path = folder / LOCK_FILE
+    held = _LOCKS.get(key)
+    if held is not None:
+        try:
+            same = os.fstat(held[0]).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if same:
+            held[1] += 1
+            return
+        _close_lock(key)  # the folder was removed and made again: lock the new file
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as exc:
+            raise write_error(path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+            finally:
+                os.close(fd)
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            raise RunDirError(f"cannot {action} {folder}: another pass-zoo run ({who}) is using it; wait for "
+                              "it to finish or choose another folder") from None
+        try:  # the holder removes the file when it lets go: a lock on a removed file is no lock
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = [fd, 1]
+
+
+def unlock_run_dir(folder, everything: bool = False) -> None:
+    """Undo one ``lock_run_dir`` (all of them with ``everything``); the last one removes the lock file."""
+    key = os.path.realpath(folder)
+    held = _LOCKS.get(key)
+    if held is None:
+        return
+    held[1] = 0 if everything else held[1] - 1
+    if held[1] <= 0:
+        _close_lock(key)
+
+
+def unlock_all_run_dirs() -> None:
+    """Release every run-folder lock this process holds (the CLI, when a command ends)."""
+    for key in list(_LOCKS):
+        _close_lock(key)
+
+
+def _close_lock(key: str) -> None:
+    fd, _ = _LOCKS.pop(key)
+    try:  # removed while still locked, so a process that opens it now retries on a fresh file
+        if os.fstat(fd).st_ino == os.stat(os.path.join(key, LOCK_FILE)).st_ino:
+            os.unlink(os.path.join(key, LOCK_FILE))
+    except OSError:
+        pass
+    os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def locked_run_dir(folder, action: str = "use"):
+    lock_run_dir(folder, action)
+    try:
+        yield Path(folder)
+    finally:
+        unlock_run_dir(folder)
+
+
+def _contents(folder: Path) -> list:
+    """What is in ``folder``, the lock file aside."""
+    return [p for p in folder.iterdir() if p.name != LOCK_FILE]
+
+
+def remove_empty_run_dir(path) -> None:
+    """Remove ``path`` if it holds nothing but empty folders (and the lock file) -- a run that failed
+    before writing anything -- unless another process holds its lock."""
+    path = Path(path)
+    if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*") if p.name != LOCK_FILE):
+        return
+    try:
+        lock_run_dir(path)
+    except PassZooError:
+        return  # another run is starting in it
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        unlock_run_dir(path, everything=True)
+
+
 def prepare_run_dir(out, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``out``; refuse an existing non-empty folder unless ``overwrite`` (or ``resume``)."""
+    """Create and lock ``out``; refuse an existing non-empty folder unless ``overwrite`` (or ``resume``),
+    and a folder another run holds."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a folder")
     if resume:
         if not out.is_dir():
             raise RunDirError(f"--resume: {out} does not exist (start the run without --resume)")
+        lock_run_dir(out, "resume")
         return out
-    if out.is_dir() and any(out.iterdir()):
+    not_empty = RunDirError(f"--out {out} already exists and is not empty (pass --overwrite to replace it, "
+                            "or --resume to continue it)")
+    if out.is_dir() and not overwrite and not (out / LOCK_FILE).exists() and _contents(out):
+        raise not_empty  # refused without adding a lock file to the user's folder
+    _mkdir(out)
+    lock_run_dir(out, "write")  # before looking inside: two runs started together cannot both pass
+    if _contents(out):
         if not overwrite:
-            raise RunDirError(f"--out {out} already exists and is not empty (pass --overwrite to replace it, "
-                              "or --resume to continue it)")
+            unlock_run_dir(out)
+            raise not_empty
         try:
-            shutil.rmtree(out)
+            for p in _contents(out):  # the lock file stays: it is what keeps a second run out
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         except OSError as exc:
             raise RunDirError(f"cannot remove {out} for --overwrite: {exc.strerror or exc}") from exc
-    _mkdir(out)
     return out

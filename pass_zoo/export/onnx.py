@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import PassZooError, one_line
-from ..runio import atomic_save_with, atomic_write_json
+from ..runio import atomic_save_with, atomic_write_json, locked_run_dir, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,20 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
     validation subset (dataset, subset and seed from ``metrics.json``), when that data is available.
     Raises ``OnnxExportError`` -- and leaves no ``model.onnx`` -- when ORT and torch differ by more
     than ``tolerance`` (default ``PARITY_TOLERANCE``) on either input.
+
+    Holds the run folder's lock (a running ``prune`` is never written into) and first removes the
+    temporaries an export or run killed mid-write left behind.
     """
+    folder = Path(str(run_dir).removeprefix("local-dir:"))
+    if not folder.is_dir():
+        return _export_onnx(folder, opset, real_inputs, dataset, exporter, tolerance)
+    with locked_run_dir(folder, "export"):
+        remove_temporaries(folder)
+        return _export_onnx(folder, opset, real_inputs, dataset, exporter, tolerance)
+
+
+def _export_onnx(run_dir: Path, opset: int, real_inputs: Optional[torch.Tensor], dataset: Optional[str],
+                 exporter: str, tolerance: Optional[float]) -> dict:
     import onnx
     import onnxruntime
 
@@ -195,6 +208,7 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
     report = {"format": ONNX_FORMAT, "onnx_file": "model.onnx", "opset": None, "exporter": None,
               "tolerance": tol, "max_abs_diff_random": None, "max_abs_diff_real": None,
               "real_inputs": real_source, "sha256": None, "passed": False,
+              "model_sha256": _sha256(run_dir / "model.safetensors"),  # the weights this export was made of
               "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
     def build(tmp: str) -> None:

@@ -223,6 +223,7 @@ def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num
         "num_classes": num_classes,
         "num_features": getattr(prompted.model.get_classifier(), "in_features", None),
         "label_names": list(label_names),
+        "usage": LOAD_NOTE,  # timm ignores it; it is what a user reading the file needs
         "model_args": {"base_arch": base_arch, "spec": spec},
         "pretrained_cfg": export_pretrained_cfg(base_pretrained_cfg, img_size, classifier),
     }
@@ -230,6 +231,92 @@ def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num
     atomic_write_bytes(out / "model.safetensors", safetensors_bytes(state, {"format": "pt", "pass_zoo": spec["format"]}))
     atomic_write_json(out / "config.json", config)
     return out
+
+
+# create_model arguments the export sets itself: --model-kwargs may not choose them.
+_RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                    "checkpoint_path", "features_only")
+LOAD_NOTE = ("a pass-zoo export: run 'import pass_zoo' (pip install pass-zoo) before "
+             "timm.create_model('local-dir:RUN' or 'hf-hub:ORG/NAME', pretrained=True); without it timm "
+             "reports 'Unknown model (pass_pruned)'")
+
+
+def check_rebuild(base_arch: str, model_kwargs: dict, num_classes: int) -> None:
+    """Fail now -- before any training -- if ``model_kwargs`` cannot rebuild the base model the way
+    ``PassPrunedModel`` will when the export is loaded (JSON round trip, ``num_classes`` and
+    ``in_chans`` set by the export)."""
+    shown = json.dumps(model_kwargs, default=str)
+    if not timm.is_model(base_arch):
+        raise PassZooError(f"the export records its base architecture by timm name, and '{base_arch}' is not "
+                           "one: pass the timm name as --model and the weights as --pretrained hf-hub:ORG/NAME "
+                           "or PATH")
+    reserved = [k for k in _RESERVED_KWARGS if k in model_kwargs]
+    if reserved:
+        raise PassZooError(f"--model-kwargs may not set {', '.join(reserved)}: the export sets it "
+                           f"(num_classes from the dataset) and could not be loaded again")
+    try:
+        kwargs = _tuples(json.loads(json.dumps(model_kwargs)))
+    except (TypeError, ValueError) as exc:
+        raise PassZooError(f"--model-kwargs {shown} cannot be written to config.json: {exc}") from exc
+    try:
+        model = timm.create_model(base_arch, pretrained=False, num_classes=num_classes, in_chans=3, **kwargs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PassZooError(f"--model-kwargs {shown} do not rebuild '{base_arch}' as the export is loaded: "
+                           f"{type(exc).__name__}: {first}") from exc
+    if getattr(model, "num_classes", num_classes) != num_classes:
+        raise PassZooError(f"--model-kwargs {shown}: '{base_arch}' rebuilt with {model.num_classes} classes, "
+                           f"the task has {num_classes}")
+
+
+def verify_reload(out) -> None:
+    """The export just written must load back strictly; otherwise its files are removed (the run is
+    not finished: no metrics.json, checkpoints kept) and the reason is raised as one line."""
+    out = Path(out)
+    try:
+        load_run_model(out)
+    except PassZooError as exc:
+        for name in ("model.safetensors", "config.json"):
+            (out / name).unlink(missing_ok=True)
+        raise PassZooError(f"the exported model does not load back ({exc}); the run is not finished, "
+                           f"its checkpoints are kept in {out / 'checkpoints'}") from exc
+
+
+def verify_run_weights(run_dir) -> None:
+    """What ``eval``/``export`` would refuse, refused before a card or an upload: model.safetensors must
+    be a safetensors file (never unpickled), match the digest export.json recorded, and load strictly."""
+    import hashlib
+
+    run_dir = Path(run_dir)
+    path = run_dir / "model.safetensors"
+    if not path.is_file():
+        raise PassZooError(f"{path} is missing")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        pickled = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save: a zip, or a bare pickle
+        kind = " (it is a torch pickle/zip; pass-zoo never unpickles run weights)" if pickled else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PassZooError(f"{path} is not a valid safetensors file{kind}: {first}") from exc
+    export_json = run_dir / "export.json"
+    if export_json.is_file():
+        try:
+            recorded = json.loads(export_json.read_text(encoding="utf-8")).get("model_sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != recorded:
+                raise PassZooError(f"{path} is not the file export.json verified (sha256 differs)")
+    load_run_model(run_dir)
 
 
 def load_run_model(path) -> PassPrunedModel:

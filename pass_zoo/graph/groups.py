@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..errors import AdapterError
-from .families import attention_modules
+from .families import attention_family, attention_modules
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,13 @@ class GroupBuilder:
                 self._attention_skip[name] = reason
             else:
                 self._attention[fam.qkv(mod)] = (name, mod, fam)
+        # Attention modules without a registered family (CaiT's class attention, talking heads): their
+        # forward reshapes q/k/v by widths read off the input, so a slimmed inner layer breaks it
+        # even where the gated network is exact. Their inner widths stay dense.
+        self._opaque_attention: Dict[str, str] = {
+            name: type(mod).__name__ for name, mod in model.named_modules()
+            if isinstance(getattr(mod, "num_heads", None), int) and attention_family(mod) is None
+            and any(isinstance(c, _GATEABLE) for c in mod.children())}
         self.excluded: List[Tuple[str, str]] = []  # (group root, why it stays dense)
 
     def _module(self, name: str) -> nn.Module:
@@ -287,6 +294,11 @@ class GroupBuilder:
             slot = _Slot(name, torch.as_tensor(item.idxs, dtype=torch.long),
                          torch.as_tensor(item.root_idxs, dtype=torch.long))
             if isinstance(mod, _GATEABLE):
+                parent = name.rsplit(".", 1)[0] if "." in name else ""
+                if is_out and parent in self._opaque_attention:
+                    raise _Excluded(f"layer '{name}' is inside the attention module '{parent}' "
+                                    f"({self._opaque_attention[parent]}), whose head layout pass-zoo does not "
+                                    "know: slimming it would break the module's reshapes")
                 if isinstance(mod, _WEIGHT_STANDARDISED):
                     raise _Excluded(f"layer '{name}' ({type(mod).__name__}) standardises its weights over "
                                     "input channels (a gated input is not a removed one) and has a per-filter "

@@ -336,7 +336,13 @@ def write_card(run_dir, repo_id: Optional[str] = None) -> Path:
     The card is rendered (and checked) before anything is written, so a run with a missing metric
     gets neither file.
     """
+    from ..export.timm_model import verify_run_weights
+
     run_dir = Path(run_dir)
+    try:  # a card must not describe weights that eval/export (and timm) would refuse
+        verify_run_weights(run_dir)
+    except PassZooError as exc:
+        raise PassZooError(f"refusing to write a card for {run_dir}: {exc}") from exc
     text = render_card(run_dir, repo_id)
     plot_kept_channels(run_dir)
     atomic_write_text(run_dir / CARD_FILE, text)

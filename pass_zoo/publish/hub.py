@@ -84,6 +84,13 @@ def check_publishable(run_dir) -> None:
         problems.append("model.onnx is not the file export.json verified (sha256 differs)")
     elif export is not None and not isinstance(export, dict):
         problems.append("export.json is not a JSON object")
+    if "model.safetensors" not in missing:  # what eval/export would refuse, before any request
+        from ..export.timm_model import verify_run_weights
+
+        try:
+            verify_run_weights(run_dir)
+        except PassZooError as exc:
+            problems.append(one_line(exc))
     if problems:
         no_export = {"model.onnx", "export.json"} & set(missing) and not isinstance(export, dict)
         hint = "; 'pass-zoo export RUN' writes a verified model.onnx" if no_export else ""
