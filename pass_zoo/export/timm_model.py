@@ -259,11 +259,11 @@ def check_rebuild(base_arch: str, model_kwargs: dict, num_classes: int) -> None:
     except (TypeError, ValueError) as exc:
         raise PassZooError(f"--model-kwargs {shown} cannot be written to config.json: {exc}") from exc
     try:
-        model = timm.create_model(base_arch, pretrained=False, num_classes=num_classes, in_chans=3, **kwargs)
+        with torch.random.fork_rng(devices=[]):  # a check: the run's random numbers must not move
+            model = timm.create_model(base_arch, pretrained=False, num_classes=num_classes, in_chans=3, **kwargs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PassZooError(f"--model-kwargs {shown} do not rebuild '{base_arch}' as the export is loaded: "
-                           f"{type(exc).__name__}: {first}") from exc
+                           f"{type(exc).__name__}: {one_line(exc)}") from exc
     if getattr(model, "num_classes", num_classes) != num_classes:
         raise PassZooError(f"--model-kwargs {shown}: '{base_arch}' rebuilt with {model.num_classes} classes, "
                            f"the task has {num_classes}")
@@ -301,8 +301,7 @@ def verify_run_weights(run_dir) -> None:
             head = fh.read(4)
         pickled = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save: a zip, or a bare pickle
         kind = " (it is a torch pickle/zip; pass-zoo never unpickles run weights)" if pickled else ""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PassZooError(f"{path} is not a valid safetensors file{kind}: {first}") from exc
+        raise PassZooError(f"{path} is not a valid safetensors file{kind}: {one_line(exc)}") from exc
     export_json = run_dir / "export.json"
     if export_json.is_file():
         try:
