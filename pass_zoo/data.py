@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .errors import DataError
+from .errors import DataError, one_line
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-DATASET_HELP = ("fashion-mnist[:DIR] (Debian package dataset-fashion-mnist), imagefolder:PATH (PATH/train, PATH/val) "
+DATASET_HELP = ("fashion-mnist[:DIR] (Debian package dataset-fashion-mnist), imagefolder:PATH (PATH/train, PATH/val), "
+                "hf-disk:PATH (a Hugging Face dataset saved with save_to_disk), timm's torch/NAME[:ROOT] or "
+                "hfds/NAME[:ROOT] (already downloaded; ROOT default ~/.cache/pass-zoo/datasets), "
                 "or sklearn-digits (scikit-learn's bundled 8x8 digits); append @0-4 or @1,3,5 to keep some classes")
 
 
@@ -139,20 +141,27 @@ def read_image(path):
 
     try:
         with Image.open(path) as img:
-            if img.mode.startswith("I;16") or img.mode == "I":
-                arr = np.asarray(img, dtype=np.float64)
-                if arr.size and (arr.min() < 0 or arr.max() > 65535):
-                    raise DataError(f"cannot read image {path}: {img.mode} pixel values outside 0..65535")
-                grey = np.rint(arr * (255.0 / 65535.0)).astype(np.uint8)
-                return Image.fromarray(grey, "L").convert("RGB")
-            if img.mode == "F":
-                raise DataError(f"cannot read image {path}: 32-bit float images (mode F) have no fixed "
-                                "range; save it as an 8- or 16-bit image")
-            return img.convert("RGB")
+            return to_rgb(img, path)
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def to_rgb(img, where):
+    """A PIL image as 8-bit RGB, high bit depths scaled (see ``read_image``); ``where`` names it in errors."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"cannot read image {where}: {img.mode} pixel values outside 0..65535")
+        grey = np.rint(arr * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode == "F":
+        raise DataError(f"cannot read image {where}: 32-bit float images (mode F) have no fixed "
+                        "range; save it as an 8- or 16-bit image")
+    return img.convert("RGB")
 
 
 def check_links(folder: Path, root: str) -> None:
@@ -182,23 +191,29 @@ def check_links(folder: Path, root: str) -> None:
     walk(folder, (os.path.realpath(folder),))
 
 
-def _image_folder(root: str, spec: DataSpec) -> TaskData:
+def timm_transforms(spec: DataSpec):
+    """timm's (training, evaluation) transforms for the backbone's size, mean/std, interpolation, crop."""
     from timm.data import create_transform
+
+    common = dict(input_size=(3, spec.img_size, spec.img_size), mean=spec.mean, std=spec.std,
+                  interpolation=spec.interpolation)
+    return create_transform(is_training=True, **common), create_transform(crop_pct=spec.crop_pct, **common)
+
+
+def _image_folder(root: str, spec: DataSpec) -> TaskData:
     from torchvision.datasets import ImageFolder
 
     root_path = Path(root)
     for split in ("train", "val"):
         if not (root_path / split).is_dir():
             raise DataError(f"imagefolder:{root} needs class folders under {root_path / split}")
-    common = dict(input_size=(3, spec.img_size, spec.img_size), mean=spec.mean, std=spec.std,
-                  interpolation=spec.interpolation)
-
     for split in ("train", "val"):
         check_links(root_path / split, root)
 
+    train_tf, val_tf = timm_transforms(spec)
     try:
-        train = ImageFolder(str(root_path / "train"), create_transform(is_training=True, **common), loader=read_image)
-        val = ImageFolder(str(root_path / "val"), create_transform(crop_pct=spec.crop_pct, **common), loader=read_image)
+        train = ImageFolder(str(root_path / "train"), train_tf, loader=read_image)
+        val = ImageFolder(str(root_path / "val"), val_tf, loader=read_image)
     except (FileNotFoundError, RuntimeError) as exc:  # torchvision: no class folder / no valid file
         raise DataError(f"imagefolder:{root}: {exc}") from exc
     except OSError as exc:  # e.g. a folder the user may not read
@@ -209,6 +224,115 @@ def _image_folder(root: str, spec: DataSpec) -> TaskData:
         raise DataError(f"imagefolder:{root}: train and val class folders differ "
                         f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})")
     return TaskData(train, val, list(train.classes))
+
+
+class _Transformed(Dataset):
+    """(image, label) items of another dataset, made RGB and passed through ``transform``."""
+
+    def __init__(self, items, transform, where: str):
+        self.items, self.transform, self.where = items, transform, where
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        img, label = self.items[i]
+        return self.transform(to_rgb(img, f"{self.where}[{i}]")), int(label)
+
+
+class _HFColumns:
+    """Index a Hugging Face ``datasets.Dataset`` as (PIL image, label) pairs."""
+
+    def __init__(self, ds, image: str, label: str):
+        self.ds, self.image, self.label = ds, image, label
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[int(i)]
+        return row[self.image], row[self.label]
+
+
+_VAL_SPLITS = ("validation", "val", "test")
+
+
+def _hf_disk(path: str, spec: DataSpec) -> TaskData:
+    """A dataset saved with ``datasets``' ``save_to_disk``: a DatasetDict with a train split and a
+    validation/val/test split, an Image column and a ClassLabel column."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("hf-disk: needs the 'datasets' package (pip install datasets)") from exc
+    if not path or not Path(path).is_dir():
+        raise DataError(f"hf-disk:{path}: no such folder (a dataset saved with datasets' save_to_disk)")
+    try:
+        saved = datasets.load_from_disk(path)
+    except Exception as exc:
+        raise DataError(f"hf-disk:{path} is not a saved Hugging Face dataset: {one_line(exc)}") from exc
+    if not isinstance(saved, datasets.DatasetDict):
+        raise DataError(f"hf-disk:{path} holds one split; save a DatasetDict with 'train' and 'test' (or "
+                        "'validation') splits")
+    val_name = next((n for n in _VAL_SPLITS if n in saved), None)
+    if "train" not in saved or val_name is None:
+        raise DataError(f"hf-disk:{path} has splits {sorted(saved)}; it needs 'train' and one of {list(_VAL_SPLITS)}")
+    return _hf_task(saved["train"], saved[val_name], spec, f"hf-disk:{path}")
+
+
+def _hf_task(train_ds, val_ds, spec: DataSpec, where: str) -> TaskData:
+    import datasets
+
+    features = train_ds.features
+    image = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    label = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    if image is None or label is None:
+        raise DataError(f"{where}: needs an Image column and a ClassLabel column, found "
+                        f"{', '.join(f'{k} ({type(f).__name__})' for k, f in features.items())}")
+    train_tf, val_tf = timm_transforms(spec)
+    return TaskData(_Transformed(_HFColumns(train_ds, image, label), train_tf, where),
+                    _Transformed(_HFColumns(val_ds, image, label), val_tf, where), list(features[label].names))
+
+
+def _timm_dataset(name: str, root: str, spec: DataSpec) -> TaskData:
+    """timm's own dataset names: ``torch/NAME`` (torchvision) and ``hfds/NAME`` (Hugging Face Hub),
+    read from ``root``. Downloads are not attempted: a name that is not there already is one line."""
+    from timm.data import create_dataset
+
+    root = root or os.environ.get("PASS_ZOO_DATA", str(Path.home() / ".cache" / "pass-zoo" / "datasets"))
+    if name.startswith("hfds/"):
+        _hub_reachable_or_offline(name)
+    train_tf, val_tf = timm_transforms(spec)
+    try:
+        train = create_dataset(name, root=root, split="train", is_training=True, download=False)
+        val = create_dataset(name, root=root, split="validation", is_training=False, download=False)
+    except ImportError as exc:
+        raise DataError(f"{name}: needs {exc.name or 'a missing package'} (pip install it)") from exc
+    except Exception as exc:  # torchvision: "Dataset not found or corrupted"; datasets: not cached offline
+        raise DataError(f"{name} is not available under {root} and is not downloaded here "
+                        f"({one_line(exc)}); fetch it once online, or pass {name}:ROOT") from exc
+    classes = getattr(train, "classes", None)
+    if not classes:
+        reader = getattr(train, "reader", None)
+        classes = getattr(reader, "class_names", None) or getattr(reader, "label_names", None)
+    if not classes:
+        raise DataError(f"{name}: timm's dataset does not name its classes")
+    return TaskData(_Transformed(train, train_tf, name), _Transformed(val, val_tf, name), [str(c) for c in classes])
+
+
+def _hub_reachable_or_offline(name: str) -> None:
+    """hfds/ names load through ``datasets``: offline (or the Hub unreachable) they must come from its
+    cache, in one try instead of a minute of retries."""
+    import huggingface_hub.constants as hf_constants
+
+    from .backbone import _probe
+
+    if hf_constants.HF_HUB_OFFLINE:
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        return
+    why = _probe(hf_constants.ENDPOINT)
+    if why is not None:
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _sklearn_digits(spec: DataSpec) -> TaskData:
@@ -280,6 +404,10 @@ def load_task_data(name: str, spec: DataSpec) -> TaskData:
         task = _image_folder(arg, spec)
     elif kind == "sklearn-digits":
         task = _sklearn_digits(spec)
+    elif kind == "hf-disk":
+        task = _hf_disk(arg, spec)
+    elif kind.startswith(("torch/", "hfds/")):
+        task = _timm_dataset(kind, arg, spec)
     else:
         raise DataError(f"unknown dataset '{name}'; use {DATASET_HELP}")
     if classes:

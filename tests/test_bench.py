@@ -101,3 +101,22 @@ def test_parallel_jobs_collect_every_cell_with_the_serial_masks(spec_file, tmp_p
         a = json.loads((serial / "cells" / cell / "masks.json").read_text())["groups"]
         b = json.loads((parallel / "cells" / cell / "masks.json").read_text())["groups"]
         assert [g["kept"] for g in a] == [g["kept"] for g in b]
+
+
+def test_a_failing_cell_does_not_stop_the_grid(spec_file, tmp_path, monkeypatch, capsys):
+    """One cell raising: the other cells are still run and collected, and the grid ends in one line."""
+    real = bench_mod._run_cell
+
+    def flaky(cfg, command):
+        if cfg.method == "random" and cfg.target_macs == 0.5:
+            raise RuntimeError("boom\nsecond line")
+        return real(cfg, command)
+
+    monkeypatch.setattr(bench_mod, "_run_cell", flaky)
+    out = tmp_path / "res"
+    assert main(["bench", str(spec_file), "--out", str(out), "--only", "random", "pass-t0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "failed random-t0.5-s0: RuntimeError: boom" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("pass-zoo: error: 1 cell(s) failed (random-t0.5-s0)")
+    ids = sorted(r["id"] for r in json.loads((out / "results.json").read_text())["runs"])
+    assert ids == ["pass-t0.5-s0", "random-t0.3-s0"]

@@ -147,3 +147,19 @@ def test_a_new_head_learns_in_stage_1_for_every_method(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}  # the head learned; the backbone is untouched
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_taylor_with_a_new_head_trains_it_and_still_scores_every_group():
+    from pass_zoo.methods.torch_pruning import baseline_scores
+    from pass_zoo.train.loop import make_accelerator
+
+    model = make_model("resnet10t", num_classes=3)
+    seq = build_layer_sequence(model, torch.zeros(1, 3, 32, 32))
+    head_before = model.fc.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 3)
+    scores = baseline_scores("taylor", model, seq, AdditivePrompt(32, 2), torch.utils.data.DataLoader(data, 4),
+                             3, make_accelerator("no"), train_head=True)
+    assert [s.numel() for s in scores] == [grp.units for grp in seq.groups]
+    assert all(torch.isfinite(s).all() for s in scores)
+    assert not torch.equal(model.fc.weight, head_before)  # the head learned over the gradient batches

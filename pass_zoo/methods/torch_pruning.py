@@ -46,7 +46,9 @@ def group_scores(seq, importance: Callable) -> List[torch.Tensor]:
                                f"'{g.name}' of {g.channels} channels")
         unit = g.unit_of_channel()  # mean over the channels of a unit (conv-group slices, a head's rows)
         per_unit = torch.zeros(g.units).index_add_(0, unit, imp)
-        scores.append(per_unit / torch.bincount(unit, minlength=g.units).float())
+        # A group whose criterion is zero everywhere (e.g. no gradient reaches it yet) normalises to 0/0:
+        # all its units are equally unimportant, not NaN, which would scramble the global ranking.
+        scores.append(torch.nan_to_num(per_unit / torch.bincount(unit, minlength=g.units).float(), nan=0.0))
     return scores
 
 
@@ -209,7 +211,8 @@ def baseline_scores(method: str, model: nn.Module, seq, prompt: nn.Module, loade
 def _accumulate_gradients(model, prompt, loader, batches: int, accelerator, lr_head=None, only_head=False) -> None:
     """Sum dL/dw over ``batches`` batches (weights unchanged): what Taylor importance reads.
 
-    ``lr_head``: the classifier also learns over these batches (its own gradients are not summed);
+    ``lr_head``: the classifier also learns over these batches, each step from its own batch's gradient;
+    its summed gradient is what it holds at the end, as Taylor reads the classifier's input columns too.
     ``only_head``: nothing but the classifier (a linear probe for the one-shot criteria).
     """
     was_training = model.training
@@ -225,15 +228,19 @@ def _accumulate_gradients(model, prompt, loader, batches: int, accelerator, lr_h
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(batches)) if opt else None
     model.zero_grad(set_to_none=True)
     bar = progress(accelerator, batches, "head probe" if only_head else "taylor")
+    summed = [torch.zeros_like(p) for p in head]
     for _, (x, y) in zip(range(batches), cycle(loader)):
         F.cross_entropy(model(prompt(x.to(accelerator.device))), y.to(accelerator.device)).backward()
         if opt is not None:
             opt.step()
             sched.step()
-            for p in head:
+            for p, total in zip(head, summed):
+                total.add_(p.grad)
                 p.grad = None
         bar.update(1)
     bar.close()
+    for p, total in zip(head, summed):
+        p.grad = total
     for p, f in zip(params, flags):
         p.requires_grad_(f)
     model.train(was_training)

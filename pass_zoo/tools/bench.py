@@ -143,6 +143,7 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
             cfg.out, cfg.overwrite = str(out / "cells" / cell["id"]), True
             todo.append((i, cell, f"pass-zoo bench {spec_path} --out {out} --only {cell['id']}"))
 
+    failed: List[str] = []
     # Seed by seed: a grid stopped part-way has every method at the same number of seeds.
     todo.sort(key=lambda t: t[1]["seed"])
     if todo and jobs <= 1:
@@ -150,7 +151,11 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
             _init_worker(threads)
         for i, cell, command in todo:
             log(f"[{i + 1}/{len(cells)}] {cell['id']}")
-            collect(cell, _run_cell(cell["config"], command))
+            try:
+                collect(cell, _run_cell(cell["config"], command))
+            except Exception as exc:  # the other cells still run; the grid reports it at the end
+                failed.append(cell["id"])
+                log(f"failed {cell['id']}: {_failure(exc)}")
     elif todo:
         threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no shared torch state
@@ -161,7 +166,12 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
                 futures[pool.submit(_run_cell, cell["config"], command)] = cell
             for future in as_completed(futures):
                 cell = futures[future]
-                collect(cell, future.result())  # a failed cell raises here, after the others are saved
+                try:
+                    collect(cell, future.result())
+                except Exception as exc:  # the other cells still run and are collected as they finish
+                    failed.append(cell["id"])
+                    log(f"failed {cell['id']}: {_failure(exc)}")
+                    continue
                 log(f"finished {cell['id']}: top-1 {100 * doc['runs'][-1]['top1']:.2f} %")
     if not dry_run:  # pick up cells other processes finished meanwhile
         with _locked(out):
@@ -172,6 +182,9 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
             atomic_write_json(results_path, doc)
         if doc["runs"]:
             plot_results(doc, out)
+    if failed:
+        raise PassZooError(f"{len(failed)} cell(s) failed ({', '.join(failed[:4])}{', ...' if len(failed) > 4 else ''}); "
+                           "the others are in results.json, and a rerun retries only what is missing")
     return doc
 
 
@@ -190,6 +203,11 @@ def learned_labels(doc: dict) -> List[str]:
 
     learned = {m for m in list_methods() if not get_method(m).baseline}
     return sorted({r["label"] for r in doc["runs"] if r["label"] != "dense" and r.get("method") in learned})
+
+
+def _failure(exc: BaseException) -> str:
+    """A failed cell in one line: the exception's type and its first line."""
+    return f"{type(exc).__name__}: {one_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 @contextlib.contextmanager
