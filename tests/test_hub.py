@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import pass_zoo
+import pass_zoo.publish.card as card_module
 from pass_zoo.publish.card import CardError, render_card
 from pass_zoo.cli import _prune_config, build_parser, explicit_prune_flags, main
 from pass_zoo.config import PRUNE_FLAGS
@@ -195,6 +196,31 @@ def test_card_front_matter_and_table_come_from_the_run_files(run_copy, monkeypat
     meta = _front_matter(render_card(run, "me/tiny"))
     cfg = timm.models.get_pretrained_cfg("resnet10t")
     assert meta["base_model"] == cfg.hf_hub_id and meta["license"] == cfg.license
+
+
+def test_card_metadata_parses_back_through_huggingface_hub(run_copy, monkeypatch):
+    """The Hub reads the card with huggingface_hub's ModelCard: the model-index must come back as the
+    run's own result, and a template whose front matter breaks is refused, not written."""
+    from huggingface_hub import ModelCard
+
+    run = run_copy
+    m = json.loads((run / "metrics.json").read_text())
+    card = ModelCard(render_card(run, "me/tiny"), ignore_metadata_errors=False)
+    assert card.data.library_name == "timm" and card.data.pipeline_tag == "image-classification"
+    assert card.data.model_name == "tiny" and card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.dataset_type, result.dataset_split, result.metric_type) == \
+        ("image-classification", "zalando-datasets/fashion_mnist", "test", "accuracy")
+    assert result.metric_value == round(100 * m["top1"], 2)
+
+    # a template whose front matter no longer parses is refused before anything is written
+    templates = run.parent / "templates"
+    shutil.copytree(card_module.template_dir(), templates)
+    text = (templates / "model_card.md").read_text()
+    (templates / "model_card.md").write_text(text.replace("$front_matter", "$front_matter  - [unclosed\n", 1))
+    monkeypatch.setattr(card_module, "template_dir", lambda: templates)
+    with pytest.raises(CardError, match="front matter"):
+        render_card(run, "me/tiny")
 
 
 def test_card_refuses_a_missing_metric(run_copy):

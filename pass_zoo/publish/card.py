@@ -4,7 +4,8 @@ Every number on a card is read from the run's own files -- ``metrics.json``, ``m
 ``export.json``, ``config.json`` and, when present, ``latency.json`` (``pass-zoo latency RUN --json
 RUN/latency.json``). A missing required value is an error naming the key, never a blank or a guess.
 The prose lives in ``hub_cards/*.md`` (``string.Template``: ``$name`` placeholders); the front matter
-is built as data and written with ``yaml.safe_dump`` so it always parses.
+is built as huggingface_hub's ``ModelCardData`` and the rendered card is parsed back with ``ModelCard``,
+so what the Hub reads is what was written.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from string import Template
 from typing import Optional, Tuple
 
-from ..errors import PassZooError
+from ..errors import PassZooError, one_line
 from ..runio import atomic_save_with, atomic_write_text
 
 CARD_FILE = "README.md"
@@ -161,8 +162,10 @@ def _method_tag(method: str) -> str:
         return method
 
 
-def front_matter(d: dict) -> dict:
-    """Hub model-card metadata (``library_name``, ``license``, ``tags``, ``model-index``, ...)."""
+def card_metadata(d: dict):
+    """Hub model-card metadata as huggingface_hub's ``ModelCardData`` (tags, datasets, model-index)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     m = d["metrics"]
     cfg = m["config"]
     base_id, license_, _ = base_model_info(m["model"], cfg.get("pretrained", "auto"))
@@ -172,21 +175,18 @@ def front_matter(d: dict) -> dict:
             m["model"]]
     if d["onnx_ok"]:
         tags.append("onnx")
-    meta = {"library_name": "timm", "license": license_, "tags": tags, "pipeline_tag": "image-classification"}
-    if ds["hub_id"]:
-        meta["datasets"] = [ds["hub_id"]]
-    if base_id:
-        meta["base_model"] = base_id
-    meta["model-index"] = [{
-        "name": name,
-        "results": [{
-            "task": {"type": "image-classification", "name": "Image Classification"},
-            "dataset": {"name": ds["name"], "type": ds["hub_id"] or m["dataset"].split(":")[0],
-                        "split": ds["split"]},
-            "metrics": [{"type": "accuracy", "name": "Top-1 accuracy (%)", "value": round(100 * m["top1"], 2)}],
-        }],
-    }]
-    return meta
+    result = EvalResult(task_type="image-classification", task_name="Image Classification",
+                        dataset_type=ds["hub_id"] or m["dataset"].split(":")[0], dataset_name=ds["name"],
+                        dataset_split=ds["split"], metric_type="accuracy", metric_name="Top-1 accuracy (%)",
+                        metric_value=round(100 * m["top1"], 2))
+    return ModelCardData(library_name="timm", license=license_, tags=tags, pipeline_tag="image-classification",
+                         datasets=[ds["hub_id"]] if ds["hub_id"] else None, base_model=base_id,
+                         model_name=name, eval_results=[result])
+
+
+def front_matter(d: dict) -> dict:
+    """The card's YAML front matter as a plain mapping (what the Hub reads)."""
+    return card_metadata(d).to_dict()
 
 
 def results_table(d: dict) -> Tuple[str, str]:
@@ -257,8 +257,6 @@ def _files_line(d: dict) -> str:
 
 def render_card(run_dir, repo_id: Optional[str] = None) -> str:
     """The run's model card (Markdown with YAML front matter); reads the run folder, writes nothing."""
-    import yaml
-
     d = card_data(run_dir, repo_id)
     m, config = d["metrics"], d["config"]
     repo = d["repo_id"] or PLACEHOLDER_REPO
@@ -274,7 +272,7 @@ def render_card(run_dir, repo_id: Optional[str] = None) -> str:
                 f"steps; channels rounded to multiples of {search.get('round_to', '?')}; "
                 f"{m.get('world_size', 1)} process(es), {m.get('total_seconds', '?')} s in total.")
     values = {
-        "front_matter": yaml.safe_dump(front_matter(d), sort_keys=False, allow_unicode=True),
+        "front_matter": card_metadata(d).to_yaml() + "\n",
         "title": repo.split("/")[-1] if d["repo_id"] else d["run_dir"].resolve().name,
         "base_arch": m["model"], "macs_kept": _pct(m["macs_slim"] / m["macs_dense"], 1),
         "target_pct": _pct(m["target_macs"], 0), "dataset_name": ds["name"], "base_weights": base_words,
@@ -291,10 +289,25 @@ def render_card(run_dir, repo_id: Optional[str] = None) -> str:
     }
     text = (template_dir() / "model_card.md").read_text(encoding="utf-8")
     try:
-        return Template(text).substitute(values)
+        text = Template(text).substitute(values)
     except (KeyError, ValueError) as exc:
         raise CardError(f"model-card template {template_dir() / 'model_card.md'} uses an unknown "
                         f"placeholder ({exc})") from exc
+    return _checked_card(text)
+
+
+def _checked_card(text: str) -> str:
+    """``text`` parsed back by huggingface_hub: the front matter must give the metadata we wrote."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard(text, ignore_metadata_errors=False)
+    except (ValueError, yaml.YAMLError) as exc:  # a template whose front matter no longer parses
+        raise CardError(f"the model card's front matter does not parse: {one_line(exc)}") from exc
+    if not card.data.eval_results:
+        raise CardError("the model card's front matter has no model-index results")
+    return str(card)
 
 
 def plot_kept_channels(run_dir, path=None) -> Path:
