@@ -281,17 +281,12 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .tools.bench import gap_table, learned_labels, results_table, run_bench
+    from .tools.bench import report, run_bench
 
     doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads,
                     log=lambda msg: print(msg, file=sys.stderr))
     if doc["runs"]:
-        print(results_table(doc))
-        learned = learned_labels(doc)
-        baselines = {r["label"] for r in doc["runs"]} - set(learned) - {"dense"}
-        for label in learned if baselines else ():
-            print()
-            print(gap_table(doc, label))
+        print(report(doc), end="")
     return 0
 
 def cmd_check(args) -> int:

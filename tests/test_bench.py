@@ -67,10 +67,11 @@ def test_grid_runs_writes_results_and_plots_then_resumes(spec_file, tmp_path, mo
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "| pass |" in table and "50 % MACs" in table
-    # PASS against the best other method per level, with the signed gap
+    # PASS against the best other method per level, with the signed gap over the seeds both have
     rows = {r["label"]: r for r in doc["summary"] if r["target_macs"] == 0.5}
     gap = 100 * (rows["pass"]["top1_mean"] - rows["random"]["top1_mean"])
-    assert f"| 50 % | {100 * rows['pass']['top1_mean']:.2f} | random" in table and f"| {gap:+.2f} |" in table
+    assert f"| 50 % | {100 * rows['pass']['top1_mean']:.2f} | random" in table and f"| {gap:+.2f} | 1 | - |" in table
+    assert (out / "results.md").read_text() == table
 
     # Resume: finished cells are never rerun; a cell finished but not collected is picked up.
     calls = []
@@ -87,6 +88,21 @@ def test_grid_runs_writes_results_and_plots_then_resumes(spec_file, tmp_path, mo
     doc2 = bench_mod.run_bench(spec_file, out, only=["random-t0.3"], log=lambda m: None)
     assert [c.endswith("random-t0.3-s0") for c in calls] == [True]
     assert len(doc2["runs"]) == 5
+
+
+def test_gap_table_pairs_seeds_and_skips_other_variants_of_the_method():
+    def run(label, t, seed, top1):
+        return {"label": label, "target_macs": t, "seed": seed, "top1": top1}
+
+    doc = {"runs": [run("pass", 0.25, 0, 0.80), run("pass", 0.25, 1, 0.82), run("pass", 0.25, 2, 0.90),
+                    run("taylor", 0.25, 0, 0.78), run("taylor", 0.25, 1, 0.77),  # seed 2 not run yet
+                    run("random", 0.25, 0, 0.70), run("random", 0.25, 1, 0.71), run("random", 0.25, 2, 0.72),
+                    run("pass-no-prior", 0.25, 0, 0.95), run("dense", 1.0, 0, 0.99)]}
+    lines = bench_mod.gap_table(doc, "pass").splitlines()
+    assert len(lines) == 3  # header, rule, one level
+    # taylor is the best baseline on seeds 0-1; pass is averaged over the same two seeds, not three
+    # gap per seed: +2 and +5 points; their std is 2.12
+    assert lines[2] == "| 25 % | 81.00 | taylor 77.50 | +3.50 | 2 | 2.12 |"
 
 
 def test_parallel_jobs_collect_every_cell_with_the_serial_masks(spec_file, tmp_path):

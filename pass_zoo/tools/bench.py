@@ -37,7 +37,7 @@ from typing import Dict, List
 
 from ..config import PruneConfig, apply_overrides
 from ..errors import PassZooError, one_line
-from ..runio import atomic_write_json
+from ..runio import atomic_write_json, atomic_write_text
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
                 "top1", "top1_after_search", "top1_dense_zero_shot", "search_seconds", "finetune_seconds",
@@ -182,6 +182,7 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
             atomic_write_json(results_path, doc)
         if doc["runs"]:
             plot_results(doc, out)
+            atomic_write_text(out / "results.md", report(doc))
     if failed:
         raise PassZooError(f"{len(failed)} cell(s) failed ({', '.join(failed[:4])}{', ...' if len(failed) > 4 else ''}); "
                            "the others are in results.json, and a rerun retries only what is missing")
@@ -339,20 +340,49 @@ def results_table(doc: dict) -> str:
 
 
 def gap_table(doc: dict, label: str = "pass") -> str:
-    """Markdown: ``label`` against the best other method at each MACs level (means over seeds)."""
-    rows = doc.get("summary") or summarise(doc["runs"])
-    targets = sorted({r["target_macs"] for r in rows if r["label"] == label}, reverse=True)
-    lines = [f"| MACs | {label} | best other method | gap (points) | seed std ({label} / other) |",
-             "|---|---|---|---|---|"]
-    for t in targets:
-        mine = next(r for r in rows if r["label"] == label and r["target_macs"] == t)
-        # the best *baseline*: other variants of the same method (pass-no-prior for pass) do not count
-        others = [r for r in rows if r["target_macs"] == t and r["label"] != "dense"
-                  and not r["label"].startswith(label.split("-")[0])]
-        if not others:
+    """Markdown: ``label`` against the best other method at each MACs level.
+
+    Paired by seed: both means are over the seeds the two share, so a grid stopped part-way does not
+    compare three seeds of one method with two of another; the spread is the std over those seeds of
+    the per-seed difference (the same seed draws the same data order and subset for every method).
+    """
+    runs = [r for r in doc["runs"] if r["label"] != "dense"]
+    by_level: Dict[float, Dict[str, Dict[int, float]]] = {}
+    for r in runs:
+        by_level.setdefault(r["target_macs"], {}).setdefault(r["label"], {})[r["seed"]] = r["top1"]
+    lines = [f"| MACs | {label} | best other method | gap (points) | seeds | gap std over seeds |",
+             "|---|---|---|---|---|---|"]
+    for t in sorted(by_level, reverse=True):
+        mine = by_level[t].get(label)
+        if not mine:
             continue
-        best = max(others, key=lambda r: r["top1_mean"])
-        lines.append(f"| {100 * t:g} % | {100 * mine['top1_mean']:.2f} | {best['label']} {100 * best['top1_mean']:.2f} "
-                     f"| {100 * (mine['top1_mean'] - best['top1_mean']):+.2f} "
-                     f"| {100 * mine['top1_std']:.2f} / {100 * best['top1_std']:.2f} |")
+        best = None
+        # the best *baseline*: other variants of the same method (pass-no-prior for pass) do not count
+        for other, theirs in by_level[t].items():
+            if other.startswith(label.split("-")[0]):
+                continue
+            seeds = sorted(set(mine) & set(theirs))
+            if not seeds:
+                continue
+            diffs = [mine[s] - theirs[s] for s in seeds]
+            entry = (statistics.fmean(theirs[s] for s in seeds), other, seeds, diffs)
+            if best is None or entry[0] > best[0]:
+                best = entry
+        if best is None:
+            continue
+        other_mean, other, seeds, diffs = best
+        mine_mean = statistics.fmean(mine[s] for s in seeds)
+        spread = f"{100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
+        lines.append(f"| {100 * t:g} % | {100 * mine_mean:.2f} | {other} {100 * other_mean:.2f} "
+                     f"| {100 * (mine_mean - other_mean):+.2f} | {len(seeds)} | {spread} |")
     return "\n".join(lines)
+
+
+def report(doc: dict) -> str:
+    """The results table and, for every learned method, its gap table (what ``results.md`` holds)."""
+    parts = [results_table(doc)]
+    learned = learned_labels(doc)
+    baselines = {r["label"] for r in doc["runs"]} - set(learned) - {"dense"}
+    for label in learned if baselines else ():
+        parts.append(gap_table(doc, label))
+    return "\n\n".join(parts) + "\n"
