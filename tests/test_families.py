@@ -230,11 +230,11 @@ def test_check_setup_uses_the_smallest_size_that_runs(monkeypatch):
     calls = []
     real = check._runs_at
 
-    def needs_128(model, size):  # a pooling kernel larger than its input below 128 px
+    def needs_128(model, size, stride_floor=True):  # a pooling kernel larger than its input below 128 px
         calls.append(size)
         if size < 128:
             raise RuntimeError("Kernel size can't be greater than actual input size")
-        real(model, size)
+        real(model, size, stride_floor)
 
     monkeypatch.setattr(check, "_runs_at", needs_128)
     size, _, _ = check_setup("resnet10t")
@@ -248,10 +248,11 @@ def test_check_setup_reads_min_input_size_and_the_total_stride():
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
     with pytest.raises(BackboneError, match=r"last feature map is under 2x2 at 32 px \(total stride 32\)"):
         check._runs_at(model, 32)
+    assert check_setup("resnet10t", 32)[0] == 32  # a size asked for only has to run
 
 
 def test_check_setup_refuses_in_one_line_when_no_size_runs(monkeypatch):
-    def never(model, size):
+    def never(model, size, stride_floor=True):
         raise RuntimeError("Kernel size can't be greater than actual input size\nmore")
 
     monkeypatch.setattr(check, "_runs_at", never)

@@ -11,12 +11,18 @@ On a random-init model at a small input size the check runs every stage a real r
     reload   timm.create_model('local-dir:...', pretrained=True) rebuilds it strictly, same outputs
     onnx     model.onnx written and verified against torch by ONNX Runtime
 
+The input size is the smallest that runs: 64 px, or the model's ``min_input_size``, upwards to its
+default size, with the last feature map at least 2x2 (``check_setup``).
+
 ``--all`` runs a curated list of architectures, each in its own process with a timeout (one hang or
-crash cannot stop the sweep), and writes a Markdown compatibility table.
+crash cannot stop the sweep), and writes a Markdown compatibility table. ``--sweep JSON`` picks the
+architectures by a rule instead (``SWEEP_RULE``: one per timm model module, the first under a MACs
+limit), records each result in the JSON as it finishes (a rerun resumes) and writes the same table.
 
 Random weights hide errors: a LayerNorm gain of 1 or a layer scale of 1e-6 makes a wrong gate
-invisible. The check therefore perturbs every constant-initialised vector (norm gains and biases,
-layer scales) and BatchNorm's running statistics before comparing.
+invisible, and a zero-initialised classifier (MLP-Mixer) makes the output constant. The check
+therefore perturbs every constant-initialised vector (norm gains and biases, layer scales), every
+all-zero weight and BatchNorm's running statistics before comparing.
 """
 from __future__ import annotations
 
@@ -113,7 +119,8 @@ def check_setup(name: str, img_size: Optional[int] = None, seed: int = 0):
     Models with a fixed input size (patch grids, windows: ``fixed_input_size`` in timm's cfg) are
     created at the small size (``img_size=`` kwarg, recorded in the export so reload uses it); the
     others are created once and tried at each size. A size runs if the forward pass does and the last
-    feature map keeps at least 2x2 positions (the model's total stride survives it): pooling kernels
+    feature map keeps at least 2x2 positions (the model's total stride survives it; an ``img_size`` asked
+    for only has to run): pooling kernels
     larger than their input, windows that do not tile, grids too small for the downsampling all fail
     there rather than inside Torch-Pruning's trace.
     """
@@ -132,7 +139,7 @@ def check_setup(name: str, img_size: Optional[int] = None, seed: int = 0):
                 model = None
                 torch.manual_seed(seed)
                 model = perturb(timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval(), seed)
-            _runs_at(model, size)
+            _runs_at(model, size, stride_floor=not img_size)  # a size asked for only has to run
             return size, kwargs, model
         except Exception as exc:  # try the next size
             errors.append(f"{size} px: {one_line(exc)}")
@@ -141,10 +148,12 @@ def check_setup(name: str, img_size: Optional[int] = None, seed: int = 0):
     raise BackboneError(f"{name} runs at none of the sizes {sizes[0]}-{sizes[-1]} px ({errors[0]}; {errors[-1]})")
 
 
-def _runs_at(model: torch.nn.Module, size: int) -> None:
-    """A random-init forward at ``size`` px works and the last feature map is at least 2x2."""
+def _runs_at(model: torch.nn.Module, size: int, stride_floor: bool = True) -> None:
+    """A random-init forward at ``size`` px works and (``stride_floor``) the last feature map is at least 2x2."""
     with torch.no_grad():
         model(torch.zeros(1, 3, size, size))
+    if not stride_floor:
+        return
     info = getattr(model, "feature_info", None)
     reduction = None
     if isinstance(info, list) and info and isinstance(info[-1], dict):
