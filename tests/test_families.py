@@ -278,6 +278,13 @@ def test_sweep_rule_picks_the_first_small_model_per_family(monkeypatch):
     assert "skipped" in chosen["fam_b"] and chosen["fam_c"]["model"] == "small_c"
 
 
+def test_sweep_families_are_timm_model_modules():
+    families = check.timm_families()
+    assert len(families) >= 30 and "timm_model" not in families  # pass_pruned is registered by this package
+    assert families["resnet"][0] == timm.list_models(module="resnet")[0]
+    assert not any(n.startswith("test_") for names in families.values() for n in names)
+
+
 def test_sized_macs_counts_at_the_check_size():
     size, macs = check.sized_macs("resnet10t")
     from pass_zoo.graph.costs import count_macs

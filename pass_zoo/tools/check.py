@@ -374,10 +374,12 @@ SWEEP_RULE = ("one architecture per timm model module (family): the first model 
 def timm_families() -> Dict[str, List[str]]:
     """timm model module -> its models, in ``timm.list_models`` order."""
     import timm
+    import timm.models
 
     families: Dict[str, List[str]] = {}
     for name in timm.list_models():
-        if not name.startswith("test_"):
+        # timm's own modules only: plugins (this package's pass_pruned) register models too
+        if not name.startswith("test_") and timm.models.model_entrypoint(name).__module__.startswith("timm.models."):
             families.setdefault(family_of(name), []).append(name)
     return dict(sorted(families.items()))
 
