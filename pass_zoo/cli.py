@@ -292,8 +292,8 @@ def cmd_bench(args) -> int:
 def cmd_check(args) -> int:
     from .tools.check import CURATED, markdown_table, run_all, run_check
 
-    if args.all == (args.model is not None):
-        raise PassZooError("check needs exactly one of --model NAME or --all")
+    if sum((args.all, args.sweep is not None, args.model is not None)) != 1:
+        raise PassZooError("check needs exactly one of --model NAME, --all or --sweep JSON")
     if args.img_size is not None and args.img_size < 1:
         raise PassZooError(f"--img-size must be at least 1, got {args.img_size}")
     if args.model:
@@ -301,6 +301,17 @@ def cmd_check(args) -> int:
 
         _check_name(args.model)
         return 0 if run_check(args.model, args.img_size).passed else 1
+    if args.sweep is not None:
+        if args.img_size is not None:
+            raise PassZooError("--sweep picks each model's input size; leave out --img-size")
+        from .tools.check import run_sweep
+
+        command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
+        results = run_sweep(args.sweep, args.md, command, max_macs=args.max_macs * 1e6, timeout=args.timeout,
+                            threads=args.threads, machine=args.machine)
+        passed = sum(r.passed for r in results)
+        print(f"{passed}/{len(results)} architectures pass every stage" + (f"; wrote {args.md}" if args.md else ""))
+        return 0 if passed == len(results) else 1
     results = run_all(CURATED, args.img_size, timeout=args.timeout, threads=args.threads)
     passed = sum(r.passed for r in results)
     print(f"{passed}/{len(results)} architectures pass every stage")
@@ -454,7 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="check the curated list of architectures")
     p.add_argument("--img-size", type=int, default=None,
                    help="input size (default: 64; fixed-size models such as ViT/Swin are created at it)")
-    p.add_argument("--md", default=None, metavar="PATH", help="with --all: write the Markdown compatibility table")
+    p.add_argument("--sweep", default=None, metavar="JSON",
+                   help="check one model per timm family (the first under --max-macs), results in JSON; "
+                   "resumes: models already in it are skipped")
+    p.add_argument("--max-macs", type=float, default=300, metavar="M",
+                   help="with --sweep: the MACs limit (millions) of a family's chosen model (default: %(default)s)")
+    p.add_argument("--machine", default="", help="with --sweep: the machine, as the table should name it")
+    p.add_argument("--md", default=None, metavar="PATH",
+                   help="with --all or --sweep: write the Markdown compatibility table")
     p.add_argument("--timeout", type=float, default=900, help="with --all: seconds per model (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="with --all: torch threads per model (default: %(default)s)")
     p.set_defaults(func=cmd_check)

@@ -388,7 +388,7 @@ def test_check_reports_the_failing_stage(monkeypatch):
 
 def test_check_cli_errors(capsys):
     assert main(["check"]) == 2
-    assert "exactly one of --model NAME or --all" in capsys.readouterr().err
+    assert "exactly one of --model NAME, --all or --sweep JSON" in capsys.readouterr().err
     assert main(["check", "--model", "resnet_nope"]) == 2
     assert "unknown timm model 'resnet_nope'" in capsys.readouterr().err
 

@@ -178,3 +178,65 @@ class SwinWindowAttention(AttentionFamily):
 
     def _per_head_axes(self, mod):
         return [("relative_position_bias_table", 1)]  # ((2Wh-1)(2Ww-1), heads)
+
+
+# ------------------------------------------------------------------------------ channel norms
+CHANNEL_NORMS: Dict[Type[nn.Module], "ChannelNormFamily"] = {}
+
+
+def register_channel_norm(module_type: Type[nn.Module]):
+    """Class decorator: a norm with per-channel parameters whose statistics span the channels."""
+    def wrap(cls):
+        CHANNEL_NORMS[module_type] = cls(module_type)
+        return cls
+    return wrap
+
+
+def channel_norm_family(module: nn.Module) -> Optional["ChannelNormFamily"]:
+    for cls in type(module).__mro__:
+        if cls in CHANNEL_NORMS:
+            return CHANNEL_NORMS[cls]
+    return None
+
+
+class ChannelNormFamily:
+    """A norm that mixes statistics across channels but can still be pruned exactly.
+
+    Its per-channel parameters are sliced by Torch-Pruning like any unwrapped parameter. A zeroed
+    input channel is not a removed one (it still counts in the cross-channel statistic), so the
+    search-time gate replaces the module's output with what the slimmed module computes: the
+    cross-channel statistic over the kept channels only (``gated_forward``). The consumers' input
+    gates then zero the dropped channels as usual.
+    """
+
+    def __init__(self, module_type: Type[nn.Module]):
+        self.module_type = module_type
+
+    def per_channel_params(self, mod: nn.Module) -> List[nn.Parameter]:
+        raise NotImplementedError
+
+    def gated_forward(self, mod: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The module's output for the channels ``keep`` (0/1, or soft during the search) keeps."""
+        raise NotImplementedError
+
+
+def _grn():
+    from timm.layers.grn import GlobalResponseNorm
+    return GlobalResponseNorm
+
+
+@register_channel_norm(_grn())
+class GlobalResponseNormFamily(ChannelNormFamily):
+    """ConvNeXt-V2's GRN: ``x + b + g * x * n(x)``, ``n`` = each channel's spatial L2 norm divided by
+    the mean of those norms over the channels -- the mean the slimmed module takes over fewer channels."""
+
+    def per_channel_params(self, mod):
+        return [mod.weight, mod.bias]
+
+    def gated_forward(self, mod, x, keep):
+        shape = [1] * x.dim()
+        shape[mod.channel_dim] = -1
+        keep = keep.to(x.dtype).view(shape)
+        x_g = x.norm(p=2, dim=mod.spatial_dim, keepdim=True)
+        mean = (x_g * keep).sum(dim=mod.channel_dim, keepdim=True) / keep.sum().clamp_min(1e-12)
+        return x + torch.addcmul(mod.bias.view(mod.wb_shape), mod.weight.view(mod.wb_shape), x * (x_g / (mean + mod.eps)))

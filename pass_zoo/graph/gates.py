@@ -11,7 +11,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .families import channel_norm_family
 from .groups import ChannelGroup, _Slot
+
+
+def _channels_in(mod: nn.Module) -> int:
+    if isinstance(mod, nn.Linear):
+        return mod.in_features
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return mod.in_channels
+    return channel_norm_family(mod).per_channel_params(mod)[0].numel()
 
 
 class Gates:
@@ -20,23 +29,27 @@ class Gates:
     def __init__(self, model: nn.Module, groups: List[ChannelGroup]):
         self.model = model
         self._consumer_slots: Dict[str, List[Tuple[int, _Slot]]] = {}
+        self._norm_slots: Dict[str, List[Tuple[int, _Slot]]] = {}  # registered channel norms (GRN)
         for gi, g in enumerate(groups):
             for slot in g.consumers:
                 self._consumer_slots.setdefault(slot.module_name, []).append((gi, slot))
+            for slot in g.channel_norms:
+                self._norm_slots.setdefault(slot.module_name, []).append((gi, slot))
 
     def _module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
 
-    def input_gate(self, name: str, unit_masks: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    def input_gate(self, name: str, unit_masks: Sequence[Optional[torch.Tensor]],
+                   slots: Optional[Dict[str, List[Tuple[int, _Slot]]]] = None) -> Optional[torch.Tensor]:
         """The input gate of one layer from the masks known so far (None: nothing masked)."""
         gate = None
-        for gi, slot in self._consumer_slots.get(name, ()):
+        for gi, slot in (self._consumer_slots if slots is None else slots).get(name, ()):
             if gi >= len(unit_masks) or unit_masks[gi] is None:
                 continue
             mask = unit_masks[gi]
             if gate is None:
                 mod = self._module(name)
-                n_in = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+                n_in = _channels_in(mod)
                 gate = torch.ones(n_in, dtype=mask.dtype, device=mask.device)
             gate = gate.index_put((slot.positions.to(mask.device),), mask[slot.units.to(mask.device)])
         return gate
@@ -60,6 +73,13 @@ class Gates:
             return _fn
 
         handles = [self._module(name).register_forward_pre_hook(gate(name)) for name in gates]
+        # channel norms: the output the slimmed norm computes over the kept channels
+        for name in self._norm_slots:
+            keep = self.input_gate(name, unit_masks, self._norm_slots)
+            if keep is not None:
+                mod = self._module(name)
+                handles.append(mod.register_forward_hook(
+                    lambda m, inp, out, keep=keep: channel_norm_family(m).gated_forward(m, inp[0], keep)))
         try:
             yield
         finally:

@@ -21,15 +21,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.overrides import TorchFunctionMode
 
 from ..errors import AdapterError
-from .families import attention_family, attention_modules
+from .families import attention_family, attention_modules, channel_norm_family
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ def _weight_standardised():
 
 
 _WEIGHT_STANDARDISED = _weight_standardised()
+
+# Torch-Pruning's shape inference warns when a walk through splits and concatenations runs long; the
+# traced concatenation widths (``_CatSizes``) make its answer there unneeded.
+warnings.filterwarnings("ignore", message="Maximum recursive depth reached", module="torch_pruning")
 
 
 @dataclass
@@ -78,6 +84,7 @@ class ChannelGroup:
     head_dim: int = 0  # heads: channels of proj's input per head
     attention: Optional[str] = None  # heads: the attention module's name
     unit_index: Optional[torch.Tensor] = field(default=None, repr=False)  # root channel -> unit (heads)
+    channel_norms: List[_Slot] = field(default_factory=list, repr=False)  # registered channel norms (GRN)
 
     def __post_init__(self):
         # cached: MACs queries read it for every layer of every candidate during selection
@@ -109,14 +116,86 @@ class ChannelGroup:
         return unit_mask[self.unit_of_channel().to(unit_mask.device)]
 
 
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+class _CatSizes(TorchFunctionMode):
+    """Records, per concatenation's autograd node, the sizes of its inputs along the cat dimension.
+
+    Torch-Pruning infers a concatenation's input widths by walking the graph back to a layer; through
+    channel slices and nested splits (CSPNet's cross-stage split, DPN's dual paths) it gets them
+    wrong -- the index mapping then slims a reader of the concatenation to a width its input does not
+    have -- or gives up (None, and its own sum() raises a TypeError). The traced sizes are exact.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: Dict[object, List[int]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _CATS and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            # an input without grad is no node of Torch-Pruning's graph: the sizes would not line up
+            if all(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+                self.sizes[out.grad_fn] = [int(t.shape[dim]) for t in tensors]
+        return out
+
+
+class _Graph(tp.DependencyGraph):
+    """``DependencyGraph`` whose concatenations carry their traced input widths (see ``_CatSizes``)."""
+
+    cat_sizes: Dict[object, List[int]] = {}
+
+    def _build_dependency(self, module2node):
+        super()._build_dependency(module2node)
+        for node in module2node.values():
+            sizes = self.cat_sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
+            # node.inputs follows the cat's argument order; a repeated input is one node (no mapping)
+            if sizes is not None and len(sizes) == len(node.inputs) == len(set(node.inputs)):
+                node.module.concat_sizes = list(sizes)
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph with per-head parameters left to the attention families.
+    """Torch-Pruning's dependency graph with per-head parameters left to the attention families and
+    concatenations mapped with their traced widths.
 
     Used for the layer sequence *and* when an export replays its pruning history, so both see the
     same groups. Torch-Pruning would cut e.g. Swin's bias table along its rows with qkv indices.
     """
     per_head = [p for _, mod, fam in attention_modules(model) for p in fam.per_head_params(mod)]
-    return tp.DependencyGraph().build_dependency(model, example_input, ignored_params=per_head, verbose=False)
+    recorder, graph = _CatSizes(), _Graph()
+    graph.cat_sizes = recorder.sizes
+    with recorder:
+        try:
+            return graph.build_dependency(model, example_input, ignored_params=per_head, verbose=False)
+        except TypeError as exc:
+            if "NoneType" not in str(exc):
+                raise
+            cats = [n for n in graph.__dict__.get("module2node", {}).values() if n.type == tp.ops.OPTYPE.CONCAT
+                    and n.module.concat_sizes is None]
+            raise AdapterError("Torch-Pruning cannot tell the widths of a concatenation"
+                               + (f" reading {_node_layer(graph, cats[0])}" if cats else "")
+                               + " (an input without gradient, or one tensor concatenated twice)") from exc
+        finally:
+            graph.cat_sizes = {}  # the autograd nodes hold the traced activations
+
+
+def _node_layer(graph: tp.DependencyGraph, node) -> str:
+    """'layer NAME': the nearest named layer feeding a Torch-Pruning graph node."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        name = graph._module2name.get(n.module)
+        if isinstance(n.module, nn.Module) and name:
+            return f"layer '{name}'"
+        stack.extend(n.inputs)
+    return "an unnamed layer"
 
 
 def _module_positions(model: nn.Module, example_input: torch.Tensor):
@@ -240,6 +319,10 @@ class GroupBuilder:
             name: type(mod).__name__ for name, mod in model.named_modules()
             if isinstance(getattr(mod, "num_heads", None), int) and attention_family(mod) is None
             and any(isinstance(c, _GATEABLE) for c in mod.children())}
+        # per-channel parameters of registered channel norms (GRN) -> the norm's name: gated exactly
+        self._channel_norm_params: Dict[nn.Parameter, str] = {
+            p: name for name, mod in model.named_modules() if channel_norm_family(mod) is not None
+            for p in channel_norm_family(mod).per_channel_params(mod)}
         self.excluded: List[Tuple[str, str]] = []  # (group root, why it stays dense)
 
     def _module(self, name: str) -> nn.Module:
@@ -280,9 +363,15 @@ class GroupBuilder:
                             f"{self._attention_skip[root_name.rsplit('.', 1)[0]]}")
         allowed_params = set(attention[2].per_head_params(attention[1])) if attention else set()
         producers, consumers, norms, seen_orders, ch_groups = [], [], [], [], 1
+        channel_norms: Dict[str, _Slot] = {}
         for item in tp_group.items:
             mod = item.dep.target.module
             if not isinstance(mod, nn.Module) or mod not in self.module_names:
+                if isinstance(mod, nn.Parameter) and mod in self._channel_norm_params:
+                    name = self._channel_norm_params[mod]  # a registered channel norm's weight or bias
+                    channel_norms.setdefault(name, _Slot(name, torch.as_tensor(item.idxs, dtype=torch.long),
+                                                         torch.as_tensor(item.root_idxs, dtype=torch.long)))
+                    continue
                 if isinstance(mod, nn.Parameter) and mod not in allowed_params:
                     raise _Excluded(f"its channels reach the bare parameter '{self.param_names.get(mod, '?')}'")
                 continue  # functional ops (add, cat, flatten): no weights
@@ -315,9 +404,10 @@ class GroupBuilder:
         if n % ch_groups:
             raise _Excluded(f"{n} channels do not split into {ch_groups} conv groups")
         group = ChannelGroup(root_name, min(seen_orders) if seen_orders else 10**9, n, ch_groups,
-                             root, tp_group[0].dep.handler, producers, consumers, norms)
+                             root, tp_group[0].dep.handler, producers, consumers, norms,
+                             channel_norms=list(channel_norms.values()))
         units = group.units
-        for slot in producers + consumers + norms:
+        for slot in producers + consumers + norms + group.channel_norms:
             slot.units = slot.units % units
         read = torch.unique(torch.cat([s.units for s in consumers]))
         if read.numel() < units:  # e.g. q/k rows of an attention type without a registered family
@@ -326,6 +416,8 @@ class GroupBuilder:
         for slots, side in ((producers, 0), (consumers, 1), (norms, 0)):
             for slot in slots:
                 self._check_slot(slot, units, _dims(self._module(slot.module_name))[side])
+        for slot in group.channel_norms:
+            self._check_slot(slot, units, self._module(slot.module_name).weight.numel())
         return group
 
     def _check_slot(self, slot: _Slot, units: int, size: int) -> None:

@@ -11,12 +11,18 @@ On a random-init model at a small input size the check runs every stage a real r
     reload   timm.create_model('local-dir:...', pretrained=True) rebuilds it strictly, same outputs
     onnx     model.onnx written and verified against torch by ONNX Runtime
 
+The input size is the smallest that runs: 64 px, or the model's ``min_input_size``, upwards to its
+default size, with the last feature map at least 2x2 (``check_setup``).
+
 ``--all`` runs a curated list of architectures, each in its own process with a timeout (one hang or
-crash cannot stop the sweep), and writes a Markdown compatibility table.
+crash cannot stop the sweep), and writes a Markdown compatibility table. ``--sweep JSON`` picks the
+architectures by a rule instead (``SWEEP_RULE``: one per timm model module, the first under a MACs
+limit), records each result in the JSON as it finishes (a rerun resumes) and writes the same table.
 
 Random weights hide errors: a LayerNorm gain of 1 or a layer scale of 1e-6 makes a wrong gate
-invisible. The check therefore perturbs every constant-initialised vector (norm gains and biases,
-layer scales) and BatchNorm's running statistics before comparing.
+invisible, and a zero-initialised classifier (MLP-Mixer) makes the output constant. The check
+therefore perturbs every constant-initialised vector (norm gains and biases, layer scales), every
+all-zero weight and BatchNorm's running statistics before comparing.
 """
 from __future__ import annotations
 
@@ -37,15 +43,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..errors import PassZooError, one_line
+from ..errors import BackboneError, PassZooError, one_line
 
 log = logging.getLogger(__name__)
 
 STAGES = ("adapter", "search", "slim", "exact", "export", "reload", "onnx")
 # masked == slim and reload: relative to the output scale (random deep nets reach |logits| >> 1)
 EXACT_TOL, RELOAD_TOL = 1e-5, 1e-5
-SMALL_FIXED_SIZE = 64  # ViT/Swin-style models take img_size= at creation: a 4x4 grid at patch 16
-SMALL_CNN_SIZE = 64
+SMALL_CNN_SIZE = 64  # the smallest size tried; ViT/Swin-style models take img_size= at creation
+SIZE_STEPS = (96, 128, 160, 192, 224, 256, 288, 320)  # tried in turn when a model does not run at 64 px
 TARGET_MACS = 0.5
 
 # The curated sweep of ``--all``: the paper's seven architectures first, then one or more models per
@@ -93,23 +99,67 @@ def family_of(name: str) -> str:
     return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
 
 
-def check_setup(name: str, img_size: Optional[int] = None):
-    """``(img_size, model_kwargs)`` for a small, fast check of ``name``.
+def _size_candidates(name: str, img_size: Optional[int]) -> List[int]:
+    """Input sizes to try, smallest first: 64 px (or the model's ``min_input_size``) up to timm's
+    default ``input_size``; ``img_size`` alone when given."""
+    import timm
+
+    if img_size:
+        return [int(img_size)]
+    cfg = timm.get_pretrained_cfg(name)
+    # 64 px: a 4x4 patch grid at patch 16 (ViT-style models are created at it), 2x2 after a stride of 32
+    floor = max(SMALL_CNN_SIZE, int((getattr(cfg, "min_input_size", None) or (0,))[-1]) if cfg else 0)
+    default = int((getattr(cfg, "input_size", None) or (0,))[-1]) if cfg else 0
+    return sorted({floor, *(s for s in SIZE_STEPS if floor < s <= max(default, floor)), max(default, floor)})
+
+
+def check_setup(name: str, img_size: Optional[int] = None, seed: int = 0):
+    """``(img_size, model_kwargs, model)``: the smallest input size the model runs at, and the model.
 
     Models with a fixed input size (patch grids, windows: ``fixed_input_size`` in timm's cfg) are
     created at the small size (``img_size=`` kwarg, recorded in the export so reload uses it); the
-    others simply run on a small input.
+    others are created once and tried at each size. A size runs if the forward pass does and the last
+    feature map keeps at least 2x2 positions (the model's total stride survives it; an ``img_size`` asked
+    for only has to run): pooling kernels
+    larger than their input, windows that do not tile, grids too small for the downsampling all fail
+    there rather than inside Torch-Pruning's trace.
     """
     import timm
 
     from ..backbone import fixed_size_kwargs
 
     cfg = timm.get_pretrained_cfg(name)
-    if cfg is not None and getattr(cfg, "fixed_input_size", False):
-        size = img_size or SMALL_FIXED_SIZE
-        return size, fixed_size_kwargs(name, size)
-    min_size = (getattr(cfg, "min_input_size", None) or (3, 0, 0))[-1] if cfg else 0
-    return img_size or max(SMALL_CNN_SIZE, min_size), {}
+    fixed = cfg is not None and getattr(cfg, "fixed_input_size", False)
+    sizes = _size_candidates(name, img_size)
+    model, errors = None, []
+    for size in sizes:
+        kwargs = fixed_size_kwargs(name, size) if fixed else {}
+        try:
+            if model is None or fixed:
+                model = None
+                torch.manual_seed(seed)
+                model = perturb(timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval(), seed)
+            _runs_at(model, size, stride_floor=not img_size)  # a size asked for only has to run
+            return size, kwargs, model
+        except Exception as exc:  # try the next size
+            errors.append(f"{size} px: {one_line(exc)}")
+    if len(sizes) == 1:
+        raise BackboneError(f"{name} does not run at {sizes[0]} px ({errors[0].split(': ', 1)[1]})")
+    raise BackboneError(f"{name} runs at none of the sizes {sizes[0]}-{sizes[-1]} px ({errors[0]}; {errors[-1]})")
+
+
+def _runs_at(model: torch.nn.Module, size: int, stride_floor: bool = True) -> None:
+    """A random-init forward at ``size`` px works and (``stride_floor``) the last feature map is at least 2x2."""
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    if not stride_floor:
+        return
+    info = getattr(model, "feature_info", None)
+    reduction = None
+    if isinstance(info, list) and info and isinstance(info[-1], dict):
+        reduction = info[-1].get("reduction")
+    if isinstance(reduction, (int, float)) and reduction > 0 and size < 2 * reduction:
+        raise BackboneError(f"the last feature map is under 2x2 at {size} px (total stride {reduction:g})")
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -123,6 +173,10 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # biases
                 else:
                     p.copy_(torch.rand(p.shape, generator=g) + 0.5)  # gains, layer scales
+            elif p.dim() > 1 and not bool(p.any()):
+                # zero-initialised weights (MLP-Mixer's and ResMLP's classifier): a constant output
+                # would hide every gate
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
@@ -190,14 +244,13 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
         result.stages[s] = "skip"
     try:
         result.family = family_of(name)
-        size, model_kwargs = check_setup(name, img_size)
-        result.img_size, result.model_kwargs = size, model_kwargs
-        echo(f"{name} ({result.family}) at {size} px" + (f", {model_kwargs}" if model_kwargs else ""))
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(4, 3, size, size, generator=gen)
         with _Stage(result, "adapter", echo) as stage:
-            model = perturb(timm.create_model(name, pretrained=False, num_classes=10, **model_kwargs).eval(), seed)
+            size, model_kwargs, model = check_setup(name, img_size, seed)
+            result.img_size, result.model_kwargs = size, model_kwargs
+            echo(f"{name} ({result.family}) at {size} px" + (f", {model_kwargs}" if model_kwargs else ""))
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            x = torch.randn(4, 3, size, size, generator=gen)
             seq = build_layer_sequence(model, x[:1])
             result.groups, result.excluded = len(seq), len(seq.excluded)
             result.head_groups = sum(g.kind == "heads" for g in seq.groups)
@@ -310,7 +363,118 @@ def run_all(names: List[str], img_size: Optional[int] = None, timeout: float = 9
     return results
 
 
-def markdown_table(results: List[CheckResult], command: str) -> str:
+# ------------------------------------------------------------------------------ wide sweep
+SWEEP_MAX_MACS = 300e6
+SWEEP_RULE = ("one architecture per timm model module (family): the first model of the module, in "
+              "`timm.list_models` order (timm's `test_*` stand-ins left out), that runs at <= {max_macs:.0f} M MACs "
+              "at the smallest input size `check` accepts for it (64 px, or the model's `min_input_size`, "
+              "upwards to its default size)")
+
+
+def timm_families() -> Dict[str, List[str]]:
+    """timm model module -> its models, in ``timm.list_models`` order."""
+    import timm
+    import timm.models
+
+    families: Dict[str, List[str]] = {}
+    for name in timm.list_models():
+        # timm's own modules only: plugins (this package's pass_pruned) register models too
+        if not name.startswith("test_") and timm.models.model_entrypoint(name).__module__.startswith("timm.models."):
+            families.setdefault(family_of(name), []).append(name)
+    return dict(sorted(families.items()))
+
+
+def sized_macs(name: str):
+    """``(img_size, macs)`` at the smallest size ``check`` would use, built on the meta device (no
+    memory, no compute), or on the CPU when an op has no meta kernel and the model is small."""
+    import timm
+
+    from ..backbone import fixed_size_kwargs
+    from ..graph.costs import count_macs
+
+    cfg = timm.get_pretrained_cfg(name)
+    fixed = cfg is not None and getattr(cfg, "fixed_input_size", False)
+    sizes = _size_candidates(name, None)
+    errors = []
+    for device in ("meta", "cpu"):
+        model = None
+        for size in sizes:
+            kwargs = fixed_size_kwargs(name, size) if fixed else {}
+            try:
+                if model is None or fixed:
+                    model = None
+                    with torch.device(device):
+                        model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+                with torch.device(device):
+                    x = torch.zeros(1, 3, size, size)
+                macs = count_macs(model, x)
+                info = getattr(model, "feature_info", None)
+                reduction = info[-1].get("reduction") if isinstance(info, list) and info and \
+                    isinstance(info[-1], dict) else None
+                if isinstance(reduction, (int, float)) and reduction > 0 and size < 2 * reduction:
+                    raise BackboneError("last feature map under 2x2")
+                return size, macs
+            except Exception as exc:
+                errors.append(f"{device} {size} px: {one_line(exc)[:120]}")
+        if model is None or sum(p.numel() for p in model.parameters()) > 30e6:
+            break  # too large to build for real just to count
+    raise BackboneError(f"cannot size {name}: {errors[-1] if errors else 'no size'}")
+
+
+def select_sweep(max_macs: float = SWEEP_MAX_MACS, echo=print) -> Dict[str, dict]:
+    """family -> {"model", "img_size", "macs"} by ``SWEEP_RULE``, or {"skipped": why}."""
+    chosen: Dict[str, dict] = {}
+    for family, names in timm_families().items():
+        tried = 0
+        for name in names:
+            try:
+                size, macs = sized_macs(name)
+            except Exception as exc:
+                log.info("sweep: %s: %s", name, exc)
+                continue
+            tried += 1
+            if macs <= max_macs:
+                chosen[family] = {"model": name, "img_size": size, "macs": int(macs)}
+                break
+        else:
+            chosen[family] = {"skipped": f"none of its {len(names)} models runs at <= {max_macs / 1e6:.0f} M MACs"}
+        echo(f"{family:28s} {chosen[family].get('model') or chosen[family]['skipped']}")
+    return chosen
+
+
+def run_sweep(json_path, md_path=None, command: str = "", max_macs: float = SWEEP_MAX_MACS, timeout: float = 900,
+              threads: int = 1, machine: str = "", echo=print) -> List[CheckResult]:
+    """Select by ``SWEEP_RULE`` (once), check each model in its own process, write JSON after every model
+    and the Markdown table at the end. Resumable: models already in the JSON are not checked again."""
+    from ..runio import atomic_write_json, atomic_write_text
+
+    path = Path(json_path)
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if doc.get("max_macs") != max_macs or "selection" not in doc:
+        doc = {"rule": SWEEP_RULE.format(max_macs=max_macs / 1e6), "max_macs": max_macs,
+               "selection": select_sweep(max_macs, echo), "results": {}}
+        atomic_write_json(path, doc)
+    if machine:
+        doc["machine"] = machine
+    names = [v["model"] for v in doc["selection"].values() if "model" in v]
+    for i, name in enumerate(names):
+        if name in doc["results"]:
+            continue
+        r = _child(name, None, timeout, threads)
+        doc["results"][name] = asdict(r)
+        atomic_write_json(path, doc)
+        echo(f"[{i + 1}/{len(names)}] {name:32s} {r.seconds:6.1f} s  " + ("PASS" if r.passed else f"FAIL  {r.reason}"))
+    results = [CheckResult(**doc["results"][n]) for n in names if n in doc["results"]]
+    if md_path:
+        skipped = {f: v["skipped"] for f, v in doc["selection"].items() if "skipped" in v}
+        note = (f"Architectures: {doc['rule']}. {len(skipped)} of {len(doc['selection'])} modules have no such "
+                "model" + (f" ({', '.join(sorted(skipped))})" if skipped else "") + ". "
+                + (f"Machine: {doc['machine']}." if doc.get("machine") else ""))
+        atomic_write_text(md_path, markdown_table(results, command, note=note))
+    return results
+
+
+def markdown_table(results: List[CheckResult], command: str, note: str = "") -> str:
     passed = sum(r.passed for r in results)
     families = sorted({r.family for r in results if r.family})
     lines = [
@@ -326,7 +490,8 @@ def markdown_table(results: List[CheckResult], command: str) -> str:
         f"max |diff| <= {EXACT_TOL:g} x output scale), `export`, `reload` (strict `local-dir:` reload "
         "through timm), `onnx` (ONNX Runtime vs torch <= 1e-4 x output scale; the output scale is "
         "max(1, max |logit|)). MACs count conv + linear layers and "
-        "attention matmuls. `groups`: pruned groups (attention-head groups) / groups left dense.",
+        "attention matmuls. `groups`: pruned groups (attention-head groups) / groups left dense."
+        + (" " + note if note else ""),
         "",
         "| model | family | input | groups (heads) / dense | MACs kept | " + " | ".join(STAGES) + " | time | reason |",
         "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|---|",
