@@ -142,6 +142,14 @@ class SearchConfig:
                             help="weight of a KL(dense || masked) distillation term in the search loss "
                                  "(default: %(default)s)")
 
+    # Where l1 and random (whose masks do not need a head) learn a new head in stage 1: a linear probe on
+    # the dense network, or -- as PASS does in its search -- head and prompt on their own masked network
+    # (batch-statistics BN), i.e. PASS's stage 1 with the hypernetwork replaced by fixed masks.
+    probe: str = option("dense", flag="--baseline-probe", group=SEARCH, choices=("dense", "masked"),
+                        help="l1/random with --head new: stage 1 trains the head as a linear probe on the dense "
+                             "network (dense), or head and prompt on the masked network, as PASS's search does "
+                             "(masked) (default: %(default)s)")
+
     def validate(self) -> None:
         check_choices(self)
         if self.hidden < 1:

@@ -163,3 +163,40 @@ def test_taylor_with_a_new_head_trains_it_and_still_scores_every_group():
     assert [s.numel() for s in scores] == [grp.units for grp in seq.groups]
     assert all(torch.isfinite(s).all() for s in scores)
     assert not torch.equal(model.fc.weight, head_before)  # the head learned over the gradient batches
+
+
+def test_masked_probe_trains_head_and_prompt_on_the_gated_network_only():
+    """--baseline-probe masked: PASS's stage 1 with fixed masks. The head and the prompt learn, the
+    backbone's weights and BN running statistics do not, and the head learned on the *masked*
+    network (its features differ from the dense network's), with the same masks as without it."""
+    from pass_zoo.methods.torch_pruning import group_scores, train_on_masks
+    from pass_zoo.train.loop import make_accelerator
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    model = make_model("resnet10t", num_classes=3)
+    randomise_bn(model)
+    seq = build_layer_sequence(model, torch.zeros(1, 3, 32, 32))
+    scores = group_scores(seq, tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean"))
+    units = select_units(scores, seq, 0.5, 1, "global")
+    g = torch.Generator().manual_seed(2)
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 3)
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    prompt = AdditivePrompt(32, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt_before = [p.detach().clone() for p in prompt.parameters()]
+    train_on_masks(model, seq, prompt, loader, units, SearchConfig(steps=4, lr_prompt=0.5, lr_head=0.05),
+                   make_accelerator("no"))
+    after = model.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {"fc.weight", "fc.bias"}
+    assert any(not torch.equal(a, b) for a, b in zip(prompt.parameters(), prompt_before))
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+
+
+def test_masked_probe_is_refused_for_methods_that_need_stage_1(tmp_path):
+    data = write_image_folder(tmp_path / "imgs", ["ant", "bee"], n_train=4, n_val=2)
+    cfg = PruneConfig(model="resnet10t", pretrained="none", dataset=f"imagefolder:{data}", img_size=32,
+                      head="new", batch_size=4, method="taylor", onnx=False, out=str(tmp_path / "run"),
+                      search=SearchConfig(steps=1, hidden=8, probe="masked"), finetune=FinetuneConfig(steps=1))
+    with pytest.raises(Exception, match="--baseline-probe masked is for l1 and random"):
+        prune(cfg)

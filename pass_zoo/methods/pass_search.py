@@ -22,36 +22,9 @@ from ..errors import PassZooError
 from ..graph.masks import Masks, select_units, to_channel_masks
 from ..graph.sequence import LayerSequence
 from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
+from .frozen_bn import KeepRunningStats, batch_norms
 from .pass_hypernet import PassHyperNetwork
 from .pass_stats import WeightStats
-
-
-def _batch_norms(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-class _KeepRunningStats:
-    """BN momentum 0 inside the block: batch statistics are used, running statistics never move.
-
-    The batch counters are restored too, so the frozen backbone leaves the search bit for bit as it
-    entered (and a resumed search, which ran fewer batches in this process, leaves the same state).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.bns = _batch_norms(model)
-
-    def __enter__(self):
-        self.saved = [(bn.momentum, None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone())
-                      for bn in self.bns]
-        for bn in self.bns:
-            bn.momentum = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        for bn, (momentum, tracked) in zip(self.bns, self.saved):
-            bn.momentum = momentum
-            if tracked is not None:  # train-mode forwards count batches; the backbone must come out untouched
-                bn.num_batches_tracked.copy_(tracked)
 
 
 class MaskedSearchModel(nn.Module):
@@ -75,7 +48,7 @@ class MaskedSearchModel(nn.Module):
         if mode and self.bn_mode == "batch":
             # A masked network is far from the dense one's BN statistics; normalising with batch
             # statistics keeps it in a working regime, so the loss judges the mask, not the drift.
-            for bn in _batch_norms(self.backbone):
+            for bn in batch_norms(self.backbone):
                 bn.train()
         return self
 
@@ -195,7 +168,7 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
         bar = progress(accelerator, cfg.steps, "search", initial=loop.step)
         try:
-            with _KeepRunningStats(backbone):
+            with KeepRunningStats(backbone):
                 _search_loop(wrapped, model, loop, accelerator, bar, ckpt,
                              lambda step: model.set_budget(budget_at(step, cfg, target_macs),
                                                            budget_at(step + 1, cfg, target_macs)), cfg.distill)

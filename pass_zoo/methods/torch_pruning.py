@@ -29,6 +29,7 @@ import torch_pruning as tp
 from ..errors import PassZooError
 from ..graph.masks import select_units, to_channel_masks
 from ..train.loop import check_same_across_processes, cosine_lambda, cycle, progress
+from .frozen_bn import KeepRunningStats, batch_norms
 from .registry import Method, MethodContext, MethodResult, get_method, register_method
 
 
@@ -55,6 +56,9 @@ def group_scores(seq, importance: Callable) -> List[torch.Tensor]:
 class TorchPruningCriterion(Method):
     """Scores from ``importance()``; stage 1 (``prepare``) trains a new head as a linear probe."""
 
+    # the masks need nothing from stage 1: a new head may learn on the masked network (--baseline-probe)
+    one_shot: bool = False
+
     def importance(self):
         raise NotImplementedError
 
@@ -80,10 +84,16 @@ class TorchPruningCriterion(Method):
 
     def produce(self, ctx: MethodContext) -> MethodResult:
         cfg = ctx.config
+        on_masks = cfg.search.probe == "masked"
+        if on_masks and not self.one_shot:
+            raise PassZooError(f"--baseline-probe masked is for l1 and random, whose masks need no stage 1; "
+                               f"{self.name} reads its stage-1 training")
         scores = self.scores(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.search.steps, ctx.accelerator,
-                             train_head=ctx.new_head, lr_head=cfg.search.lr_head)
-        masks = to_channel_masks(select_units(scores, ctx.seq, cfg.target_macs, cfg.search.round_to,
-                                              cfg.search.selection), ctx.seq)
+                             train_head=ctx.new_head and not on_masks, lr_head=cfg.search.lr_head)
+        units = select_units(scores, ctx.seq, cfg.target_macs, cfg.search.round_to, cfg.search.selection)
+        if on_masks and ctx.new_head:
+            train_on_masks(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, units, cfg.search, ctx.accelerator)
+        masks = to_channel_masks(units, ctx.seq)
         check_same_across_processes(ctx.accelerator, f"{self.name} masks", list(masks.values()))
         return MethodResult(masks)
 
@@ -91,6 +101,7 @@ class TorchPruningCriterion(Method):
 @register_method
 class L1(TorchPruningCriterion):
     name = "l1"
+    one_shot = True
 
     def importance(self):
         return tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean")
@@ -178,6 +189,7 @@ class Taylor(TorchPruningCriterion):
 @register_method
 class Random(TorchPruningCriterion):
     name = "random"
+    one_shot = True
 
     def importance(self):
         return tp.importance.RandomImportance()
@@ -243,4 +255,43 @@ def _accumulate_gradients(model, prompt, loader, batches: int, accelerator, lr_h
         p.grad = total
     for p, f in zip(params, flags):
         p.requires_grad_(f)
+    model.train(was_training)
+
+
+def train_on_masks(model: nn.Module, seq, prompt: nn.Module, loader, unit_masks, cfg, accelerator) -> None:
+    """PASS's stage 1 with fixed masks: the prompt (SGD) and the new head (AdamW) learn on the gated
+    network for ``cfg.steps`` batches, BN on batch statistics; the backbone's weights and running
+    statistics do not change. ``cfg`` is the run's SearchConfig (its learning rates and steps)."""
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    head = list(model.get_classifier().parameters())
+    for p in head:
+        p.requires_grad_(True)
+    steps = max(1, cfg.steps)
+    optimizers = [torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9),
+                  torch.optim.AdamW(head, lr=cfg.lr_head, weight_decay=cfg.weight_decay)]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(steps)) for o in optimizers]
+    masks = [m.float().to(accelerator.device) for m in unit_masks]
+    model.eval()
+    for bn in batch_norms(model):  # a masked network is far from the dense one's statistics (as in PASS)
+        bn.train()
+    bar = progress(accelerator, steps, "head + prompt on masks")
+    with KeepRunningStats(model), seq.gated(masks):
+        for _, (x, y) in zip(range(steps), cycle(loader)):
+            loss = F.cross_entropy(model(prompt(x.to(accelerator.device))), y.to(accelerator.device))
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o, sched in zip(optimizers, schedulers):
+                o.step()
+                sched.step()
+            bar.update(1)
+    bar.close()
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+    model.zero_grad(set_to_none=True)
+    prompt.zero_grad(set_to_none=True)
     model.train(was_training)

@@ -52,7 +52,8 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     from ..config import SearchConfig
     from ..graph.masks import to_channel_masks
     from ..graph.slim import slim
-    from ..methods.pass_search import MaskedSearchModel, _KeepRunningStats, build_hypernet
+    from ..methods.frozen_bn import KeepRunningStats
+    from ..methods.pass_search import MaskedSearchModel, build_hypernet
     from ..pipeline import layer_sequence, make_prompt
     from ..prompt import PromptedModel
 
@@ -98,7 +99,7 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     if kind == "paired":  # both steps in turns in one process, in CPU time: other load hits neither
         with_hn, without = make_step(*search_kind()), make_step(*fixed_kind())
         pairs = []
-        with _KeepRunningStats(backbone):
+        with KeepRunningStats(backbone):
             for i in range(warmup + steps):
                 t0 = time.process_time()
                 with_hn()
@@ -123,7 +124,7 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
 
     step = make_step(forward, opts)
     times = []
-    with _KeepRunningStats(backbone):
+    with KeepRunningStats(backbone):
         for _ in range(warmup):
             step()
         base = _rss_kib("VmRSS")
