@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional
 from .backbone import BUNDLED_ARCH, PRETRAINED_HELP
 from .errors import BudgetError, PassZooError
 
+DEFAULT_TARGET_MACS = 0.5  # the budget of a run that names none
+
 # Help sections of ``pass-zoo prune``, in the order they are listed.
 WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN = (
     "what to prune", "task head and prompt", "data", "stage 1: PASS search (backbone frozen)",
@@ -186,9 +188,22 @@ class PruneConfig:
     pretrained: str = option("auto", flag="--pretrained", group=WHAT,
                              help=f"weights: auto (bundled for tf_efficientnet_lite0, else timm) | {PRETRAINED_HELP}")
     dataset: str = option("fashion-mnist", flag="--dataset", group=WHAT, help=_dataset_help)
-    target_macs: float = option(0.5, flag="--target-macs", group=WHAT,
-                                help="the slim model keeps at most this fraction of the dense MACs, in (0, 1] "
-                                     "(default: %(default)s)")
+    # The budget: exactly one of target_macs / target_params / target_latency (validate() fills in
+    # target_macs = DEFAULT_TARGET_MACS when none is given).
+    target_macs: Optional[float] = option(None, flag="--target-macs", group=WHAT, metavar="F",
+                                          help="budget: the slim model keeps at most this fraction of the dense MACs, "
+                                               "in (0, 1] (default: 0.5 when no other budget is given)")
+    target_params: Optional[float] = option(None, flag="--target-params", group=WHAT, metavar="F",
+                                            help="budget instead: at most this fraction of the dense network's "
+                                                 "parameters (backbone with its task head), in (0, 1]")
+    target_latency: Optional[float] = option(None, flag="--target-latency", group=WHAT, metavar="MS",
+                                             help="budget instead: at most MS milliseconds per batch of "
+                                                  "--latency-batch with --latency-threads on ONNX Runtime on this "
+                                                  "machine, by a latency table measured once and cached")
+    latency_batch: int = option(1, flag="--latency-batch", group=WHAT, metavar="N",
+                                help="batch size --target-latency is measured at (default: %(default)s)")
+    latency_threads: int = option(2, flag="--latency-threads", group=WHAT, metavar="T",
+                                  help="ONNX Runtime threads --target-latency is measured with (default: %(default)s)")
     img_size: Optional[int] = option(None, flag="--img-size", group=WHAT,  # None = the backbone's own input size
                                      help="input size in pixels (default: the model's own)")
     # extra timm.create_model kwargs, recorded in the export (e.g. {"img_size": 64} for a ViT/Swin,
@@ -256,9 +271,42 @@ class PruneConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    def budget_kind(self) -> str:
+        """macs | params | latency: the one budget this run has (after ``validate``)."""
+        return next(k for k, v in (("params", self.target_params), ("latency", self.target_latency)) if v is not None) \
+            if self.target_macs is None else "macs"
+
+    def budget_target(self) -> float:
+        return getattr(self, f"target_{self.budget_kind()}")
+
+    def budget_label(self) -> str:
+        """The budget in words: "50 % of the dense MACs", "12 ms per batch of 1 (2 ORT threads)"."""
+        kind, target = self.budget_kind(), self.budget_target()
+        if kind == "latency":
+            return f"{target:g} ms per batch of {self.latency_batch} ({self.latency_threads} ORT thread(s))"
+        return f"{100 * target:.0f} % of the dense {'MACs' if kind == 'macs' else 'parameters'}"
+
+    def clear_budget(self) -> None:
+        """No budget given (a typed budget flag replaces a recipe's, of whatever kind)."""
+        self.target_macs = self.target_params = self.target_latency = None
+
     def validate(self) -> None:
-        if not 0.0 < self.target_macs <= 1.0:
+        given = [(flag, v) for flag, v in (("--target-macs", self.target_macs), ("--target-params", self.target_params),
+                                           ("--target-latency", self.target_latency)) if v is not None]
+        if len(given) > 1:
+            raise BudgetError("one budget per run: " + " and ".join(f"{f} {v:g}" for f, v in given)
+                              + " were both given; keep one of them")
+        if not given:
+            self.target_macs = DEFAULT_TARGET_MACS
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
+            raise BudgetError(f"--target-params must be in (0, 1], got {self.target_params}")
+        if self.target_latency is not None and not (0.0 < self.target_latency < float("inf")):
+            raise BudgetError(f"--target-latency must be a positive number of milliseconds, got {self.target_latency}")
+        for flag, value in (("--latency-batch", self.latency_batch), ("--latency-threads", self.latency_threads)):
+            if value < 1:
+                raise PassZooError(f"{flag} must be at least 1, got {value}")
         if self.method not in _methods():
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(_methods())})")
         check_choices(self)
@@ -281,7 +329,14 @@ class PruneConfig:
         from .methods import get_method
 
         data = self.dataset.split(":")[0]
-        return f"runs/{self.model}-{data}-{get_method(self.method).run_tag}{round(self.target_macs * 100)}"
+        tag = get_method(self.method).run_tag
+        kind = self.budget_kind() if any(v is not None for v in (self.target_macs, self.target_params,
+                                                                   self.target_latency)) else "macs"
+        if kind == "params":
+            return f"runs/{self.model}-{data}-{tag}-params{round(self.target_params * 100)}"
+        if kind == "latency":
+            return f"runs/{self.model}-{data}-{tag}-{self.target_latency:g}ms"
+        return f"runs/{self.model}-{data}-{tag}{round((self.target_macs or DEFAULT_TARGET_MACS) * 100)}"
 
 
 _SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}

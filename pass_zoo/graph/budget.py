@@ -64,7 +64,7 @@ class Budget:
                                f"{smallest / self.dense:.3g} of the dense parameters (the layers no group reaches "
                                "and the classifier stay dense)")
         return BudgetError(f"--target-latency {self.target:g} ms cannot be met: {keeps} still takes "
-                           f"{self.describe(smallest)} by the latency table (dense: {self.describe(self.dense)})")
+                           f"{smallest:.3g} ms by the latency table (dense {self.dense:.3g} ms; {self.detail})")
 
 
 def macs_budget(seq, target: float) -> Budget:
@@ -102,7 +102,11 @@ def latency_budget(seq, target_ms: float, table, detail: str = "") -> Budget:
 
 def as_budget(seq, budget) -> Budget:
     """A ``Budget`` as is; a plain number is a MACs fraction (the API's long-standing meaning)."""
-    return budget if isinstance(budget, Budget) else macs_budget(seq, float(budget))
+    if isinstance(budget, Budget):
+        return budget
+    if budget is None:  # e.g. a method that read config.target_macs on a parameter or latency budget
+        raise BudgetError("no budget to select under: pass the run's budget (MethodContext.budget)")
+    return macs_budget(seq, float(budget))
 
 
 def achieved(budget: Budget, kept: Sequence[int], measured_ms: Optional[float] = None) -> dict:

@@ -82,7 +82,7 @@ class TorchPruningCriterion(Method):
         cfg = ctx.config
         scores = self.scores(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.search.steps, ctx.accelerator,
                              train_head=ctx.new_head, lr_head=cfg.search.lr_head)
-        masks = to_channel_masks(select_units(scores, ctx.seq, cfg.target_macs, cfg.search.round_to,
+        masks = to_channel_masks(select_units(scores, ctx.seq, ctx.selection_budget(), cfg.search.round_to,
                                               cfg.search.selection), ctx.seq)
         check_same_across_processes(ctx.accelerator, f"{self.name} masks", list(masks.values()))
         return MethodResult(masks)

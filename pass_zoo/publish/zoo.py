@@ -30,7 +30,7 @@ def zoo_entries(recipes_dir=None, runs_dir="runs") -> List[dict]:
         metrics = _read(run / "metrics.json")
         hub = _read(run / "hub.json") or {}
         rows.append({
-            "name": name, "arch": cfg.model, "dataset": cfg.dataset, "target_macs": cfg.target_macs,
+            "name": name, "arch": cfg.model, "dataset": cfg.dataset, "target_macs": cfg.target_macs, "budget": cfg.budget_label(),
             "recipe": extras["path"], "run": str(run) if metrics else None,
             "top1": metrics.get("top1") if metrics else None,
             "macs_ratio": metrics.get("macs_ratio") if metrics else None,
@@ -48,7 +48,7 @@ def format_zoo(rows: List[dict]) -> str:
     table = [head]
     for r in rows:
         table.append((
-            r["name"], r["arch"], r["dataset"], f"{100 * r['target_macs']:.0f} %",
+            r["name"], r["arch"], r["dataset"], r["budget"].replace(" of the dense ", " "),
             r["run"] or "not built",
             "-" if r["top1"] is None else f"{100 * r['top1']:.2f} %",
             "-" if r["macs_ratio"] is None else f"{100 * r['macs_ratio']:.1f} %",
