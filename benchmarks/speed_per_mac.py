@@ -111,10 +111,12 @@ def per_block(profile: dict, macs: dict) -> list:
     """Per block: time and MACs ratio dense / slim and their quotient (1 = speed follows MACs).
 
     ORT names a fused node after the last op it absorbed ("/layer1/layer1.0/act1/Relu_output_0_nchwc"
-    is conv1 + bn1 + act1), so times are summed per block, where fused names still belong."""
+    is conv1 + bn1 + act1), so times are summed per block, where fused names still belong; the scope's
+    deepest dotted part ("layer1.0") names the block."""
     def module_of(node: str) -> str:
-        parts = [p for p in node.split("/") if p]
-        return parts[-2] if len(parts) >= 2 else ""
+        dotted = [p for p in node.split("/") if "." in p and not p.endswith(("_nchwc", "_kernel_time"))]
+        dotted = [p for p in dotted if not p.split(".")[-1].startswith(("Conv", "Relu", "Add"))]
+        return dotted[-1] if dotted else ""
 
     times = {k: defaultdict(float) for k in profile}
     for k, prof in profile.items():
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", nargs="+", default=["resnet50"])
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--target-macs", type=float, default=0.5)
-    p.add_argument("--round-to", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--round-to", nargs="+", default=["8", "16"], help="multiples, or auto (pass-zoo's --round-to auto)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20, help="interleaved timed runs (0: layout and profile only)")
@@ -213,15 +215,18 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
+    from pass_zoo.config import _round_to
+    from pass_zoo.export.latency import nchwc_block_size
     from pass_zoo.runio import atomic_write_json
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="speed-per-mac-") as tmp:
         for model in args.model:
-            for r in args.round_to:
+            for r in dict.fromkeys(_round_to(r) for r in args.round_to):  # auto may repeat a number
                 rows.append(one(model, args.img_size, args.target_macs, r, args.batch, args.threads, args.repeats,
                                 args.profile_runs, Path(tmp)))
     doc = {"runtime": f"onnxruntime {ort.__version__}", "threads": args.threads, "cpu_count": os.cpu_count(),
+           "nchwc_block_size": nchwc_block_size(),
            "load_average": [round(v, 2) for v in os.getloadavg()], "command": " ".join(sys.argv), "results": rows}
     atomic_write_json(args.out, doc)
     print(f"wrote {args.out}", file=sys.stderr)

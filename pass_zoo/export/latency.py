@@ -149,3 +149,48 @@ def format_latency(report: dict) -> str:
         lines.append(f"{r['batch']:>5}  {r['dense_ms']:>10.2f}  {r['slim_ms']:>10.2f}  {r['speedup']:>7.2f}x  "
                      f"{100 * report['macs_ratio']:>8.1f}%")
     return "\n".join(lines)
+
+
+_BLOCK_SIZE = None
+
+
+def nchwc_block_size() -> int:
+    """The channel block of ONNX Runtime's NCHWc convolutions on this CPU (8 with AVX2, 16 where MLAS
+    uses AVX-512; 0: no NCHWc path, e.g. on ARM). A conv takes the blocked path only when its input
+    and output channels are multiples of it; otherwise it runs as plain NCHW with layout reorders
+    around it. Read off ORT itself: which of two one-conv graphs (16 and 24 channels) it rewrites."""
+    global _BLOCK_SIZE
+    if _BLOCK_SIZE is None:
+        _BLOCK_SIZE = _probe_block_size()
+    return _BLOCK_SIZE
+
+
+def _probe_block_size() -> int:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def blocked(channels: int, tmp: Path) -> bool:
+        w = numpy_helper.from_array(np.zeros((channels, channels, 3, 3), np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 8, 8])], [w])
+        src, opt = tmp / f"c{channels}.onnx", tmp / f"c{channels}.opt.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        latency_session(src, 1, optimized_path=opt)
+        return any(n.domain == "com.microsoft.nchwc" and n.op_type == "Conv" for n in onnx.load(str(opt)).graph.node)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="pass-zoo-nchwc-") as tmp:
+            if not blocked(16, Path(tmp)):
+                return 0
+            return 8 if blocked(24, Path(tmp)) else 16
+    except Exception:  # no answer from ORT: assume the common AVX2 block
+        return 8
+
+
+def latency_round_to() -> int:
+    """``--round-to auto``: channel multiples that keep every conv on ORT's NCHWc path on this CPU
+    (its block size), and at least 8, which also suits the GEMM kernels."""
+    return max(8, nchwc_block_size())
