@@ -51,12 +51,21 @@ def explicit_prune_flags(argv: List[str]) -> set:
 
 
 def _summary(out, cfg, m) -> str:
+    budget = m.get("budget") or {"kind": "macs", "target": cfg.target_macs}
+    kind = budget["kind"]
+    macs_target = f", target {100 * budget['target']:.0f} %" if kind == "macs" else ""
+    params_target = (f"  ({100 * m['params_slim'] / m['params_dense']:.1f} % kept, target {100 * budget['target']:.0f} %)"
+                     if kind == "params" else "")
     lines = [
         f"run folder      {out}",
         f"MACs            {m['macs_dense'] / 1e6:.1f} M -> {m['macs_slim'] / 1e6:.1f} M  "
-        f"({100 * m['macs_ratio']:.1f} % kept, target {100 * cfg.target_macs:.0f} %)",
-        f"params          {m['params_dense'] / 1e6:.2f} M -> {m['params_slim'] / 1e6:.2f} M",
+        f"({100 * m['macs_ratio']:.1f} % kept{macs_target})",
+        f"params          {m['params_dense'] / 1e6:.2f} M -> {m['params_slim'] / 1e6:.2f} M{params_target}",
     ]
+    if kind == "latency":
+        lines.append(f"latency         {budget['achieved']:.3g} ms measured, {budget['predicted']:.3g} ms by the table, "
+                     f"target {budget['target']:g} ms (batch {budget['batch']}, {budget['threads']} ORT thread(s))"
+                     + ("" if budget["within_target"] else "  -- over the target on this measurement"))
     if "top1_dense_zero_shot" in m:
         lines.append(f"top-1 dense     {100 * m['top1_dense_zero_shot']:.2f} %  (label mapping, no training)")
     lines += [
@@ -94,6 +103,9 @@ def cmd_prune(args) -> int:
 
         name, base, extras = load_recipe(args.recipe)
         given = explicit_prune_flags(args._argv)
+        typed_budgets = given & {"target_macs", "target_params", "target_latency"}
+        if typed_budgets:  # a typed budget replaces the recipe's, of whatever kind
+            base.clear_budget()
         cfg = _prune_config(args, base, given)
         if "out" not in given:
             cfg.out = f"runs/{name}"

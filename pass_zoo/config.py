@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional
 from .backbone import BUNDLED_ARCH, PRETRAINED_HELP
 from .errors import BudgetError, PassZooError
 
+DEFAULT_TARGET_MACS = 0.5  # the budget of a run that names none
+
 # Help sections of ``pass-zoo prune``, in the order they are listed.
 WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN = (
     "what to prune", "task head and prompt", "data", "stage 1: PASS search (backbone frozen)",
@@ -28,15 +30,16 @@ GROUPS = (WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN)
 
 def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "", group: str = RUN,
            choices=None, negate: bool = False, metavar: Optional[str] = None, what: Optional[str] = None,
-           factory: Optional[Callable] = None):
+           factory: Optional[Callable] = None, parse: Optional[Callable] = None):
     """A dataclass field with its command-line form.
 
     ``flag``: the option (None: recipe/API only); ``negate``: a ``--no-x`` switch that sets the field
     False; ``choices``: allowed values, or a callable returning them (a registry read when needed);
-    ``what``: how errors name a field without a flag.
+    ``what``: how errors name a field without a flag; ``parse``: the flag's argparse type when it is not
+    the field's own (e.g. a word that resolves to a number).
     """
     meta = {"flag": flag, "help": help, "group": group, "choices": choices, "negate": negate,
-            "metavar": metavar, "what": what or flag}
+            "metavar": metavar, "what": what or flag, "parse": parse}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -90,6 +93,19 @@ def _precisions():
     return PRECISIONS
 
 
+def _round_to(text: str) -> int:
+    """``--round-to N`` or ``auto``: the multiple that keeps every conv on ONNX Runtime's blocked (NCHWc)
+    path on this CPU, read off ORT (resolved here, so the run records the number it used)."""
+    if text.strip().lower() == "auto":
+        from .export.latency import latency_round_to
+
+        return latency_round_to()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got '{text}'") from None
+
+
 def _dataset_help() -> str:
     from .data import DATASET_HELP
 
@@ -127,9 +143,10 @@ class SearchConfig:
     bn_mode: str = option("batch", flag="--search-bn", group=SEARCH, choices=("batch", "frozen"),
                           help="BatchNorm of the frozen backbone during search: batch statistics (default; depend on "
                                "the per-process batch) or the frozen running statistics")
-    round_to: int = option(8, flag="--round-to", group=WHAT,
-                           help="keep each group's channels a multiple of N; odd widths waste real speed "
-                                "(default: %(default)s)")
+    round_to: int = option(8, flag="--round-to", group=WHAT, metavar="N|auto", parse=_round_to,
+                           help="keep each group's channels a multiple of N; odd widths waste real speed; auto: "
+                                "ONNX Runtime's NCHWc channel block on this CPU (8 with AVX2, 16 with AVX-512), at "
+                                "least 8 (default: %(default)s)")
     # Fraction of the steps over which the budget tightens from the dense network to the target
     # (geometrically). A frozen network cut straight to a harsh budget predicts at chance, so its loss
     # says little about which channels matter; tightening step by step keeps the loss informative.
@@ -194,9 +211,22 @@ class PruneConfig:
     pretrained: str = option("auto", flag="--pretrained", group=WHAT,
                              help=f"weights: auto (bundled for tf_efficientnet_lite0, else timm) | {PRETRAINED_HELP}")
     dataset: str = option("fashion-mnist", flag="--dataset", group=WHAT, help=_dataset_help)
-    target_macs: float = option(0.5, flag="--target-macs", group=WHAT,
-                                help="the slim model keeps at most this fraction of the dense MACs, in (0, 1] "
-                                     "(default: %(default)s)")
+    # The budget: exactly one of target_macs / target_params / target_latency (validate() fills in
+    # target_macs = DEFAULT_TARGET_MACS when none is given).
+    target_macs: Optional[float] = option(None, flag="--target-macs", group=WHAT, metavar="F",
+                                          help="budget: the slim model keeps at most this fraction of the dense MACs, "
+                                               "in (0, 1] (default: 0.5 when no other budget is given)")
+    target_params: Optional[float] = option(None, flag="--target-params", group=WHAT, metavar="F",
+                                            help="budget instead: at most this fraction of the dense network's "
+                                                 "parameters (backbone with its task head), in (0, 1]")
+    target_latency: Optional[float] = option(None, flag="--target-latency", group=WHAT, metavar="MS",
+                                             help="budget instead: at most MS milliseconds per batch of "
+                                                  "--latency-batch with --latency-threads on ONNX Runtime on this "
+                                                  "machine, by a latency table measured once and cached")
+    latency_batch: int = option(1, flag="--latency-batch", group=WHAT, metavar="N",
+                                help="batch size --target-latency is measured at (default: %(default)s)")
+    latency_threads: int = option(2, flag="--latency-threads", group=WHAT, metavar="T",
+                                  help="ONNX Runtime threads --target-latency is measured with (default: %(default)s)")
     img_size: Optional[int] = option(None, flag="--img-size", group=WHAT,  # None = the backbone's own input size
                                      help="input size in pixels (default: the model's own)")
     # extra timm.create_model kwargs, recorded in the export (e.g. {"img_size": 64} for a ViT/Swin,
@@ -264,9 +294,42 @@ class PruneConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    def budget_kind(self) -> str:
+        """macs | params | latency: the one budget this run has (after ``validate``)."""
+        return next(k for k, v in (("params", self.target_params), ("latency", self.target_latency)) if v is not None) \
+            if self.target_macs is None else "macs"
+
+    def budget_target(self) -> float:
+        return getattr(self, f"target_{self.budget_kind()}")
+
+    def budget_label(self) -> str:
+        """The budget in words: "50 % of the dense MACs", "12 ms per batch of 1 (2 ORT threads)"."""
+        kind, target = self.budget_kind(), self.budget_target()
+        if kind == "latency":
+            return f"{target:g} ms per batch of {self.latency_batch} ({self.latency_threads} ORT thread(s))"
+        return f"{100 * target:.0f} % of the dense {'MACs' if kind == 'macs' else 'parameters'}"
+
+    def clear_budget(self) -> None:
+        """No budget given (a typed budget flag replaces a recipe's, of whatever kind)."""
+        self.target_macs = self.target_params = self.target_latency = None
+
     def validate(self) -> None:
-        if not 0.0 < self.target_macs <= 1.0:
+        given = [(flag, v) for flag, v in (("--target-macs", self.target_macs), ("--target-params", self.target_params),
+                                           ("--target-latency", self.target_latency)) if v is not None]
+        if len(given) > 1:
+            raise BudgetError("one budget per run: " + " and ".join(f"{f} {v:g}" for f, v in given)
+                              + " were both given; keep one of them")
+        if not given:
+            self.target_macs = DEFAULT_TARGET_MACS
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
+            raise BudgetError(f"--target-params must be in (0, 1], got {self.target_params}")
+        if self.target_latency is not None and not (0.0 < self.target_latency < float("inf")):
+            raise BudgetError(f"--target-latency must be a positive number of milliseconds, got {self.target_latency}")
+        for flag, value in (("--latency-batch", self.latency_batch), ("--latency-threads", self.latency_threads)):
+            if value < 1:
+                raise PassZooError(f"{flag} must be at least 1, got {value}")
         if self.method not in _methods():
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(_methods())})")
         check_choices(self)
@@ -289,7 +352,14 @@ class PruneConfig:
         from .methods import get_method
 
         data = self.dataset.split(":")[0]
-        return f"runs/{self.model}-{data}-{get_method(self.method).run_tag}{round(self.target_macs * 100)}"
+        tag = get_method(self.method).run_tag
+        kind = self.budget_kind() if any(v is not None for v in (self.target_macs, self.target_params,
+                                                                   self.target_latency)) else "macs"
+        if kind == "params":
+            return f"runs/{self.model}-{data}-{tag}-params{round(self.target_params * 100)}"
+        if kind == "latency":
+            return f"runs/{self.model}-{data}-{tag}-{self.target_latency:g}ms"
+        return f"runs/{self.model}-{data}-{tag}{round((self.target_macs or DEFAULT_TARGET_MACS) * 100)}"
 
 
 _SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}
@@ -351,7 +421,7 @@ def add_flags(groups: Dict[str, argparse._ArgumentGroup], defaults: bool = True)
         if kind is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs["type"] = json_object if kind is dict else kind
+            kwargs["type"] = meta["parse"] or (json_object if kind is dict else kind)
             if meta["metavar"]:
                 kwargs["metavar"] = meta["metavar"]
             if meta["choices"] is not None:

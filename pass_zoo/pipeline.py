@@ -21,6 +21,7 @@ from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, m
 from .errors import PassZooError
 from .export.timm_model import check_rebuild
 from .graph.costs import count_macs, count_params
+from .graph.budget import Budget, achieved, latency_budget, macs_budget, params_budget
 from .graph.masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
 from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import slim
@@ -135,12 +136,73 @@ def attach_head(cfg: PruneConfig, backbone: nn.Module, prompt: nn.Module, data: 
 
 
 def layer_sequence(backbone: nn.Module, img_size: int, cfg: Optional[PruneConfig] = None) -> LayerSequence:
-    """The backbone's prunable groups; with ``cfg``, an unreachable budget fails now, not after stage 1."""
+    """The backbone's prunable groups; with ``cfg``, an unreachable MACs or parameter budget fails now,
+    not after stage 1 (a latency budget needs its table: ``run_budget``)."""
     seq = build_layer_sequence(backbone, torch.zeros(1, 3, img_size, img_size))
-    if cfg is not None:  # selection raises the BudgetError
-        select_units([torch.zeros(g.units) for g in seq.groups], seq, cfg.target_macs, cfg.search.round_to,
-                     cfg.search.selection)
+    if cfg is not None and cfg.budget_kind() != "latency":
+        run_budget(cfg, backbone, seq)
     return seq
+
+
+def latency_key(cfg: PruneConfig, backbone: nn.Module, seq: LayerSequence, model_kwargs: dict) -> dict:
+    """What the run's latency table is cached under (see ``export.latency_table``)."""
+    from .export.latency_table import table_key
+
+    return table_key(cfg.model, model_kwargs, int(seq.example_input.shape[-1]), backbone.num_classes, seq,
+                     cfg.latency_batch, cfg.latency_threads, cfg.search.round_to)
+
+
+def run_budget(cfg: PruneConfig, backbone: nn.Module, seq: LayerSequence, accelerator=None,
+               model_kwargs: Optional[dict] = None) -> Budget:
+    """The run's one budget over ``seq`` (MACs, parameters, or milliseconds by the latency table, which
+    the main process measures once and caches; the others read it). A budget even the smallest
+    selectable network exceeds is refused here, before stage 1."""
+    kind = cfg.budget_kind()
+    if kind == "macs":
+        budget = macs_budget(seq, cfg.target_macs)
+    elif kind == "params":
+        budget = params_budget(seq, cfg.target_params)
+    else:
+        from .export.latency_table import latency_table
+
+        key = latency_key(cfg, backbone, seq, model_kwargs or {})
+        main = accelerator is None or accelerator.is_main_process
+        table = latency_table(backbone, seq, key)[0] if main else None
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+            if not main:
+                table = latency_table(backbone, seq, key, build=False)[0]
+        budget = latency_budget(seq, cfg.target_latency, table,
+                                f"batch {cfg.latency_batch}, {cfg.latency_threads} ORT thread(s)")
+    # the selection itself raises the BudgetError (and checks the selection's own settings)
+    select_units([torch.zeros(g.units) for g in seq.groups], seq, budget, cfg.search.round_to, cfg.search.selection)
+    return budget
+
+
+def check_masks_budget(masks: Masks, seq: LayerSequence, budget: Budget, method: str) -> None:
+    """A method's masks fit the run's budget: a method that selected under another budget (e.g. one
+    that read ``target_macs`` on a parameter budget) is an error, not a silently different run."""
+    kept = [int(u.sum()) for u in to_unit_masks(masks, seq)]
+    cost = budget.cost(kept)
+    if cost > budget.limit * (1 + 1e-9):
+        raise PassZooError(f"method '{method}' returned masks over the run's budget: {budget.describe(cost)}, "
+                           f"the budget is {budget.flag} {budget.target:g}; select them with ctx.budget")
+
+
+def budget_record(cfg: PruneConfig, budget: Budget, masks: Masks, seq: LayerSequence, slim_model: nn.Module,
+                  img_size: int) -> dict:
+    """metrics.json's ``budget``: kind, target, achieved; a latency budget re-measures the slim network
+    on ONNX Runtime (the same session settings as its table) and keeps the table's prediction beside it."""
+    kept = [int(u.sum()) for u in to_unit_masks(masks, seq)]
+    if budget.kind != "latency":
+        return achieved(budget, kept)
+    from .export import latency as latency_mod
+
+    ms = latency_mod.measure_model_ms(slim_model, img_size, cfg.latency_batch, cfg.latency_threads)
+    record = achieved(budget, kept, round(ms, 4))
+    record.update({"batch": cfg.latency_batch, "threads": cfg.latency_threads, "runtime": latency_mod.runtime_name(),
+                   "within_target": bool(ms <= budget.target)})
+    return record
 
 
 def choose_masks(method: Method, ctx: MethodContext, carry: dict) -> Tuple[Masks, Dict[str, bytes]]:
@@ -158,6 +220,8 @@ def choose_masks(method: Method, ctx: MethodContext, carry: dict) -> Tuple[Masks
         result = method.produce(ctx)
         masks, artefacts = result.masks, result.artefacts
         carry.update(result.record)
+        if ctx.budget is not None:
+            check_masks_budget(masks, seq, ctx.budget, cfg.method)
     carry["search_seconds"] = round(time.time() - t0, 2)
     ckpts.save_searched(ctx.backbone, ctx.prompt, masks, artefacts)
     return masks, artefacts
@@ -211,7 +275,7 @@ def finetune_stage(cfg: PruneConfig, method: Method, prompted: PromptedModel, da
 
 
 def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data: Data, seq: LayerSequence,
-                trained: Trained, ckpts, world: int, started: float) -> dict:
+                trained: Trained, ckpts, world: int, started: float, budget: Budget, masks: Masks) -> dict:
     """What metrics.json records about the run (besides the head's entries, the command and recipe)."""
     carry, example, slim_model = ckpts.carry, seq.example_input, trained.model.model
     search_losses = carry.get("search_losses", [])
@@ -221,6 +285,7 @@ def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data:
         "method": cfg.method,
         "head": head,
         "target_macs": cfg.target_macs,
+        "budget": budget_record(cfg, budget, masks, seq, slim_model, bb.spec.img_size),
         "img_size": bb.spec.img_size,
         "macs_dense": count_macs(bb.model, example),
         "macs_slim": count_macs(slim_model, example),
@@ -291,14 +356,16 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     check_rebuild(cfg.model, bb.model_kwargs, task.num_classes)  # the export must load again: fail before stage 1
     data = load_data(cfg, task, accelerator)
     head, metrics = attach_head(cfg, bb.model, prompt, data, accelerator, carry)
-    seq = layer_sequence(bb.model, bb.spec.img_size, cfg)
+    seq = layer_sequence(bb.model, bb.spec.img_size)
+    budget = run_budget(cfg, bb.model, seq, accelerator, bb.model_kwargs)  # unreachable: refused before stage 1
     masks, artefacts = choose_masks(method, MethodContext(bb.model, seq, prompt, data.train_loader, cfg, accelerator,
-                                                          ckpts, head), carry)
+                                                          ckpts, head, budget), carry)
     prompted, history = slim_stage(bb.model, masks, prompt, seq.example_input,
                                    _calibration_loader(cfg, data, accelerator, cfg.seed + 3), cfg.bn_calibration_batches)
     trained = finetune_stage(cfg, method, prompted, data, accelerator, ckpts)
 
-    metrics.update(run_metrics(cfg, method, head, bb, data, seq, trained, ckpts, accelerator.num_processes, t0))
+    metrics.update(run_metrics(cfg, method, head, bb, data, seq, trained, ckpts, accelerator.num_processes, t0,
+                               budget, masks))
     metrics.update({"command": command or "pass_zoo.prune(...)", "config": asdict(cfg),
                     "class_names": data.task.class_names})
     if recipe is not None:

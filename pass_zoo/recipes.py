@@ -56,7 +56,9 @@ def recipe_config(values: Dict[str, Any], source="recipe") -> PruneConfig:
 def recipe_name(pattern: Optional[str], cfg: PruneConfig, source="recipe") -> str:
     """The published name: ``pattern`` with ``{arch}``, ``{percent}``, ``{dataset}`` filled in."""
     try:
-        name = (pattern or DEFAULT_NAME).format(arch=cfg.model, percent=round(cfg.target_macs * 100),
+        kind = cfg.budget_kind()
+        percent = f"{cfg.target_latency:g}ms" if kind == "latency" else round(cfg.budget_target() * 100)
+        name = (pattern or DEFAULT_NAME).format(arch=cfg.model, percent=percent,
                                                 dataset=cfg.dataset.split(":")[0])
     except (KeyError, IndexError, ValueError) as exc:
         raise RecipeError(f"{source}: name pattern '{pattern}' can use only {{arch}}, {{percent}} and "

@@ -29,7 +29,7 @@ class KeepFirst(Method):
         CALLS.append(ctx.head)
         cfg = ctx.config
         scores = [torch.arange(g.units, 0, -1).float() for g in ctx.seq.groups]
-        masks = to_channel_masks(select_units(scores, ctx.seq, cfg.target_macs, cfg.search.round_to), ctx.seq)
+        masks = to_channel_masks(select_units(scores, ctx.seq, ctx.budget, cfg.search.round_to), ctx.seq)
         return MethodResult(masks, artefacts={"toy.json": json.dumps({"groups": len(masks)}).encode()},
                             record={"toy_groups": len(masks)})
 

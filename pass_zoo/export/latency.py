@@ -20,6 +20,63 @@ import torch
 from ..errors import PassZooError
 
 
+def latency_session(path, threads: int, profile_prefix=None, optimized_path=None):
+    """The ONNX Runtime CPU session every latency figure of pass-zoo is measured with: all graph
+    optimisations (constant folding, Conv+BN+activation fusion and the NCHWc blocked layout, which only
+    takes convs whose channels are multiples of the CPU's block size), ``threads`` intra-op threads,
+    sequential execution (one inter-op thread: the graph is a chain). ``profile_prefix``: write ORT's
+    per-node profile (JSON); ``optimized_path``: save the graph as ORT optimised it."""
+    import onnxruntime as ort
+
+    from ..errors import one_line
+    from .onnx import OnnxExportError
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
+    if optimized_path:
+        opts.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxExportError(f"ONNX Runtime cannot load {path}: {one_line(exc)}") from exc
+
+
+def runtime_name() -> str:
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider"
+
+
+def measure_model_ms(model, img_size: int, batch: int = 1, threads: int = 2, repeats: int = 10,
+                     warmup: int = 2, opset: int = 17) -> float:
+    """Median ms per batch of ``model`` (exported to a temporary ONNX file) on ONNX Runtime's CPU
+    provider. Weights do not change the speed; the global random state is left alone."""
+    from .onnx import INPUT_NAME, export_graph
+
+    if repeats < 1 or warmup < 0 or threads < 1 or batch < 1:
+        raise PassZooError("latency needs repeats >= 1, warmup >= 0, threads >= 1 and a batch size >= 1")
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="pass-zoo-latency-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        was_training = model.training
+        try:
+            export_graph(model, path, img_size, opset)
+        finally:
+            model.train(was_training)
+        session = latency_session(path, threads)
+        x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
+        feed = {INPUT_NAME: x.numpy()}
+        for _ in range(warmup):
+            session.run(None, feed)
+        return statistics.median(_time_once(session, feed) for _ in range(repeats))
+
+
 def _time_once(session, feed) -> float:
     t = time.perf_counter()
     session.run(None, feed)
@@ -29,11 +86,10 @@ def _time_once(session, feed) -> float:
 def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2, repeats: int = 20,
                     warmup: int = 3, opset: int = 17) -> dict:
     """Median ms per batch for the dense base model and the slim run model, and their ratio."""
-    import onnxruntime as ort
     import timm
 
     from ..graph.costs import count_macs
-    from .onnx import INPUT_NAME, export_graph, ort_session
+    from .onnx import INPUT_NAME, export_graph
     from .timm_model import load_run_model
 
     if repeats < 1 or warmup < 0 or threads < 1 or not batches or min(batches) < 1:
@@ -60,7 +116,7 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
         for name, model in (("dense", dense_model), ("slim", slim_model)):
             path = Path(tmp) / f"{name}.onnx"
             exporters[name] = export_graph(model, path, img_size, opset)
-            sessions[name] = ort_session(path, threads)
+            sessions[name] = latency_session(path, threads)
         rows = []
         for batch in batches:
             x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
@@ -79,7 +135,7 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
                          "slim_ms_all": [round(t, 3) for t in times["slim"]]})
     return {"run": str(run_dir), "base_arch": base_arch, "img_size": img_size, "threads": threads,
             "repeats": repeats, "warmup": warmup, "opset": opset, "exporter": exporters["slim"],
-            "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "macs_ratio": macs_ratio,
+            "runtime": runtime_name(), "macs_ratio": macs_ratio,
             "results": rows}
 
 
@@ -93,3 +149,48 @@ def format_latency(report: dict) -> str:
         lines.append(f"{r['batch']:>5}  {r['dense_ms']:>10.2f}  {r['slim_ms']:>10.2f}  {r['speedup']:>7.2f}x  "
                      f"{100 * report['macs_ratio']:>8.1f}%")
     return "\n".join(lines)
+
+
+_BLOCK_SIZE = None
+
+
+def nchwc_block_size() -> int:
+    """The channel block of ONNX Runtime's NCHWc convolutions on this CPU (8 with AVX2, 16 where MLAS
+    uses AVX-512; 0: no NCHWc path, e.g. on ARM). A conv takes the blocked path only when its input
+    and output channels are multiples of it; otherwise it runs as plain NCHW with layout reorders
+    around it. Read off ORT itself: which of two one-conv graphs (16 and 24 channels) it rewrites."""
+    global _BLOCK_SIZE
+    if _BLOCK_SIZE is None:
+        _BLOCK_SIZE = _probe_block_size()
+    return _BLOCK_SIZE
+
+
+def _probe_block_size() -> int:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def blocked(channels: int, tmp: Path) -> bool:
+        w = numpy_helper.from_array(np.zeros((channels, channels, 3, 3), np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 8, 8])], [w])
+        src, opt = tmp / f"c{channels}.onnx", tmp / f"c{channels}.opt.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        latency_session(src, 1, optimized_path=opt)
+        return any(n.domain == "com.microsoft.nchwc" and n.op_type == "Conv" for n in onnx.load(str(opt)).graph.node)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="pass-zoo-nchwc-") as tmp:
+            if not blocked(16, Path(tmp)):
+                return 0
+            return 8 if blocked(24, Path(tmp)) else 16
+    except Exception:  # no answer from ORT: assume the common AVX2 block
+        return 8
+
+
+def latency_round_to() -> int:
+    """``--round-to auto``: channel multiples that keep every conv on ORT's NCHWc path on this CPU
+    (its block size), and at least 8, which also suits the GEMM kernels."""
+    return max(8, nchwc_block_size())

@@ -174,3 +174,97 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
 
 def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
+
+
+class LinearCost:
+    """A cost affine in the kept units: ``constant + sum_g per_unit[g] * kept[g]`` (exact in integers)."""
+
+    def __init__(self, n_groups: int):
+        self.constant = 0
+        self.per_unit = [0] * n_groups
+
+    def add(self, dense: int, owners: Sequence[Tuple[int, int]], groups: Sequence[ChannelGroup], scale: int = 1):
+        """A dimension of ``dense`` entries of which ``owners`` (group, entries per unit) are pruned."""
+        self.constant += scale * (dense - sum(n * groups[g].units for g, n in owners))
+        for g, n in owners:
+            self.per_unit[g] += scale * n
+
+    def value(self, kept_units: Sequence[int]) -> int:
+        return self.constant + sum(a * k for a, k in zip(self.per_unit, kept_units))
+
+    def batch(self, kept_units: torch.Tensor) -> torch.Tensor:
+        return self.constant + kept_units.long() @ torch.tensor(self.per_unit, dtype=torch.long)
+
+
+class ParamModel:
+    """Parameters of the slim network as a function of the units each group keeps.
+
+    Conv/linear weights are bilinear in the kept channels on both sides (the MACs model with one
+    output position), biases, BatchNorm affines and per-head attention parameters are linear in the
+    group that owns them; everything no pruned group reaches (embeddings, layer scales, norms of
+    dense groups) is a constant. A parameter the model does not know to follow a group counts as
+    dense, so the estimate is never below the real slim count.
+    """
+
+    def __init__(self, model: nn.Module, groups: List[ChannelGroup], costs: List):
+        layers = [c for c in costs if isinstance(c, LayerCost)]
+        weights = [LayerCost(c.name, c.out_dense, c.in_dense, 1, c.kernel, c.groups, c.depthwise,
+                             c.out_owners, c.in_owners) for c in layers]
+        self.weights = CostModel(groups, weights)
+        self.linear = LinearCost(len(groups))
+        modelled = self.weights.dense_macs
+        for c in layers:
+            if getattr(model.get_submodule(c.name), "bias", None) is not None:
+                self.linear.add(c.out_dense, c.out_owners, groups)
+                modelled += c.out_dense
+        for gi, g in enumerate(groups):
+            for slot in g.norms:
+                bn = model.get_submodule(slot.module_name)
+                if getattr(bn, "affine", False):
+                    n = len(slot.positions) // g.units
+                    self.linear.per_unit[gi] += 2 * n
+                    self.linear.constant += 2 * (bn.num_features - n * g.units)
+                    modelled += 2 * bn.num_features
+        owner = {g.attention: gi for gi, g in enumerate(groups) if g.kind == "heads"}
+        for name, mod, fam in attention_modules(model):
+            if name in owner:
+                for p in fam.per_head_params(mod):
+                    self.linear.per_unit[owner[name]] += p.numel() // fam.heads(mod)
+                    modelled += p.numel()
+        self.linear.constant += count_params(model) - modelled  # what no group reaches
+        self.dense = self.params([g.units for g in groups])
+
+    def params(self, kept_units: Sequence[int]) -> int:
+        return self.weights.macs(kept_units) + self.linear.value(kept_units)
+
+    def params_batch(self, kept_units: torch.Tensor) -> torch.Tensor:
+        return self.weights.macs_batch(kept_units) + self.linear.batch(kept_units)
+
+
+# What a latency model may read of a network: exact cost features, each non-decreasing in the kept
+# units, so a non-negative fit of them is monotone and the budgeted selection's binary search holds.
+LATENCY_FEATURES = ("constant", "gemm_macs", "depthwise_macs", "attention_macs", "output_elements",
+                    "input_elements")
+
+
+class LatencyFeatures:
+    """``LATENCY_FEATURES`` of the slim network as a function of the units each group keeps."""
+
+    def __init__(self, groups: List[ChannelGroup], costs: List):
+        layers = [c for c in costs if isinstance(c, LayerCost)]
+        self.gemm = CostModel(groups, [c for c in layers if not c.depthwise])
+        self.depthwise = CostModel(groups, [c for c in layers if c.depthwise])
+        self.attention = CostModel(groups, [c for c in costs if isinstance(c, AttentionCost)])
+        self.outputs, self.inputs = LinearCost(len(groups)), LinearCost(len(groups))
+        for c in layers:  # activations written and read: what BN, activations and adds cost
+            self.outputs.add(c.out_dense, c.out_owners, groups, scale=c.positions)
+            self.inputs.add(c.in_dense, c.in_owners, groups, scale=c.positions)
+
+    def batch(self, kept_units: torch.Tensor) -> torch.Tensor:
+        """(N, groups) kept units -> (N, len(LATENCY_FEATURES)) float64 features."""
+        kept_units = kept_units.long()
+        cols = [torch.ones(len(kept_units), dtype=torch.long)]
+        for part in (self.gemm, self.depthwise, self.attention):
+            cols.append(part.macs_batch(kept_units) if part.costs else torch.zeros(len(kept_units), dtype=torch.long))
+        cols += [self.outputs.batch(kept_units), self.inputs.batch(kept_units)]
+        return torch.stack(cols, 1).double()

@@ -3,13 +3,14 @@
 A mask set is a plain ``{group name: bool tensor over the group's root channels}``. PASS and every
 baseline hand the same object to ``slim``; only the way the scores were obtained differs.
 
-``select_units`` turns per-group scores into hard unit masks under an exact MACs budget:
+``select_units`` turns per-group scores into hard unit masks under a budget (``budget.py``: exact
+MACs by default, or parameters, or a latency table's milliseconds -- the same code for each):
 
 * *global* (the paper's choice): all units of all groups are ranked on one scale and the longest
-  prefix whose slim network fits the budget is kept. The MACs of a prefix are computed exactly by
-  the layer sequence (conv/linear MACs are bilinear in the kept channels of adjacent groups, so a
-  per-channel cost would only approximate them); a binary search finds the prefix because MACs
-  grow monotonically with it.
+  prefix whose slim network fits the budget is kept. The cost of a prefix is computed for the whole
+  kept-count vector (conv/linear MACs and parameters are bilinear in the kept channels of adjacent
+  groups, so a per-channel cost would only approximate them); a binary search finds the prefix
+  because every budget's cost grows monotonically with it.
 * *uniform*: every group keeps the same fraction, the largest fraction that fits.
 
 ``round_to`` keeps each group's kept channels a multiple of N: odd widths push CPU/GPU kernels off
@@ -24,6 +25,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..errors import BudgetError
+from .budget import Budget, as_budget
 from .sequence import LayerSequence
 
 Masks = Dict[str, torch.Tensor]
@@ -49,10 +51,10 @@ def _kept_counts_global(order_gid: torch.Tensor, k: int, totals: List[int], step
     return [_rounded(c, t, s) for c, t, s in zip(counts, totals, steps)]
 
 
-def _fill(kept: List[int], scores, seq: LayerSequence, budget: float, totals, steps) -> List[int]:
+def _fill(kept: List[int], scores, budget: Budget, totals, steps) -> List[int]:
     """Rounding leaves budget unused: greedily add the best next step of any group that still fits.
 
-    Every group's candidate is costed in one batched MACs query per added step; ties go to the first
+    Every group's candidate is costed in one batched query per added step; ties go to the first
     group in walk order."""
     if all(s == 1 for s in steps):
         return kept
@@ -66,7 +68,7 @@ def _fill(kept: List[int], scores, seq: LayerSequence, budget: float, totals, st
         if not open_.any():
             return kept_t.tolist()
         cands = kept_t + eye * (torch.minimum(totals_t, kept_t + steps_t) - kept_t)  # row g: group g grown
-        fits = open_ & (seq.macs_batch(cands) <= budget)
+        fits = open_ & (budget.cost_batch(cands) <= budget.limit)
         if not fits.any():
             return kept_t.tolist()
         next_score = torch.tensor([float(ranked[g][k]) if k < t else float("-inf")
@@ -75,26 +77,37 @@ def _fill(kept: List[int], scores, seq: LayerSequence, budget: float, totals, st
         kept_t = cands[best]
 
 
+def smallest_kept(seq: LayerSequence, round_to: int = 1) -> List[int]:
+    """Kept units of the smallest network a selection can produce (one rounding step per group)."""
+    return [_rounded(0, g.units, _unit_step(round_to, g.unit_width)) for g in seq.groups]
+
+
 def smallest_macs(seq: LayerSequence, round_to: int = 1) -> int:
     """MACs of the smallest network a selection can produce (one rounding step kept per group):
     budgets below it cannot be met. Groups left dense by the adapter set this floor."""
-    return seq.macs([_rounded(0, g.units, _unit_step(round_to, g.unit_width)) for g in seq.groups])
+    return seq.macs(smallest_kept(seq, round_to))
 
 
-def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target_macs: float,
+def check_reachable(seq: LayerSequence, budget, round_to: int = 1) -> Budget:
+    """The budget (a ``Budget`` or a MACs fraction), or the one-line ``BudgetError`` saying that even the
+    smallest network a selection can produce costs more."""
+    budget = as_budget(seq, budget)
+    smallest = budget.cost(smallest_kept(seq, round_to))
+    if smallest > budget.limit:
+        raise budget.unreachable(smallest, round_to)
+    return budget
+
+
+def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target,
                  round_to: int = 1, selection: str = "global") -> List[torch.Tensor]:
-    """Hard unit masks (bool) keeping the best-scoring units with slim MACs <= target_macs * dense."""
-    if not 0.0 < target_macs <= 1.0:
-        raise BudgetError(f"target MACs fraction must be in (0, 1], got {target_macs}")
-    budget = target_macs * seq.dense_macs
+    """Hard unit masks (bool) keeping the best-scoring units whose slim network fits the budget.
+
+    ``target`` is a ``Budget`` (MACs, parameters or latency; see ``budget.py``) or a plain MACs
+    fraction: slim MACs <= target * dense."""
+    budget = check_reachable(seq, target, round_to)
     totals = [g.units for g in seq.groups]
     steps = [_unit_step(round_to, g.unit_width) for g in seq.groups]
-    smallest = [_rounded(0, t, s) for t, s in zip(totals, steps)]
-    if seq.macs(smallest) > budget:
-        raise BudgetError(
-            f"target {target_macs:.3g} of the dense MACs cannot be met: the smallest network that keeps "
-            f"{max(round_to, 1)} channel(s) per group still has {seq.macs(smallest) / seq.dense_macs:.3g}")
-    if target_macs >= 1.0:
+    if budget.limit >= budget.dense and budget.cost(totals) <= budget.limit:
         return [torch.ones(t, dtype=torch.bool) for t in totals]
 
     flat = torch.cat([s.detach().float().flatten().cpu() for s in scores])
@@ -106,17 +119,17 @@ def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target_macs
         lo, hi = 0, flat.numel()  # invariant: prefix lo fits (it keeps the minimum), find the largest
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if seq.macs(_kept_counts_global(order_gid, mid, totals, steps)) <= budget:
+            if budget.cost(_kept_counts_global(order_gid, mid, totals, steps)) <= budget.limit:
                 lo = mid
             else:
                 hi = mid - 1
-        kept = _fill(_kept_counts_global(order_gid, lo, totals, steps), scores, seq, budget, totals, steps)
+        kept = _fill(_kept_counts_global(order_gid, lo, totals, steps), scores, budget, totals, steps)
     elif selection == "uniform":
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
             cand = [_rounded(int(round(mid * t)), t, s) for t, s in zip(totals, steps)]
-            if seq.macs(cand) <= budget:
+            if budget.cost(cand) <= budget.limit:
                 lo = mid
             else:
                 hi = mid

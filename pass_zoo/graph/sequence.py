@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AdapterError
-from .costs import CostModel, attention_costs, layer_costs
+from .costs import CostModel, LatencyFeatures, ParamModel, attention_costs, layer_costs
 from .gates import Gates
 from .groups import ChannelGroup, GroupBuilder, _module_positions, build_graph
 
@@ -79,6 +79,20 @@ class LayerSequence:
 
     def unit_macs(self) -> List[float]:
         return self.cost_model.unit_macs()
+
+    @property
+    def param_model(self) -> ParamModel:
+        """Parameters of the slim network as a function of the kept units (built on first use)."""
+        if getattr(self, "_param_model", None) is None:
+            self._param_model = ParamModel(self.model, self.groups, self.costs)
+        return self._param_model
+
+    @property
+    def latency_features(self) -> LatencyFeatures:
+        """The cost features a latency table is fitted on (built on first use)."""
+        if getattr(self, "_latency_features", None) is None:
+            self._latency_features = LatencyFeatures(self.groups, self.costs)
+        return self._latency_features
 
     # ---- the gates
     def input_gates(self, unit_masks: Sequence[Optional[torch.Tensor]]):

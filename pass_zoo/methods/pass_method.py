@@ -17,7 +17,7 @@ class Pass(Method):
     def produce(self, ctx: MethodContext) -> MethodResult:
         cfg = ctx.config
         source = load_hypernet(cfg.transfer_from) if cfg.transfer_from else None  # another task's, frozen
-        result = search(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.target_macs, cfg.search,
+        result = search(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, ctx.selection_budget(), cfg.search,
                         ctx.accelerator, train_head=ctx.new_head, hypernet=source, checkpoints=ctx.checkpoints)
         return MethodResult(result.masks, artefacts=hypernet_files(result.hypernet),
                             record={"search_losses": result.losses, "hypernet_params": count_params(result.hypernet)})

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PassZooError
+from ..graph.budget import Budget, as_budget
 from ..graph.masks import Masks, select_units, to_channel_masks
 from ..graph.sequence import LayerSequence
 from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
@@ -31,14 +32,16 @@ class MaskedSearchModel(nn.Module):
     """Frozen backbone, gated by the masks the hypernetwork proposes on every forward pass."""
 
     def __init__(self, backbone: nn.Module, seq: LayerSequence, prompt: nn.Module,
-                 hypernet: PassHyperNetwork, target_macs: float, cfg):
+                 hypernet: PassHyperNetwork, target, cfg):
         super().__init__()
         self.backbone, self.prompt, self.hypernet = backbone, prompt, hypernet
         object.__setattr__(self, "seq", seq)  # plain reference, not a submodule
         object.__setattr__(self, "weight_stats", WeightStats(seq))
-        self.target_macs, self.round_to, self.selection = target_macs, cfg.round_to, cfg.selection
-        self.budget = target_macs  # the budget of the current step (see SearchConfig.budget_warmup)
-        self.next_budget = target_macs  # the budget of the step after it: what the provisional threshold is for
+        # the run's Budget (a plain number: a MACs fraction); the warm-up scales it by fractions of dense
+        object.__setattr__(self, "target", as_budget(seq, target))
+        self.round_to, self.selection = cfg.round_to, cfg.selection
+        self.budget = self.target  # the budget of the current step (see SearchConfig.budget_warmup)
+        self.next_budget = self.target  # the budget of the step after it: what the provisional threshold is for
         self.bn_mode = cfg.bn_mode
         self.last_masks: Optional[List[torch.Tensor]] = None
 
@@ -75,10 +78,14 @@ class MaskedSearchModel(nn.Module):
             self._set_threshold(scores, hard)
         return ste, hard
 
-    def set_budget(self, budget: float, next_budget: Optional[float] = None) -> None:
-        """The budget of this step, and of the next one (default: the same)."""
-        self.budget = budget
-        self.next_budget = budget if next_budget is None else next_budget
+    def set_budget(self, budget, next_budget=None) -> None:
+        """The budget of this step, and of the next one (default: the same): a ``Budget``, or a fraction
+        of the dense cost of the run's budget."""
+        self.budget = self._at(budget)
+        self.next_budget = self.budget if next_budget is None else self._at(next_budget)
+
+    def _at(self, budget):
+        return budget if isinstance(budget, Budget) else self.target.at(float(budget))
 
     @torch.no_grad()
     def _set_threshold(self, scores: List[torch.Tensor], hard: List[torch.Tensor]) -> None:
@@ -115,10 +122,12 @@ class SearchResult:
     losses: List[float] = field(default_factory=list)
 
 
-def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target_macs: float,
+def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target,
            cfg, accelerator, train_head: bool = False,
            hypernet: Optional[PassHyperNetwork] = None, checkpoints=None) -> SearchResult:
     """Run stage 1; ``prompt`` is trained in place. Returns the final masks and the hypernetwork.
+
+    ``target``: the run's ``Budget`` (MACs, parameters or latency), or a plain MACs fraction.
 
     With ``hypernet`` given (transfer: a hypernetwork trained on another task), it stays frozen and
     only the new task's prompt (and a new head) is learned; the masks then follow from that prompt.
@@ -142,10 +151,11 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
                            f"({len(hypernet.units)} groups, this model has {len(seq.groups)})")
     for p in hypernet.parameters():
         p.requires_grad_(not frozen_hypernet)
-    model = MaskedSearchModel(backbone, seq, prompt, hypernet, target_macs, cfg)
+    model = MaskedSearchModel(backbone, seq, prompt, hypernet, target, cfg)
+    target = model.target.fraction  # the warm-up tightens fractions of the dense cost towards it
     with torch.no_grad():  # at the target first: an unreachable budget fails before any step
         model.propose()
-        model.set_budget(budget_at(0, cfg, target_macs))
+        model.set_budget(budget_at(0, cfg, target))
         model.propose()  # a first selection sets the walk's provisional threshold
 
     opt_prompt = torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9)
@@ -170,14 +180,14 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         try:
             with KeepRunningStats(backbone):
                 _search_loop(wrapped, model, loop, accelerator, bar, ckpt,
-                             lambda step: model.set_budget(budget_at(step, cfg, target_macs),
-                                                           budget_at(step + 1, cfg, target_macs)), cfg.distill)
+                             lambda step: model.set_budget(budget_at(step, cfg, target),
+                                                           budget_at(step + 1, cfg, target)), cfg.distill)
         finally:
             bar.close()
 
     model = accelerator.unwrap_model(wrapped)
     model.eval()
-    model.set_budget(target_macs)
+    model.set_budget(model.target)
     with torch.no_grad():
         _, hard = model.propose()
     for p in head_params:
@@ -189,12 +199,13 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, loop.losses)
 
 
-def budget_at(step: int, cfg, target_macs: float) -> float:
-    """The MACs budget of search step ``step``: dense -> target geometrically over the warm-up, then target."""
+def budget_at(step: int, cfg, target: float) -> float:
+    """The budget of search step ``step`` as a fraction of the dense cost: dense -> target geometrically
+    over the warm-up, then target."""
     warm = cfg.budget_warmup * cfg.steps
     if step >= warm:
-        return target_macs
-    return target_macs ** (step / warm)
+        return target
+    return target ** (step / warm)
 
 
 def _search_loop(wrapped, model, loop, accelerator, bar, ckpt, set_budget, distill: float) -> None:

@@ -29,6 +29,13 @@ class MethodContext:
     accelerator: Any
     checkpoints: Any = None  # a RunCheckpoints, or None (no run folder)
     head: str = "flm"  # flm | new
+    # The run's budget (graph.budget.Budget: MACs, parameters or latency); select masks under it with
+    # ``select_units(scores, ctx.seq, ctx.budget, ...)``. None: a MACs budget of config.target_macs.
+    budget: Any = None
+
+    def selection_budget(self):
+        """``budget``, or the config's MACs fraction when the context was built without one."""
+        return self.budget if self.budget is not None else self.config.target_macs
 
     @property
     def new_head(self) -> bool:

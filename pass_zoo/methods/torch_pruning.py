@@ -90,7 +90,7 @@ class TorchPruningCriterion(Method):
                                f"{self.name} reads its stage-1 training")
         scores = self.scores(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.search.steps, ctx.accelerator,
                              train_head=ctx.new_head and not on_masks, lr_head=cfg.search.lr_head)
-        units = select_units(scores, ctx.seq, cfg.target_macs, cfg.search.round_to, cfg.search.selection)
+        units = select_units(scores, ctx.seq, ctx.selection_budget(), cfg.search.round_to, cfg.search.selection)
         if on_masks and ctx.new_head:
             train_on_masks(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, units, cfg.search, ctx.accelerator)
         masks = to_channel_masks(units, ctx.seq)

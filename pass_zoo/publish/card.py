@@ -22,7 +22,7 @@ PLOT_FILE = "kept_channels.png"
 LATENCY_FILE = "latency.json"
 PLACEHOLDER_REPO = "ORG/NAME"
 DEFAULT_LICENSE = "apache-2.0"
-REQUIRED_METRICS = ("model", "dataset", "method", "head", "target_macs", "img_size", "macs_dense", "macs_slim",
+REQUIRED_METRICS = ("model", "dataset", "method", "head", "img_size", "macs_dense", "macs_slim",
                     "params_dense", "params_slim", "top1", "top1_after_search", "val_images", "seed",
                     "command", "config")
 # Hub dataset ids and the split prune evaluates on, for the datasets pass-zoo reads.
@@ -66,6 +66,17 @@ def _need(data: dict, key: str, run_dir: Path, file: str):
 
 def _pct(x: float, digits: int = 2) -> str:
     return f"{100 * x:.{digits}f}"
+
+
+def budget_words(m: dict) -> str:
+    """The run's budget in words: "50 % of the dense MACs", "40 % of the dense parameters", "12 ms per
+    batch of 1 (2 ONNX Runtime threads, measured 11.4 ms)"."""
+    b = m.get("budget") or {"kind": "macs", "target": m["target_macs"]}
+    if b["kind"] == "latency":
+        measured = f", measured {b['achieved']:.3g} ms" if b.get("achieved") is not None else ""
+        return (f"{b['target']:g} ms per batch of {b.get('batch', '?')} ({b.get('threads', '?')} ONNX Runtime "
+                f"thread(s) on the CPU it was pruned on{measured})")
+    return f"{_pct(b['target'], 0)} % of the dense {'MACs' if b['kind'] == 'macs' else 'parameters'}"
 
 
 def _count(n: float, unit: str = "") -> str:
@@ -129,6 +140,8 @@ def card_data(run_dir, repo_id: Optional[str] = None) -> dict:
         _need(metrics, key, run_dir, "metrics.json")
     if metrics["head"] == "flm":
         _need(metrics, "top1_dense_zero_shot", run_dir, "metrics.json")
+    if metrics.get("budget") is None:  # runs from before budget kinds: a MACs budget
+        _need(metrics, "target_macs", run_dir, "metrics.json")
     groups = _need(masks, "groups", run_dir, "masks.json")
     for g in groups:
         for key in ("name", "kept", "total"):
@@ -214,7 +227,7 @@ def results_table(d: dict) -> Tuple[str, str]:
     lines = [f"| {' | '.join(r)} |" for r in rows]
     lines.insert(1, "|---|---|---|")
     notes = [f"MACs (conv + linear) and parameters at {m['img_size']} x {m['img_size']} px; "
-             f"target: at most {_pct(m['target_macs'], 0)} % of the dense MACs. Top-1 on {images}."]
+             f"target: at most {budget_words(m)}. Top-1 on {images}."]
     if lat:
         notes.append(f"Latency: median of {lat.get('repeats', '?')} interleaved runs, {lat['runtime']}, "
                      f"{lat['threads']} thread(s), dense = `{m['model']}` at random init (weights do not change speed).")
@@ -275,7 +288,7 @@ def render_card(run_dir, repo_id: Optional[str] = None) -> str:
         "front_matter": card_metadata(d).to_yaml() + "\n",
         "title": repo.split("/")[-1] if d["repo_id"] else d["run_dir"].resolve().name,
         "base_arch": m["model"], "macs_kept": _pct(m["macs_slim"] / m["macs_dense"], 1),
-        "target_pct": _pct(m["target_macs"], 0), "dataset_name": ds["name"], "base_weights": base_words,
+        "budget_words": budget_words(m), "dataset_name": ds["name"], "base_weights": base_words,
         "results_table": table, "results_notes": notes, "repo_id": repo, "img_size": m["img_size"],
         "num_classes": config.get("num_classes", len(m.get("class_names") or [])),
         "repo_note": "" if d["repo_id"] else (f"\n`{PLACEHOLDER_REPO}` stands for the repository this folder "

@@ -22,6 +22,14 @@ def _read(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def _target(cfg) -> str:
+    """The TARGET column: "50 %" (of the MACs), "40 % params", "12 ms"."""
+    kind = cfg.budget_kind()
+    if kind == "latency":
+        return f"{cfg.target_latency:g} ms"
+    return f"{100 * cfg.budget_target():.0f} %" + (" params" if kind == "params" else "")
+
+
 def zoo_entries(recipes_dir=None, runs_dir="runs") -> List[dict]:
     """One dict per recipe: name, arch, dataset, target, and the local run / Hub state."""
     rows = []
@@ -30,7 +38,7 @@ def zoo_entries(recipes_dir=None, runs_dir="runs") -> List[dict]:
         metrics = _read(run / "metrics.json")
         hub = _read(run / "hub.json") or {}
         rows.append({
-            "name": name, "arch": cfg.model, "dataset": cfg.dataset, "target_macs": cfg.target_macs,
+            "name": name, "arch": cfg.model, "dataset": cfg.dataset, "target_macs": cfg.target_macs, "budget": _target(cfg),
             "recipe": extras["path"], "run": str(run) if metrics else None,
             "top1": metrics.get("top1") if metrics else None,
             "macs_ratio": metrics.get("macs_ratio") if metrics else None,
@@ -48,7 +56,7 @@ def format_zoo(rows: List[dict]) -> str:
     table = [head]
     for r in rows:
         table.append((
-            r["name"], r["arch"], r["dataset"], f"{100 * r['target_macs']:.0f} %",
+            r["name"], r["arch"], r["dataset"], r["budget"],
             r["run"] or "not built",
             "-" if r["top1"] is None else f"{100 * r['top1']:.2f} %",
             "-" if r["macs_ratio"] is None else f"{100 * r['macs_ratio']:.1f} %",

@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List
 
-from ..config import PruneConfig, apply_overrides
+from ..config import DEFAULT_TARGET_MACS, PruneConfig, apply_overrides
 from ..errors import PassZooError, one_line
 from ..runio import atomic_write_json, atomic_write_text
 
@@ -69,7 +69,7 @@ def plan_cells(spec: dict) -> List[Dict]:
     labels = list(grid.get("method", [base.method]))
     variants = spec.get("variants") or {}
     labels += [v for v in variants if v not in labels]
-    targets = list(grid.get("target_macs", [base.target_macs]))
+    targets = list(grid.get("target_macs", [DEFAULT_TARGET_MACS if base.target_macs is None else base.target_macs]))
     seeds = grid.get("seed", [base.seed])
     # seed: [0, 1, 2] for every level, or {level: [seeds]} (more seeds where methods are close)
     seeds_of = {float(t): list(seeds.get(t, seeds.get(str(t), []))) if isinstance(seeds, dict) else list(seeds)
@@ -85,6 +85,7 @@ def plan_cells(spec: dict) -> List[Dict]:
     if spec.get("dense"):
         for seed in seeds:
             cfg = apply_overrides(base, {"method": "random"}, "dense")  # at 1.0 every method keeps everything
+            cfg.clear_budget()  # dense whatever the base's budget kind
             cfg.target_macs, cfg.seed = 1.0, int(seed)
             cfg.search = dataclasses.replace(cfg.search, steps=0)
             cells.append({"id": f"dense-s{seed}", "label": "dense", "target_macs": 1.0, "seed": int(seed),

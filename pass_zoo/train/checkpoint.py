@@ -24,7 +24,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -206,8 +206,12 @@ class RunCheckpoints:
             raise CheckpointError(f"--resume: the run used {meta.get('world_size')} process(es), this one "
                                   f"{self.accelerator.num_processes}; resume with the same --num-processes")
         saved, now = _flatten(meta.get("config", {})), _flatten(self.config)
+        from ..config import PruneConfig
+
+        # a setting added since the checkpoint was written, left at its default, is not a change
+        defaults = _flatten(asdict(PruneConfig()))
         diffs = [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-                 if saved.get(k) != now.get(k)]
+                 if saved.get(k) != now.get(k) and not (k not in saved and k in defaults and now.get(k) == defaults[k])]
         if diffs:
             raise CheckpointError(f"--resume: {self.out} was started with other settings: {', '.join(diffs[:4])}; "
                                   "rerun with the original flags")
