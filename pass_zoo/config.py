@@ -341,6 +341,12 @@ class PruneConfig:
             raise PassZooError("batch size must be positive and step counts non-negative")
         self.search.validate()
         self.finetune.validate()
+        if self.search.probe == "masked":  # refused before any weights or data are loaded
+            from .methods import get_method
+
+            if not getattr(get_method(self.method), "one_shot", False):
+                raise PassZooError(f"--baseline-probe masked is for l1 and random, whose masks need no stage 1; "
+                                   f"{self.method} reads its stage-1 training")
         if self.log_every < 1:
             raise PassZooError(f"--log-every must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 0:

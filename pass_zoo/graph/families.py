@@ -42,12 +42,17 @@ def register_attention(module_type: Type[nn.Module]):
     return wrap
 
 
+def _lookup(registry: Dict[Type[nn.Module], object], module: nn.Module):
+    """``module``'s entry in a type registry: its exact type first, then its bases; None if absent."""
+    for cls in type(module).__mro__:
+        if cls in registry:
+            return registry[cls]
+    return None
+
+
 def attention_family(module: nn.Module) -> Optional["AttentionFamily"]:
     """The family of ``module`` (exact type first, then its bases), or None if it is not attention."""
-    for cls in type(module).__mro__:
-        if cls in ATTENTION_FAMILIES:
-            return ATTENTION_FAMILIES[cls]
-    return None
+    return _lookup(ATTENTION_FAMILIES, module)
 
 
 def family_by_name(name: str) -> "AttentionFamily":
@@ -193,10 +198,7 @@ def register_channel_norm(module_type: Type[nn.Module]):
 
 
 def channel_norm_family(module: nn.Module) -> Optional["ChannelNormFamily"]:
-    for cls in type(module).__mro__:
-        if cls in CHANNEL_NORMS:
-            return CHANNEL_NORMS[cls]
-    return None
+    return _lookup(CHANNEL_NORMS, module)
 
 
 class ChannelNormFamily:

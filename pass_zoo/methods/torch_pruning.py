@@ -84,10 +84,7 @@ class TorchPruningCriterion(Method):
 
     def produce(self, ctx: MethodContext) -> MethodResult:
         cfg = ctx.config
-        on_masks = cfg.search.probe == "masked"
-        if on_masks and not self.one_shot:
-            raise PassZooError(f"--baseline-probe masked is for l1 and random, whose masks need no stage 1; "
-                               f"{self.name} reads its stage-1 training")
+        on_masks = cfg.search.probe == "masked"  # only one-shot criteria get here with it (PruneConfig.validate)
         scores = self.scores(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.search.steps, ctx.accelerator,
                              train_head=ctx.new_head and not on_masks, lr_head=cfg.search.lr_head)
         units = select_units(scores, ctx.seq, ctx.selection_budget(), cfg.search.round_to, cfg.search.selection)
