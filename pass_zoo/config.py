@@ -21,8 +21,8 @@ from .errors import BudgetError, PassZooError
 
 # Help sections of ``pass-zoo prune``, in the order they are listed.
 WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN = (
-    "what to prune", "task head and prompt", "data", "stage 1: PASS search (backbone frozen)",
-    "stage 2: fine-tuning the slim network with its prompt", "run")
+    "what to prune", "task head and prompt", "data", "stage 1: the method's search (backbone frozen)",
+    "stage 2: fine-tuning the pruned network with its prompt", "run")
 GROUPS = (WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN)
 
 
@@ -84,6 +84,19 @@ def _methods():
     return list_methods()
 
 
+def _method_help() -> str:
+    from .methods import methods_of_budget
+
+    return (f"how masks are chosen. Channel masks under --target-macs, physically slimmed: "
+            f"{', '.join(methods_of_budget('macs'))}. Weight masks under --target-density, zeros in the dense "
+            f"shape: {', '.join(methods_of_budget('density'))}. Every method gets the same fine-tuning "
+            f"(default: pass)")
+
+
+def _prompt_choices():
+    return ["auto", *_prompts()]
+
+
 def _precisions():
     from .train.loop import PRECISIONS
 
@@ -106,6 +119,9 @@ class SearchConfig:
     lr_hypernet: float = option(2e-3, flag="--search-lr-hypernet", group=SEARCH,  # AdamW, cosine
                                 help="AdamW lr of prompt encoder, LSTM and heads (default: %(default)s)")
     lr_head: float = 1e-3  # a new classifier head (``--head new``) is trained with the hypernetwork
+    # VPNs: Adam on the weight scores and the prompt (the reference code uses 1e-4 for both), cosine
+    lr_scores: float = option(1e-4, flag="--search-lr-scores", group=SEARCH,
+                              help="vpns: Adam lr of the weight scores and of the prompt (default: %(default)s)")
     weight_decay: float = 1e-4
     hidden: int = option(64, flag="--hidden-size", group=SEARCH, help="hypernetwork hidden size (default: %(default)s)")
     # rank of the per-group unit embeddings (the heads); keeps the hypernetwork small
@@ -187,8 +203,13 @@ class PruneConfig:
                              help=f"weights: auto (bundled for tf_efficientnet_lite0, else timm) | {PRETRAINED_HELP}")
     dataset: str = option("fashion-mnist", flag="--dataset", group=WHAT, help=_dataset_help)
     target_macs: float = option(0.5, flag="--target-macs", group=WHAT,
-                                help="the slim model keeps at most this fraction of the dense MACs, in (0, 1] "
-                                     "(default: %(default)s)")
+                                help="channel-mask methods: the slim model keeps at most this fraction of the dense "
+                                     "MACs, in (0, 1] (default: %(default)s)")
+    # None: 0.5 for weight-mask methods (``density``); refused for channel-mask methods
+    target_density: Optional[float] = option(None, flag="--target-density", group=WHAT, metavar="D",
+                                             help="weight-mask methods (vpns, magnitude, random-weights): keep this "
+                                                  "fraction of the prunable weights, every conv/linear weight but the "
+                                                  "classifier's, which stays dense; in (0, 1] (default: 0.5)")
     img_size: Optional[int] = option(None, flag="--img-size", group=WHAT,  # None = the backbone's own input size
                                      help="input size in pixels (default: the model's own)")
     # extra timm.create_model kwargs, recorded in the export (e.g. {"img_size": 64} for a ViT/Swin,
@@ -205,14 +226,15 @@ class PruneConfig:
     checkpoint_every: int = option(50, flag="--checkpoint-every", group=RUN, metavar="N",
                                    help="save a checkpoint to OUT/checkpoints every N steps of search and fine-tuning; "
                                         "also at the end of each stage and on Ctrl-C; 0: only then (default: %(default)s)")
-    method: str = option("pass", flag="--method", group=WHAT, choices=_methods,
-                         help="how masks are chosen: pass, or a Torch-Pruning baseline under the same budget, "
-                              "slimming and fine-tuning (default: pass)")
+    method: str = option("pass", flag="--method", group=WHAT, choices=_methods, help=_method_help)
     head: str = option("auto", flag="--head", group=HEAD, choices=("auto", "flm", "new"),
                        help="flm: frequency label mapping onto the ImageNet classifier; new: a fresh linear head; "
                             "auto: flm for 1000-class backbones (default: %(default)s)")
-    prompt: str = option("additive", flag="--prompt", group=HEAD, choices=_prompts,
-                         help="additive frame on the image border (paper's best) or pad (image shrunk into a canvas)")
+    # auto: the method's own (additive for PASS and the channel baselines, pad for VPNs and the weight baselines)
+    prompt: str = option("auto", flag="--prompt", group=HEAD, choices=_prompt_choices,
+                         help="additive frame on the image border (PASS's best) or pad (image shrunk into a canvas, "
+                              "VPNs'); auto: additive for channel-mask methods, pad for weight-mask ones "
+                              "(default: %(default)s)")
     # None = 16 px at 224, scaled with the input size
     prompt_size: Optional[int] = option(None, flag="--prompt-size", group=HEAD,
                                         help="prompt frame width in px (default: 16 at 224, scaled)")
@@ -261,6 +283,7 @@ class PruneConfig:
             raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         if self.method not in _methods():
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(_methods())})")
+        check_budget(self)
         check_choices(self)
         for flag, value, least in (("--img-size", self.img_size, 1), ("--prompt-size", self.prompt_size, 0),
                                    ("--workers", self.workers, 0)):
@@ -277,11 +300,45 @@ class PruneConfig:
         if self.resume and self.overwrite:
             raise PassZooError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
+    @property
+    def density(self) -> float:
+        """The weight budget of a weight-mask method (``target_density``, default 0.5)."""
+        return DEFAULT_DENSITY if self.target_density is None else self.target_density
+
+    @property
+    def budget_value(self) -> float:
+        """The run's budget: ``density`` for weight-mask methods, ``target_macs`` otherwise."""
+        from .methods import get_method
+
+        return self.density if get_method(self.method).budget == "density" else self.target_macs
+
     def default_out(self) -> str:
         from .methods import get_method
 
         data = self.dataset.split(":")[0]
-        return f"runs/{self.model}-{data}-{get_method(self.method).run_tag}{round(self.target_macs * 100)}"
+        return f"runs/{self.model}-{data}-{get_method(self.method).run_tag}{round(self.budget_value * 100)}"
+
+
+DEFAULT_DENSITY = 0.5
+_DEFAULT_MACS = 0.5
+
+
+def check_budget(cfg: PruneConfig, typed=()) -> None:
+    """Each method takes one budget: a weight-mask method refuses --target-macs (a value other than the
+    default, or typed: ``typed`` holds the flags given on a command line), a channel-mask one
+    --target-density."""
+    from .methods import get_method, methods_of_budget
+
+    method = get_method(cfg.method)
+    if method.budget == "density":
+        if cfg.target_macs != _DEFAULT_MACS or "target_macs" in typed:
+            raise BudgetError(f"--target-macs does not apply to --method {cfg.method}: it prunes single weights "
+                              f"(nothing is slimmed); give its budget with --target-density")
+        if not 0.0 < cfg.density <= 1.0:
+            raise BudgetError(f"--target-density must be in (0, 1], got {cfg.density}")
+    elif cfg.target_density is not None:
+        raise BudgetError(f"--target-density does not apply to --method {cfg.method}: it prunes channels under "
+                          f"--target-macs (weight-mask methods: {', '.join(methods_of_budget('density'))})")
 
 
 _SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}
