@@ -72,6 +72,8 @@ class Method:
     budget: str = "macs"
     # The prompt ``--prompt auto`` gives it.
     prompt: str = "additive"
+    # How a model card names it (Markdown; default: its name).
+    summary: str = ""
 
     @property
     def run_tag(self) -> str:

@@ -127,6 +127,9 @@ def search_weight_masks(backbone: nn.Module, prompt: nn.Module, loader, density:
 class VPNs(WeightMaskMethod):
     name = "vpns"
     baseline = False
+    summary = ("VPNs (Jin et al., *Visual Prompting Upgrades Neural Network Sparsification: A Data-Model "
+               "Perspective*, [arXiv 2312.01397](https://arxiv.org/abs/2312.01397)), per-weight scores learned "
+               "jointly with a visual prompt on the frozen network,")
     metric_keys = ("mask_change_from_init",)
 
     def produce(self, ctx: MethodContext) -> MethodResult:

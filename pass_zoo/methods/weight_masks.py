@@ -54,6 +54,7 @@ class OneShotWeights(WeightMaskMethod):
 @register_method
 class Magnitude(OneShotWeights):
     name = "magnitude"
+    summary = "global magnitude pruning (the largest |W| over all layers at once)"
 
     def scores(self, weights, seed):
         return {n: w.abs() for n, w in weights.items()}
@@ -62,6 +63,7 @@ class Magnitude(OneShotWeights):
 @register_method
 class RandomWeights(OneShotWeights):
     name = "random-weights"
+    summary = "a uniformly random choice"
 
     def scores(self, weights, seed):
         # its own generator: the masks depend on the seed only, not on what drew random numbers before
