@@ -30,8 +30,8 @@ from .graph.costs import count_macs, count_params
 from .graph.masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
 from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import PruningHistory, slim
-from .graph.weights import (apply_weight_masks, check_weight_masks, hold_weight_masks, measured_density,
-                            prunable_weights, save_weight_masks, weight_masks_summary)
+from .graph.weights import (apply_weight_masks, check_weight_masks, hold_weight_masks, prunable_weights,
+                            save_weight_masks, weight_masks_summary)
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .methods import Method, MethodContext, get_method
 from .prompt import PromptedModel, create_prompt, default_prompt_width

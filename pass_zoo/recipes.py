@@ -14,8 +14,8 @@ Schema (every key optional except what the entry needs to differ from the defaul
     finetune:                      # FinetuneConfig fields (config.py)
       steps: 150
 
-Name patterns can use ``{arch}`` (the timm model name), ``{percent}`` (target MACs in percent) and
-``{dataset}`` (the dataset kind, e.g. ``fashion-mnist``). ``out`` and ``overwrite`` are choices of
+Name patterns can use ``{arch}`` (the timm model name), ``{percent}`` (the budget in percent: MACs,
+or the weights kept for VPNs) and ``{dataset}`` (the dataset kind, e.g. ``fashion-mnist``). ``out`` and ``overwrite`` are choices of
 the command that runs a recipe, not of the recipe, so they are refused here. Unknown keys and
 values of the wrong type are refused with the key's name: a typo must not silently fall back to a
 default and produce a different model than the file describes.
@@ -56,7 +56,7 @@ def recipe_config(values: Dict[str, Any], source="recipe") -> PruneConfig:
 def recipe_name(pattern: Optional[str], cfg: PruneConfig, source="recipe") -> str:
     """The published name: ``pattern`` with ``{arch}``, ``{percent}``, ``{dataset}`` filled in."""
     try:
-        name = (pattern or DEFAULT_NAME).format(arch=cfg.model, percent=round(cfg.target_macs * 100),
+        name = (pattern or DEFAULT_NAME).format(arch=cfg.model, percent=round(cfg.budget_value * 100),
                                                 dataset=cfg.dataset.split(":")[0])
     except (KeyError, IndexError, ValueError) as exc:
         raise RecipeError(f"{source}: name pattern '{pattern}' can use only {{arch}}, {{percent}} and "

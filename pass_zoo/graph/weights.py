@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -139,15 +139,6 @@ def weight_masks_summary(masks: WeightMasks) -> dict:
     kept, total = sum(layer["kept"] for layer in layers), sum(layer["total"] for layer in layers)
     return {"format": FORMAT, "kind": "weight", "kept": kept, "total": total, "density": kept / max(1, total),
             "layers": layers}
-
-
-def measured_density(model: nn.Module, names: Optional[List[str]] = None) -> Tuple[float, Dict[str, float]]:
-    """Nonzero fraction of the prunable weights of ``model``: overall and per layer (read off the weights)."""
-    params = dict(model.named_parameters())
-    names = list(prunable_weights(model)) if names is None else names
-    nonzero = {n: int(torch.count_nonzero(params[n].detach())) for n in names}
-    total = sum(params[n].numel() for n in names)
-    return sum(nonzero.values()) / max(1, total), {n: nonzero[n] / params[n].numel() for n in names}
 
 
 def save_weight_masks(masks: WeightMasks, summary: dict, folder) -> None:

@@ -29,15 +29,24 @@ def zoo_entries(recipes_dir=None, runs_dir="runs") -> List[dict]:
         run = Path(runs_dir) / name
         metrics = _read(run / "metrics.json")
         hub = _read(run / "hub.json") or {}
+        weights = _budget(cfg) == "density"
         rows.append({
             "name": name, "arch": cfg.model, "dataset": cfg.dataset, "target_macs": cfg.target_macs,
+            "target": f"{100 * cfg.budget_value:.0f} %" + (" weights" if weights else ""),
             "recipe": extras["path"], "run": str(run) if metrics else None,
             "top1": metrics.get("top1") if metrics else None,
             "macs_ratio": metrics.get("macs_ratio") if metrics else None,
+            "density": metrics.get("density") if metrics else None,
             "hub": f"{hub['repo_id']}@{hub.get('revision', 'main')}" if hub.get("repo_id") else None,
             "hub_planned": extras["hub_id"],
         })
     return rows
+
+
+def _budget(cfg) -> str:
+    from ..methods import get_method
+
+    return get_method(cfg.method).budget
 
 
 def format_zoo(rows: List[dict]) -> str:
@@ -48,10 +57,11 @@ def format_zoo(rows: List[dict]) -> str:
     table = [head]
     for r in rows:
         table.append((
-            r["name"], r["arch"], r["dataset"], f"{100 * r['target_macs']:.0f} %",
+            r["name"], r["arch"], r["dataset"], r.get("target") or f"{100 * r['target_macs']:.0f} %",
             r["run"] or "not built",
             "-" if r["top1"] is None else f"{100 * r['top1']:.2f} %",
-            "-" if r["macs_ratio"] is None else f"{100 * r['macs_ratio']:.1f} %",
+            "-" if r["macs_ratio"] is None else f"{100 * r['macs_ratio']:.1f} %"
+            + ("" if r.get("density") is None else f" ({100 * r['density']:.1f} % weights)"),
             r["hub"] or (f"{r['hub_planned']} (not published)" if r["hub_planned"] else "-"),
         ))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
