@@ -63,7 +63,7 @@ def top_fraction(values: List[torch.Tensor], density: float) -> List[torch.Tenso
     One global threshold (the k-th largest value); entries equal to it are kept in flat order until
     exactly k are kept, so the count never depends on ties.
     """
-    flat = torch.cat([v.detach().flatten().float().cpu() for v in values])
+    flat = torch.cat([v.detach().flatten().float() for v in values])  # on the values' device
     k = _keep_count(density, flat.numel())
     if k == flat.numel():
         keep = torch.ones_like(flat, dtype=torch.bool)
@@ -83,7 +83,7 @@ def top_fraction(values: List[torch.Tensor], density: float) -> List[torch.Tenso
 def select_weights(scores: Dict[str, torch.Tensor], density: float) -> WeightMasks:
     """``{name: mask}`` keeping the top ``density`` fraction of all weights by |score|, globally."""
     names = list(scores)
-    return dict(zip(names, top_fraction([scores[n].abs() for n in names], density)))
+    return {n: m.cpu() for n, m in zip(names, top_fraction([scores[n].abs() for n in names], density))}
 
 
 def check_weight_masks(masks: WeightMasks, model: nn.Module) -> WeightMasks:
@@ -112,24 +112,36 @@ def hold_weight_masks(model: nn.Module, masks: WeightMasks) -> List:
 
     Two hooks per masked weight: its gradient is masked (so momentum and weight decay never move a
     zero), and the mask is re-applied before every forward pass (after every optimiser step, whatever
-    the optimiser does).
+    the optimiser does). The masks follow the model to another device (``accelerate.prepare``).
     """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     handles = []
     for name, m in masks.items():
         p = params[name]
-        keep = m.to(p.device, p.dtype)
         p.requires_grad_(True)  # it is about to be trained (a frozen tensor takes no gradient hook)
-        handles.append(p.register_hook(lambda g, keep=keep: g * keep))
+        keep = _DeviceMask(m.to(p.dtype))
+        handles.append(p.register_hook(lambda g, keep=keep: g * keep.on(g.device)))
         module = modules[name.rsplit(".", 1)[0]] if "." in name else model
 
         def reapply(_module, _inputs, p=p, keep=keep):
             with torch.no_grad():
-                p.mul_(keep)
+                p.mul_(keep.on(p.device))
 
         handles.append(module.register_forward_pre_hook(reapply))
     return handles
+
+
+class _DeviceMask:
+    """A mask moved to a device once, when first needed there."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def on(self, device) -> torch.Tensor:
+        if self.mask.device != device:
+            self.mask = self.mask.to(device)
+        return self.mask
 
 
 def weight_masks_summary(masks: WeightMasks) -> dict:

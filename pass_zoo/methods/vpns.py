@@ -42,7 +42,7 @@ class WeightScores(nn.Module):
         return top_fraction([s.detach().abs() for s in self.scores], density)
 
     def masks(self, density: float) -> WeightMasks:
-        return dict(zip(self.names, self.hard(density)))
+        return {n: m.cpu() for n, m in zip(self.names, self.hard(density))}
 
 
 class MaskedWeightsModel(nn.Module):
@@ -68,7 +68,7 @@ class MaskedWeightsModel(nn.Module):
         out = {}
         for name, s, h in zip(self.scores.names, self.scores.scores, hard):
             a = s.abs()
-            out[name] = weights[name] * (h.to(a.device, a.dtype) + a - a.detach())  # forward: h; backward: d/d|s|
+            out[name] = weights[name] * (h.to(a.dtype) + a - a.detach())  # forward: h; backward: d/d|s|
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
