@@ -1,4 +1,4 @@
-"""pass-zoo: PASS structured pruning for timm models.
+"""pass-zoo: PASS structured pruning (and VPNs unstructured pruning) for timm models.
 
 Importing the package registers the ``pass_pruned`` architecture with timm, so exported
 checkpoints load with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``.
@@ -9,6 +9,7 @@ from .graph.costs import count_macs, count_params
 from .graph.masks import Masks, select_units
 from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import slim
+from .graph.weights import WeightMasks, apply_weight_masks, prunable_weights, select_weights
 from .pipeline import PruneConfig, prune
 
 __version__ = "0.1.0"
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LayerSequence", "build_layer_sequence", "PassZooError", "PassPrunedModel", "load_run_model",
     "save_slim_model", "Masks", "select_units", "PruneConfig", "prune", "count_macs", "count_params", "slim",
-    "__version__",
+    "WeightMasks", "prunable_weights", "select_weights", "apply_weight_masks", "__version__",
 ]

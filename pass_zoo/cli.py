@@ -50,22 +50,39 @@ def explicit_prune_flags(argv: List[str]) -> set:
     return set(vars(parser.parse_args(rest)))
 
 
+def _budget_line(m) -> str:
+    """What the run kept: MACs (channel masks) or weights (weight masks)."""
+    if m.get("mask_kind") == "weight":
+        return (f"{100 * m['density']:.1f} % of the prunable weights kept (target {100 * m['target_density']:.0f} %), "
+                f"{m['model_zip_bytes'] / 2 ** 20:.1f} of {m['model_bytes'] / 2 ** 20:.1f} MiB zipped")
+    return f"{100 * m['macs_ratio']:.1f} % MACs"
+
+
 def _summary(out, cfg, m) -> str:
-    budget = m.get("budget") or {"kind": "macs", "target": cfg.target_macs}
-    kind = budget["kind"]
-    macs_target = f", target {100 * budget['target']:.0f} %" if kind == "macs" else ""
-    params_target = (f"  ({100 * m['params_slim'] / m['params_dense']:.1f} % kept, target {100 * budget['target']:.0f} %)"
-                     if kind == "params" else "")
-    lines = [
-        f"run folder      {out}",
-        f"MACs            {m['macs_dense'] / 1e6:.1f} M -> {m['macs_slim'] / 1e6:.1f} M  "
-        f"({100 * m['macs_ratio']:.1f} % kept{macs_target})",
-        f"params          {m['params_dense'] / 1e6:.2f} M -> {m['params_slim'] / 1e6:.2f} M{params_target}",
-    ]
-    if kind == "latency":
-        lines.append(f"latency         {budget['achieved']:.3g} ms measured, {budget['predicted']:.3g} ms by the table, "
-                     f"target {budget['target']:g} ms (batch {budget['batch']}, {budget['threads']} ORT thread(s))"
-                     + ("" if budget["within_target"] else "  -- over the target on this measurement"))
+    lines = [f"run folder      {out}"]
+    if m.get("mask_kind") == "weight":
+        lines += [
+            f"weights         {m['weights_nonzero'] / 1e6:.2f} M nonzero of {m['params_dense'] / 1e6:.2f} M; "
+            f"{100 * m['density']:.1f} % of the prunable weights kept (target {100 * m['target_density']:.0f} %, "
+            f"classifier dense)",
+            f"size            model.safetensors {m['model_bytes'] / 2 ** 20:.1f} MiB, zipped "
+            f"{m['model_zip_bytes'] / 2 ** 20:.1f} MiB, as CSR {m['model_csr_bytes'] / 2 ** 20:.1f} MiB",
+        ]
+    else:
+        budget = m.get("budget") or {"kind": "macs", "target": cfg.target_macs}
+        kind = budget["kind"]
+        macs_target = f", target {100 * budget['target']:.0f} %" if kind == "macs" else ""
+        params_target = (f"  ({100 * m['params_slim'] / m['params_dense']:.1f} % kept, "
+                         f"target {100 * budget['target']:.0f} %)" if kind == "params" else "")
+        lines += [
+            f"MACs            {m['macs_dense'] / 1e6:.1f} M -> {m['macs_slim'] / 1e6:.1f} M  "
+            f"({100 * m['macs_ratio']:.1f} % kept{macs_target})",
+            f"params          {m['params_dense'] / 1e6:.2f} M -> {m['params_slim'] / 1e6:.2f} M{params_target}",
+        ]
+        if kind == "latency":
+            lines.append(f"latency         {budget['achieved']:.3g} ms measured, {budget['predicted']:.3g} ms by the "
+                         f"table, target {budget['target']:g} ms (batch {budget['batch']}, {budget['threads']} ORT "
+                         f"thread(s))" + ("" if budget["within_target"] else "  -- over the target on this measurement"))
     if "top1_dense_zero_shot" in m:
         lines.append(f"top-1 dense     {100 * m['top1_dense_zero_shot']:.2f} %  (label mapping, no training)")
     lines += [
@@ -103,9 +120,11 @@ def cmd_prune(args) -> int:
 
         name, base, extras = load_recipe(args.recipe)
         given = explicit_prune_flags(args._argv)
-        typed_budgets = given & {"target_macs", "target_params", "target_latency"}
+        typed_budgets = given & {"target_macs", "target_params", "target_latency", "target_density"}
         if typed_budgets:  # a typed budget replaces the recipe's, of whatever kind
             base.clear_budget()
+        if "method" in given and "prompt" not in extras["values"]:  # the typed method's own prompt
+            base.prompt = "auto"
         cfg = _prune_config(args, base, given)
         if "out" not in given:
             cfg.out = f"runs/{name}"
@@ -288,7 +307,7 @@ def cmd_transfer(args) -> int:
     m = prune(cfg, command="pass-zoo " + " ".join(shlex.quote(a) for a in args._argv))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"transfer ({args.mode}) {args.source} -> {args.dataset}: top-1 {100 * m['top1']:.2f} % "
-              f"at {100 * m['macs_ratio']:.1f} % MACs (searched {100 * m['top1_after_search']:.2f} %)")
+              f"at {_budget_line(m)} (searched {100 * m['top1_after_search']:.2f} %)")
     return 0
 
 
@@ -341,15 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.onnx import EXPORTERS
 
     parser = argparse.ArgumentParser(
-        prog="pass-zoo", description="PASS structured pruning for timm models: search masks with a visual "
-        "prompt and a recurrent hypernetwork, slim, fine-tune, export.",
+        prog="pass-zoo", description="Visual-prompt pruning for timm models: PASS (channel masks from a visual "
+        "prompt and a recurrent hypernetwork, physically slimmed) or VPNs (weight masks learned with a visual "
+        "prompt, unstructured), then fine-tune and export.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (e.g. how weights were loaded)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("prune", help="search masks with PASS, slim, fine-tune and write a run folder",
-                       description="Load a timm backbone, learn channel masks with PASS under a MACs budget, "
-                       "physically slim the network, fine-tune it with its prompt and write the run folder.")
+    p = sub.add_parser("prune", help="search masks (PASS, VPNs or a baseline), slim, fine-tune and write a run folder",
+                       description="Load a timm backbone, learn channel masks with PASS under a MACs budget and "
+                       "physically slim the network -- or weight masks with VPNs under a density budget, the "
+                       "masked weights zeroed -- then fine-tune it with its prompt and write the run folder.")
     _add_prune_args(p)
     p.set_defaults(func=cmd_prune)
 
@@ -406,11 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for costs.json and costs.png")
     p.set_defaults(func=cmd_costs)
 
-    p = sub.add_parser("transfer", help="reuse a PASS run's masks or hypernetwork on another task",
+    p = sub.add_parser("transfer", help="reuse a run's masks (PASS, VPNs, ...) or PASS's hypernetwork on another task",
                        description="(a) --mode masks: the source run's masks, fine-tuned on the new dataset; "
                        "(b) --mode hypernet: the source run's hypernetwork, frozen, applied to a prompt learned "
                        "on the new dataset. Everything else comes from the source run's configuration.")
-    p.add_argument("source", metavar="SOURCE_RUN", help="a finished PASS run folder (task A)")
+    p.add_argument("source", metavar="SOURCE_RUN",
+                   help="a finished run folder (task A): any method for --mode masks, PASS for --mode hypernet")
     p.add_argument("--mode", choices=choices_of("transfer_mode"), default="hypernet", help="what to transfer")
     p.add_argument("--dataset", required=True, help="task B (e.g. fashion-mnist@5-9 or sklearn-digits)")
     p.add_argument("--out", required=True, help="run folder for task B")

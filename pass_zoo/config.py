@@ -19,12 +19,13 @@ from typing import Callable, Dict, List, Optional
 from .backbone import BUNDLED_ARCH, PRETRAINED_HELP
 from .errors import BudgetError, PassZooError
 
-DEFAULT_TARGET_MACS = 0.5  # the budget of a run that names none
+DEFAULT_TARGET_MACS = 0.5  # the budget of a channel-mask run that names none
+DEFAULT_DENSITY = 0.5  # the budget of a weight-mask run that names none
 
 # Help sections of ``pass-zoo prune``, in the order they are listed.
 WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN = (
-    "what to prune", "task head and prompt", "data", "stage 1: PASS search (backbone frozen)",
-    "stage 2: fine-tuning the slim network with its prompt", "run")
+    "what to prune", "task head and prompt", "data", "stage 1: the method's search (backbone frozen)",
+    "stage 2: fine-tuning the pruned network with its prompt", "run")
 GROUPS = (WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN)
 
 
@@ -87,6 +88,20 @@ def _methods():
     return list_methods()
 
 
+def _method_help() -> str:
+    from .methods import methods_of_budget
+
+    return (f"how masks are chosen. Channel masks under --target-macs, --target-params or --target-latency, "
+            f"physically slimmed: "
+            f"{', '.join(methods_of_budget('macs'))}. Weight masks under --target-density, zeros in the dense "
+            f"shape: {', '.join(methods_of_budget('density'))}. Every method gets the same fine-tuning "
+            f"(default: pass)")
+
+
+def _prompt_choices():
+    return ["auto", *_prompts()]
+
+
 def _precisions():
     from .train.loop import PRECISIONS
 
@@ -122,6 +137,9 @@ class SearchConfig:
     lr_hypernet: float = option(2e-3, flag="--search-lr-hypernet", group=SEARCH,  # AdamW, cosine
                                 help="AdamW lr of prompt encoder, LSTM and heads (default: %(default)s)")
     lr_head: float = 1e-3  # a new classifier head (``--head new``) is trained with the hypernetwork
+    # VPNs: Adam on the weight scores and the prompt (the reference code uses 1e-4 for both), cosine
+    lr_scores: float = option(1e-4, flag="--search-lr-scores", group=SEARCH,
+                              help="vpns: Adam lr of the weight scores and of the prompt (default: %(default)s)")
     weight_decay: float = 1e-4
     hidden: int = option(64, flag="--hidden-size", group=SEARCH, help="hypernetwork hidden size (default: %(default)s)")
     # rank of the per-group unit embeddings (the heads); keeps the hypernetwork small
@@ -211,8 +229,9 @@ class PruneConfig:
     pretrained: str = option("auto", flag="--pretrained", group=WHAT,
                              help=f"weights: auto (bundled for tf_efficientnet_lite0, else timm) | {PRETRAINED_HELP}")
     dataset: str = option("fashion-mnist", flag="--dataset", group=WHAT, help=_dataset_help)
-    # The budget: exactly one of target_macs / target_params / target_latency (validate() fills in
-    # target_macs = DEFAULT_TARGET_MACS when none is given).
+    # The budget: exactly one of target_macs / target_params / target_latency (channel-mask methods) or
+    # target_density (weight-mask methods). validate() fills in the method's default when none is given:
+    # target_macs = DEFAULT_TARGET_MACS, or target_density = DEFAULT_DENSITY.
     target_macs: Optional[float] = option(None, flag="--target-macs", group=WHAT, metavar="F",
                                           help="budget: the slim model keeps at most this fraction of the dense MACs, "
                                                "in (0, 1] (default: 0.5 when no other budget is given)")
@@ -227,6 +246,11 @@ class PruneConfig:
                                 help="batch size --target-latency is measured at (default: %(default)s)")
     latency_threads: int = option(2, flag="--latency-threads", group=WHAT, metavar="T",
                                   help="ONNX Runtime threads --target-latency is measured with (default: %(default)s)")
+    target_density: Optional[float] = option(None, flag="--target-density", group=WHAT, metavar="D",
+                                             help="the budget of weight-mask methods (vpns, magnitude, random-weights), "
+                                                  "which take no other: keep this fraction of the prunable weights, "
+                                                  "every conv/linear weight but the classifier's, which stays dense; "
+                                                  "in (0, 1] (default: 0.5)")
     img_size: Optional[int] = option(None, flag="--img-size", group=WHAT,  # None = the backbone's own input size
                                      help="input size in pixels (default: the model's own)")
     # extra timm.create_model kwargs, recorded in the export (e.g. {"img_size": 64} for a ViT/Swin,
@@ -243,14 +267,15 @@ class PruneConfig:
     checkpoint_every: int = option(50, flag="--checkpoint-every", group=RUN, metavar="N",
                                    help="save a checkpoint to OUT/checkpoints every N steps of search and fine-tuning; "
                                         "also at the end of each stage and on Ctrl-C; 0: only then (default: %(default)s)")
-    method: str = option("pass", flag="--method", group=WHAT, choices=_methods,
-                         help="how masks are chosen: pass, or a Torch-Pruning baseline under the same budget, "
-                              "slimming and fine-tuning (default: pass)")
+    method: str = option("pass", flag="--method", group=WHAT, choices=_methods, help=_method_help)
     head: str = option("auto", flag="--head", group=HEAD, choices=("auto", "flm", "new"),
                        help="flm: frequency label mapping onto the ImageNet classifier; new: a fresh linear head; "
                             "auto: flm for 1000-class backbones (default: %(default)s)")
-    prompt: str = option("additive", flag="--prompt", group=HEAD, choices=_prompts,
-                         help="additive frame on the image border (paper's best) or pad (image shrunk into a canvas)")
+    # auto: the method's own (additive for PASS and the channel baselines, pad for VPNs and the weight baselines)
+    prompt: str = option("auto", flag="--prompt", group=HEAD, choices=_prompt_choices,
+                         help="additive frame on the image border (PASS's best) or pad (image shrunk into a canvas, "
+                              "VPNs'); auto: additive for channel-mask methods, pad for weight-mask ones "
+                              "(default: %(default)s)")
     # None = 16 px at 224, scaled with the input size
     prompt_size: Optional[int] = option(None, flag="--prompt-size", group=HEAD,
                                         help="prompt frame width in px (default: 16 at 224, scaled)")
@@ -294,45 +319,64 @@ class PruneConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    def _budgets(self) -> Dict[str, Optional[float]]:
+        return {"macs": self.target_macs, "params": self.target_params, "latency": self.target_latency,
+                "density": self.target_density}
+
     def budget_kind(self) -> str:
-        """macs | params | latency: the one budget this run has (after ``validate``)."""
-        return next(k for k, v in (("params", self.target_params), ("latency", self.target_latency)) if v is not None) \
+        """macs | params | latency | density: the one budget this run has (after ``validate``)."""
+        return next(k for k, v in (("params", self.target_params), ("latency", self.target_latency),
+                                   ("density", self.target_density)) if v is not None) \
             if self.target_macs is None else "macs"
 
     def budget_target(self) -> float:
         return getattr(self, f"target_{self.budget_kind()}")
 
     def budget_label(self) -> str:
-        """The budget in words: "50 % of the dense MACs", "12 ms per batch of 1 (2 ORT threads)"."""
+        """The budget in words: "50 % of the dense MACs", "12 ms per batch of 1 (2 ORT threads)",
+        "10 % of the prunable weights"."""
         kind, target = self.budget_kind(), self.budget_target()
         if kind == "latency":
             return f"{target:g} ms per batch of {self.latency_batch} ({self.latency_threads} ORT thread(s))"
+        if kind == "density":
+            return f"{100 * target:.0f} % of the prunable weights"
         return f"{100 * target:.0f} % of the dense {'MACs' if kind == 'macs' else 'parameters'}"
 
     def clear_budget(self) -> None:
         """No budget given (a typed budget flag replaces a recipe's, of whatever kind)."""
-        self.target_macs = self.target_params = self.target_latency = None
+        self.target_macs = self.target_params = self.target_latency = self.target_density = None
 
     def validate(self) -> None:
-        given = [(flag, v) for flag, v in (("--target-macs", self.target_macs), ("--target-params", self.target_params),
-                                           ("--target-latency", self.target_latency)) if v is not None]
+        known = self.method in _methods()
+        if known:  # a budget of the other kind of method, before anything else
+            check_budget(self)
+        given = [(f"--target-{k}", v) for k, v in self._budgets().items() if v is not None]
         if len(given) > 1:
             raise BudgetError("one budget per run: " + " and ".join(f"{f} {v:g}" for f, v in given)
                               + " were both given; keep one of them")
-        if not given:
-            self.target_macs = DEFAULT_TARGET_MACS
+        if not given:  # the method's default budget
+            if known and _default_kind(self.method) == "density":
+                self.target_density = DEFAULT_DENSITY
+            else:
+                self.target_macs = DEFAULT_TARGET_MACS
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise BudgetError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
             raise BudgetError(f"--target-params must be in (0, 1], got {self.target_params}")
         if self.target_latency is not None and not (0.0 < self.target_latency < float("inf")):
             raise BudgetError(f"--target-latency must be a positive number of milliseconds, got {self.target_latency}")
+        if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
+            raise BudgetError(f"--target-density must be in (0, 1], got {self.target_density}")
         for flag, value in (("--latency-batch", self.latency_batch), ("--latency-threads", self.latency_threads)):
             if value < 1:
                 raise PassZooError(f"{flag} must be at least 1, got {value}")
-        if self.method not in _methods():
+        if not known:
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(_methods())})")
         check_choices(self)
+        if self.prompt == "auto":  # resolved here, so a run records (and a resume compares) the prompt it used
+            from .methods import get_method
+
+            self.prompt = get_method(self.method).prompt
         for flag, value, least in (("--img-size", self.img_size, 1), ("--prompt-size", self.prompt_size, 0),
                                    ("--workers", self.workers, 0)):
             if value is not None and value < least:
@@ -354,18 +398,49 @@ class PruneConfig:
         if self.resume and self.overwrite:
             raise PassZooError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
+    @property
+    def density(self) -> float:
+        """The weight budget of a weight-mask method (``target_density``, default 0.5)."""
+        return DEFAULT_DENSITY if self.target_density is None else self.target_density
+
     def default_out(self) -> str:
         from .methods import get_method
 
         data = self.dataset.split(":")[0]
         tag = get_method(self.method).run_tag
-        kind = self.budget_kind() if any(v is not None for v in (self.target_macs, self.target_params,
-                                                                   self.target_latency)) else "macs"
+        kind = self.budget_kind() if any(v is not None for v in self._budgets().values()) else _default_kind(self.method)
         if kind == "params":
             return f"runs/{self.model}-{data}-{tag}-params{round(self.target_params * 100)}"
         if kind == "latency":
             return f"runs/{self.model}-{data}-{tag}-{self.target_latency:g}ms"
+        if kind == "density":
+            return f"runs/{self.model}-{data}-{tag}{round(self.density * 100)}"
         return f"runs/{self.model}-{data}-{tag}{round((self.target_macs or DEFAULT_TARGET_MACS) * 100)}"
+
+
+def _default_kind(method: str) -> str:
+    """The budget kind a method gets when none is given: density for weight-mask methods, else macs."""
+    from .methods import get_method
+
+    return "density" if get_method(method).budget == "density" else "macs"
+
+
+def check_budget(cfg: PruneConfig) -> None:
+    """Each kind of method takes its own budgets: a weight-mask method only --target-density, a
+    channel-mask one only --target-macs, --target-params or --target-latency (one line each)."""
+    from .methods import get_method, methods_of_budget
+
+    method = get_method(cfg.method)
+    given = [k for k, v in cfg._budgets().items() if v is not None]
+    if method.budget == "density":
+        other = next((k for k in given if k != "density"), None)
+        if other is not None:
+            raise BudgetError(f"--target-{other} does not apply to --method {cfg.method}: it prunes single weights "
+                              f"(nothing is slimmed); give its budget with --target-density")
+    elif "density" in given:
+        raise BudgetError(f"--target-density does not apply to --method {cfg.method}: it prunes channels under "
+                          f"--target-macs, --target-params or --target-latency (weight-mask methods: "
+                          f"{', '.join(methods_of_budget('density'))})")
 
 
 _SECTIONS = {"search": SearchConfig, "finetune": FinetuneConfig}

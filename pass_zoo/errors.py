@@ -63,6 +63,8 @@ _ORCHESTRATORS = {"cli", "pipeline", "publish.zoo", "tools.transfer", "tools.ben
 _STAGE_NAMES = {"backbone": "backbone", "data": "data", "label_mapping": "label-mapping", "config": "config",
                 "graph.groups": "adapter", "graph.sequence": "adapter", "graph.costs": "adapter",
                 "graph.gates": "adapter", "graph.families": "adapter", "graph.masks": "mask-selection",
+                "graph.weights": "mask-selection", "methods.vpns": "search", "methods.weight_masks": "baseline",
+                "export.sparsity": "export",
                 "methods.pass_search": "search", "methods.pass_hypernet": "search", "methods.pass_stats": "search",
                 "methods.torch_pruning": "baseline", "graph.slim": "slim", "train.finetune": "fine-tune",
                 "train.loop": "training", "export.timm_model": "export", "export.onnx": "ONNX-export",

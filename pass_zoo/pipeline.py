@@ -2,9 +2,15 @@
 
 ``prune`` is a list of named stages; each is a public function over plain objects, so a user who
 wants a different loop can call the stages directly (``check`` and ``costs`` do).
+
+Weight-mask methods (``Method.mask_kind == "weight"``: VPNs and the unstructured baselines) take the
+same stages with two differences: they need no layer sequence (no channel groups), and instead of
+slimming, ``slim_stage`` zeroes the masked weights and holds them at zero through fine-tuning; the
+export is then the dense-shaped network with those zeros.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -24,7 +30,9 @@ from .graph.costs import count_macs, count_params
 from .graph.budget import Budget, achieved, latency_budget, macs_budget, params_budget
 from .graph.masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
 from .graph.sequence import LayerSequence, build_layer_sequence
-from .graph.slim import slim
+from .graph.slim import PruningHistory, slim
+from .graph.weights import (apply_weight_masks, check_weight_masks, hold_weight_masks, prunable_weights,
+                            save_weight_masks, weight_masks_summary)
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .methods import Method, MethodContext, get_method
 from .prompt import PromptedModel, create_prompt, default_prompt_width
@@ -75,6 +83,11 @@ def load_backbone(cfg: PruneConfig) -> Backbone:
     created_size = model_kwargs.get("img_size")  # timm leaves pretrained_cfg's input_size at 224
     spec = data_spec_for(model, cfg.img_size or (created_size if isinstance(created_size, int) else None))
     return Backbone(model, spec, model_kwargs)
+
+
+def prompt_kind(cfg: PruneConfig, method: Method) -> str:
+    """``--prompt``, with ``auto`` resolved to the method's own prompt."""
+    return method.prompt if cfg.prompt == "auto" else cfg.prompt
 
 
 def make_prompt(kind: str, img_size: int, width: Optional[int] = None) -> nn.Module:
@@ -205,17 +218,31 @@ def budget_record(cfg: PruneConfig, budget: Budget, masks: Masks, seq: LayerSequ
     return record
 
 
+def density_record(cfg: PruneConfig, masks: Masks, model: nn.Module) -> dict:
+    """metrics.json's ``budget`` of a weight-mask run: the density measured on the fine-tuned weights
+    (nonzero fraction of the masked ones, which is what the export holds)."""
+    params = dict(model.named_parameters())
+    kept = sum(int(torch.count_nonzero(params[name].detach())) for name in masks)
+    total = sum(params[name].numel() for name in masks)
+    return {"kind": "density", "target": cfg.target_density, "achieved": kept / max(1, total)}
+
+
 def choose_masks(method: Method, ctx: MethodContext, carry: dict) -> Tuple[Masks, Dict[str, bytes]]:
     """Stage 1: the method's masks and artefacts (from the checkpoint when resumed after it)."""
     cfg, ckpts, seq = ctx.config, ctx.checkpoints, ctx.seq
+    weight_masks = method.mask_kind == "weight"
     t0 = time.time()
-    searched = ckpts.load_searched(ctx.backbone, ctx.prompt, seq)
+    names = list(prunable_weights(ctx.backbone)) if weight_masks else seq.names
+    searched = ckpts.load_searched(ctx.backbone, ctx.prompt, names)
     if searched is not None:
         return searched.masks, searched.artefacts
     artefacts: Dict[str, bytes] = {}
     if cfg.transfer_from and cfg.transfer_mode == "masks":  # masks found on another task
         masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")
-        to_unit_masks(masks, seq)  # same architecture, or a clear error
+        if weight_masks:
+            masks = check_weight_masks(masks, ctx.backbone)  # same architecture, or a clear error
+        else:
+            to_unit_masks(masks, seq)
     else:
         result = method.produce(ctx)
         masks, artefacts = result.masks, result.artefacts
@@ -228,9 +255,18 @@ def choose_masks(method: Method, ctx: MethodContext, carry: dict) -> Tuple[Masks
 
 
 def slim_stage(backbone: nn.Module, masks: Masks, prompt: nn.Module, example: torch.Tensor, calibration,
-               batches: int):
-    """The slim network (BN statistics re-estimated) with its prompt, and the pruning history."""
-    slim_model, history = slim(backbone, masks, example)
+               batches: int, mask_kind: str = "channel"):
+    """The slim network (BN statistics re-estimated) with its prompt, and the pruning history.
+
+    Weight masks slim nothing: the network keeps its shape, its masked weights become zeros and stay
+    zeros while it is fine-tuned (the history is empty, so the export rebuilds the dense shape).
+    """
+    if mask_kind == "weight":
+        slim_model, history = copy.deepcopy(backbone), PruningHistory()
+        apply_weight_masks(slim_model, masks)
+        hold_weight_masks(slim_model, masks)
+    else:
+        slim_model, history = slim(backbone, masks, example)
     prompted = PromptedModel(slim_model, prompt)
     recalibrate_bn(prompted, calibration, batches)
     return prompted, history
@@ -274,18 +310,23 @@ def finetune_stage(cfg: PruneConfig, method: Method, prompted: PromptedModel, da
     return Trained(prompted, top1_after_search, top1, ft_cfg.steps, losses, seconds, stage1_updates)
 
 
-def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data: Data, seq: LayerSequence,
-                trained: Trained, ckpts, world: int, started: float, budget: Budget, masks: Masks) -> dict:
+def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data: Data, seq: Optional[LayerSequence],
+                trained: Trained, ckpts, world: int, started: float, budget: Optional[Budget], masks: Masks) -> dict:
     """What metrics.json records about the run (besides the head's entries, the command and recipe)."""
-    carry, example, slim_model = ckpts.carry, seq.example_input, trained.model.model
+    carry, slim_model = ckpts.carry, trained.model.model
+    example = torch.zeros(1, 3, bb.spec.img_size, bb.spec.img_size) if seq is None else seq.example_input
     search_losses = carry.get("search_losses", [])
+    weights = method.mask_kind == "weight"
     return {
         "model": cfg.model,
         "dataset": cfg.dataset,
         "method": cfg.method,
         "head": head,
+        "mask_kind": method.mask_kind,
         "target_macs": cfg.target_macs,
-        "budget": budget_record(cfg, budget, masks, seq, slim_model, bb.spec.img_size),
+        "target_density": cfg.target_density,
+        "budget": (density_record(cfg, masks, slim_model) if weights
+                   else budget_record(cfg, budget, masks, seq, slim_model, bb.spec.img_size)),
         "img_size": bb.spec.img_size,
         "macs_dense": count_macs(bb.model, example),
         "macs_slim": count_macs(slim_model, example),
@@ -310,19 +351,28 @@ def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data:
     }
 
 
-def write_run(out: Path, cfg: PruneConfig, seq: LayerSequence, masks: Masks, artefacts: Dict[str, bytes],
+def write_run(out: Path, cfg: PruneConfig, seq: Optional[LayerSequence], masks: Masks, artefacts: Dict[str, bytes],
               prompted: nn.Module, history, bb: Backbone, data: Data, metrics: dict) -> Optional[PassZooError]:
-    """The run folder: masks, the method's artefacts, the slim model, model.onnx (verified), metrics."""
+    """The run folder: masks, the method's artefacts, the slim model, model.onnx (verified), metrics.
+
+    ``seq`` None: weight masks (``masks.json`` per layer; metrics gain the density measured on the
+    exported weights and their compressed size)."""
     from .export.onnx import export_run_onnx
+    from .export.sparsity import sparsity_report
     from .export.timm_model import save_slim_model, verify_reload
 
-    save_masks(masks, masks_summary(masks, seq), out)
+    if seq is None:
+        save_weight_masks(masks, weight_masks_summary(masks), out)
+    else:
+        save_masks(masks, masks_summary(masks, seq), out)
     for name, content in artefacts.items():
         atomic_write_bytes(out / name, content)
     save_slim_model(prompted, out, base_arch=cfg.model, history=history, num_classes=data.task.num_classes,
                     label_names=data.task.class_names, base_pretrained_cfg=dict(bb.model.pretrained_cfg),
                     img_size=bb.spec.img_size, model_kwargs=bb.model_kwargs)
     verify_reload(out)  # no metrics.json (a finished run) for an export that cannot be loaded
+    if seq is None:  # read off the written file: what a user of the export gets
+        metrics.update(sparsity_report(out / "model.safetensors", list(masks), prefix="model."))
     error = None
     if cfg.onnx:
         real = torch.stack([data.val[i][0] for i in range(min(32, len(data.val)))])  # what the run evaluated on
@@ -351,17 +401,21 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     method = get_method(cfg.method)
 
     bb = load_backbone(cfg)
-    prompt = make_prompt(cfg.prompt, bb.spec.img_size, cfg.prompt_size)  # before any data is read
+    prompt = make_prompt(prompt_kind(cfg, method), bb.spec.img_size, cfg.prompt_size)  # before any data is read
     task = load_task(cfg, bb.spec)
     check_rebuild(cfg.model, bb.model_kwargs, task.num_classes)  # the export must load again: fail before stage 1
     data = load_data(cfg, task, accelerator)
     head, metrics = attach_head(cfg, bb.model, prompt, data, accelerator, carry)
-    seq = layer_sequence(bb.model, bb.spec.img_size)
-    budget = run_budget(cfg, bb.model, seq, accelerator, bb.model_kwargs)  # unreachable: refused before stage 1
+    if method.mask_kind == "channel":
+        seq = layer_sequence(bb.model, bb.spec.img_size)
+        budget = run_budget(cfg, bb.model, seq, accelerator, bb.model_kwargs)  # unreachable: refused before stage 1
+    else:  # weight masks need no channel groups (and no architecture the channel adapter refuses stops them)
+        seq, budget = None, None  # their budget, the density, is met exactly by the selection
     masks, artefacts = choose_masks(method, MethodContext(bb.model, seq, prompt, data.train_loader, cfg, accelerator,
                                                           ckpts, head, budget), carry)
-    prompted, history = slim_stage(bb.model, masks, prompt, seq.example_input,
-                                   _calibration_loader(cfg, data, accelerator, cfg.seed + 3), cfg.bn_calibration_batches)
+    prompted, history = slim_stage(bb.model, masks, prompt, None if seq is None else seq.example_input,
+                                   _calibration_loader(cfg, data, accelerator, cfg.seed + 3), cfg.bn_calibration_batches,
+                                   method.mask_kind)
     trained = finetune_stage(cfg, method, prompted, data, accelerator, ckpts)
 
     metrics.update(run_metrics(cfg, method, head, bb, data, seq, trained, ckpts, accelerator.num_processes, t0,

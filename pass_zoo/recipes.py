@@ -14,8 +14,8 @@ Schema (every key optional except what the entry needs to differ from the defaul
     finetune:                      # FinetuneConfig fields (config.py)
       steps: 150
 
-Name patterns can use ``{arch}`` (the timm model name), ``{percent}`` (target MACs in percent) and
-``{dataset}`` (the dataset kind, e.g. ``fashion-mnist``). ``out`` and ``overwrite`` are choices of
+Name patterns can use ``{arch}`` (the timm model name), ``{percent}`` (the budget in percent: MACs,
+or the weights kept for VPNs) and ``{dataset}`` (the dataset kind, e.g. ``fashion-mnist``). ``out`` and ``overwrite`` are choices of
 the command that runs a recipe, not of the recipe, so they are refused here. Unknown keys and
 values of the wrong type are refused with the key's name: a typo must not silently fall back to a
 default and produce a different model than the file describes.

@@ -1,5 +1,8 @@
-"""Mask producers: PASS and Torch-Pruning's criteria, one class each, behind one registry."""
-from .registry import Method, MethodContext, MethodResult, get_method, list_methods, register_method
-from . import pass_method, torch_pruning  # noqa: F401  (registers the built-in methods, PASS first)
+"""Mask producers: PASS and Torch-Pruning's criteria (channel masks), VPNs and the unstructured
+baselines (weight masks), one class each, behind one registry."""
+from .registry import (Method, MethodContext, MethodResult, get_method, list_methods, methods_of_budget,
+                       register_method)
+from . import pass_method, torch_pruning, weight_masks, vpns  # noqa: F401  (registers the built-in methods, PASS first)
 
-__all__ = ["Method", "MethodContext", "MethodResult", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "MethodContext", "MethodResult", "get_method", "list_methods", "methods_of_budget",
+           "register_method"]

@@ -4,6 +4,15 @@ A method turns a context (backbone with its task head, layer sequence, prompt, l
 accelerator, checkpoints) into masks plus named artefacts (files written beside the masks, e.g.
 PASS's hypernetwork). Everything after the masks -- slimming, fine-tuning, export -- is shared, so
 the only difference between methods is how the masks were chosen.
+
+Two kinds of masks (``Method.mask_kind``), each with its own budget (``Method.budget``):
+
+* ``channel`` masks (``{group: bool channel mask}``) under a channel budget (``--target-macs``,
+  ``--target-params`` or ``--target-latency``): the network is physically slimmed (PASS and the
+  Torch-Pruning criteria);
+* ``weight`` masks (``{weight name: bool mask of the weight's shape}``) under ``--target-density``:
+  nothing is slimmed, the masked weights are zeros in the dense-shaped network (VPNs, magnitude,
+  random-weights).
 """
 from __future__ import annotations
 
@@ -15,6 +24,8 @@ import torch.nn as nn
 from ..errors import PassZooError
 
 _METHODS: Dict[str, Type["Method"]] = {}
+# (mask kind, budget) pairs the pipeline knows how to apply
+_KINDS = (("channel", "macs"), ("weight", "density"))
 
 
 @dataclass
@@ -22,7 +33,7 @@ class MethodContext:
     """What a method may read (and, for weight-training methods, update in place)."""
 
     backbone: nn.Module  # dense, with its task head (folded label mapping or a new head)
-    seq: Any  # the layer sequence of ``backbone``
+    seq: Any  # the layer sequence of ``backbone`` (None for weight-mask methods: they need no channel groups)
     prompt: nn.Module  # trained in place by methods that learn it
     train_loader: Any
     config: Any  # the run's PruneConfig
@@ -31,6 +42,7 @@ class MethodContext:
     head: str = "flm"  # flm | new
     # The run's budget (graph.budget.Budget: MACs, parameters or latency); select masks under it with
     # ``select_units(scores, ctx.seq, ctx.budget, ...)``. None: a MACs budget of config.target_macs.
+    # Weight-mask methods get None and select under ``config.target_density``.
     budget: Any = None
 
     def selection_budget(self):
@@ -44,7 +56,7 @@ class MethodContext:
 
 @dataclass
 class MethodResult:
-    masks: Dict[str, Any]  # {group name: bool channel mask}, walk order
+    masks: Dict[str, Any]  # {group name: bool channel mask}, walk order; or {weight name: bool weight mask}
     artefacts: Dict[str, bytes] = field(default_factory=dict)  # file name -> content, written beside the masks
     record: Dict[str, Any] = field(default_factory=dict)  # carried into metrics.json (and resumed runs)
 
@@ -63,6 +75,15 @@ class Method:
     artefacts: Tuple[str, ...] = ()
     # metrics.json keys the method fills from its record (None when it is absent).
     metric_keys: Tuple[str, ...] = ()
+    # What its masks are ("channel": slimmed; "weight": zeros in the dense shape) and the budgets it
+    # takes ("macs": the channel budgets --target-macs/--target-params/--target-latency; "density":
+    # --target-density only).
+    mask_kind: str = "channel"
+    budget: str = "macs"
+    # The prompt ``--prompt auto`` gives it.
+    prompt: str = "additive"
+    # How a model card names it (Markdown; default: its name).
+    summary: str = ""
 
     @property
     def run_tag(self) -> str:
@@ -85,6 +106,9 @@ def register_method(cls: Type[Method]) -> Type[Method]:
     """Class decorator: make ``cls`` available as ``--method cls.name``."""
     if not cls.name:
         raise PassZooError(f"method class {cls.__name__} has no name")
+    if (cls.mask_kind, cls.budget) not in _KINDS:
+        raise PassZooError(f"method '{cls.name}': {cls.mask_kind} masks under a {cls.budget} budget are not "
+                           f"supported (supported: {', '.join(f'{k} masks under {b}' for k, b in _KINDS)})")
     _METHODS[cls.name] = cls
     return cls
 
@@ -92,6 +116,11 @@ def register_method(cls: Type[Method]) -> Type[Method]:
 def list_methods() -> List[str]:
     """Registered method names, in registration order."""
     return list(_METHODS)
+
+
+def methods_of_budget(budget: str) -> List[str]:
+    """Registered methods that take ``budget`` ("macs": the channel budgets, or "density")."""
+    return [n for n, cls in _METHODS.items() if cls.budget == budget]
 
 
 def get_method(name: str) -> Method:

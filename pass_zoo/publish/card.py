@@ -1,5 +1,9 @@
 """Model cards: ``README.md`` (Hub YAML front matter + body) and ``kept_channels.png`` for a run folder.
 
+A run of a weight-mask method (VPNs, magnitude, random-weights) gets the same card with its own
+budget: density and compressed sizes instead of MACs, per-layer kept weights instead of channel
+groups (``hub_cards/about_weights.md`` instead of ``about_channels.md``; the plot keeps its file name).
+
 Every number on a card is read from the run's own files -- ``metrics.json``, ``masks.json``,
 ``export.json``, ``config.json`` and, when present, ``latency.json`` (``pass-zoo latency RUN --json
 RUN/latency.json``). A missing required value is an error naming the key, never a blank or a guess.
@@ -25,6 +29,10 @@ DEFAULT_LICENSE = "apache-2.0"
 REQUIRED_METRICS = ("model", "dataset", "method", "head", "img_size", "macs_dense", "macs_slim",
                     "params_dense", "params_slim", "top1", "top1_after_search", "val_images", "seed",
                     "command", "config")
+# ... and by mask kind (metrics.json "mask_kind"; runs without it have channel masks)
+KIND_METRICS = {"channel": (),  # and target_macs when there is no "budget" (runs from before budget kinds)
+                "weight": ("target_density", "density", "weights_nonzero", "model_bytes", "model_zip_bytes",
+                           "model_csr_bytes")}
 # Hub dataset ids and the split prune evaluates on, for the datasets pass-zoo reads.
 _DATASETS = {"fashion-mnist": {"name": "Fashion-MNIST", "hub_id": "zalando-datasets/fashion_mnist",
                                "split": "test"}}
@@ -70,12 +78,14 @@ def _pct(x: float, digits: int = 2) -> str:
 
 def budget_words(m: dict) -> str:
     """The run's budget in words: "50 % of the dense MACs", "40 % of the dense parameters", "12 ms per
-    batch of 1 (2 ONNX Runtime threads, measured 11.4 ms)"."""
+    batch of 1 (2 ONNX Runtime threads, measured 11.4 ms)", "10 % of the prunable weights"."""
     b = m.get("budget") or {"kind": "macs", "target": m["target_macs"]}
     if b["kind"] == "latency":
         measured = f", measured {b['achieved']:.3g} ms" if b.get("achieved") is not None else ""
         return (f"{b['target']:g} ms per batch of {b.get('batch', '?')} ({b.get('threads', '?')} ONNX Runtime "
                 f"thread(s) on the CPU it was pruned on{measured})")
+    if b["kind"] == "density":
+        return f"{_pct(b['target'], 0)} % of the prunable weights"
     return f"{_pct(b['target'], 0)} % of the dense {'MACs' if b['kind'] == 'macs' else 'parameters'}"
 
 
@@ -136,16 +146,18 @@ def card_data(run_dir, repo_id: Optional[str] = None) -> dict:
     masks = _read_json(run_dir, "masks.json")
     export = _read_json(run_dir, "export.json", required=False)
     latency = _read_json(run_dir, LATENCY_FILE, required=False)
-    for key in REQUIRED_METRICS:
+    kind = mask_kind(metrics)
+    for key in REQUIRED_METRICS + KIND_METRICS[kind]:
         _need(metrics, key, run_dir, "metrics.json")
     if metrics["head"] == "flm":
         _need(metrics, "top1_dense_zero_shot", run_dir, "metrics.json")
-    if metrics.get("budget") is None:  # runs from before budget kinds: a MACs budget
+    if kind == "channel" and metrics.get("budget") is None:  # runs from before budget kinds: a MACs budget
         _need(metrics, "target_macs", run_dir, "metrics.json")
-    groups = _need(masks, "groups", run_dir, "masks.json")
+    units = "groups" if kind == "channel" else "layers"
+    groups = _need(masks, units, run_dir, "masks.json")
     for g in groups:
         for key in ("name", "kept", "total"):
-            _need(g, key, run_dir, "masks.json groups")
+            _need(g, key, run_dir, f"masks.json {units}")
     spec = ((config.get("model_args") or {}).get("spec") or {})
     base_arch = (config.get("model_args") or {}).get("base_arch")
     if base_arch != metrics["model"] or spec.get("img_size") != metrics["img_size"]:
@@ -162,8 +174,16 @@ def card_data(run_dir, repo_id: Optional[str] = None) -> dict:
     if onnx_ok:
         for key in ("opset", "exporter", "tolerance", "max_abs_diff_random"):
             _need(export, key, run_dir, "export.json")
-    return {"run_dir": run_dir, "metrics": metrics, "config": config, "groups": groups, "export": export,
+    return {"run_dir": run_dir, "metrics": metrics, "kind": kind, "config": config, "groups": groups, "export": export,
             "onnx_ok": onnx_ok, "latency": latency, "repo_id": repo_id or default_repo_id(run_dir)}
+
+
+def mask_kind(metrics: dict) -> str:
+    """``channel`` or ``weight`` (runs written before weight masks existed have channel masks)."""
+    kind = metrics.get("mask_kind") or "channel"
+    if kind not in KIND_METRICS:
+        raise CardError(f"metrics.json has an unknown mask_kind '{kind}'")
+    return kind
 
 
 def _method_tag(method: str) -> str:
@@ -175,6 +195,19 @@ def _method_tag(method: str) -> str:
         return method
 
 
+def _method_words(method: str) -> str:
+    from ..methods import get_method
+
+    try:
+        return get_method(method).summary or f"`{method}`"
+    except PassZooError:
+        return f"`{method}`"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:.2f} MiB"
+
+
 def card_metadata(d: dict):
     """Hub model-card metadata as huggingface_hub's ``ModelCardData`` (tags, datasets, model-index)."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -184,8 +217,8 @@ def card_metadata(d: dict):
     base_id, license_, _ = base_model_info(m["model"], cfg.get("pretrained", "auto"))
     ds = dataset_info(m["dataset"])
     name = d["repo_id"].split("/")[-1] if d["repo_id"] else d["run_dir"].resolve().name
-    tags = ["image-classification", "timm", "pruning", "structured-pruning", _method_tag(m["method"]),
-            m["model"]]
+    kind_tag = "structured-pruning" if d["kind"] == "channel" else "unstructured-pruning"
+    tags = ["image-classification", "timm", "pruning", kind_tag, _method_tag(m["method"]), m["model"]]
     if d["onnx_ok"]:
         tags.append("onnx")
     result = EvalResult(task_type="image-classification", task_name="Image Classification",
@@ -211,12 +244,22 @@ def results_table(d: dict) -> Tuple[str, str]:
                                                           if subset else "")
     dense_top1 = (f"{_pct(m['top1_dense_zero_shot'])} % (zero-shot, label mapping)"
                   if m.get("top1_dense_zero_shot") is not None else "not measured (new head)")
-    rows = [("", f"dense `{m['model']}`", f"slim ({m['method']})"),
-            ("MACs", _count(m["macs_dense"]), f"{_count(m['macs_slim'])} ({_pct(m['macs_slim'] / m['macs_dense'], 1)} %)"),
-            ("parameters", _count(m["params_dense"]), f"{_count(m['params_slim'])} "
-                                                      f"({_pct(m['params_slim'] / m['params_dense'], 1)} %)"),
-            (f"top-1, {ds['name']}", dense_top1, f"**{_pct(m['top1'])} %**"),
-            ("top-1 before fine-tuning", "", f"{_pct(m['top1_after_search'])} %")]
+    if d["kind"] == "weight":
+        rows = [("", f"dense `{m['model']}`", f"pruned ({m['method']})"),
+                ("prunable weights kept", "100 %", f"{_pct(m['density'], 1)} % (target {_pct(m['target_density'], 0)} %)"),
+                ("nonzero parameters", _count(m["params_dense"]), f"{_count(m['weights_nonzero'])} "
+                                                                  f"({_pct(m['weights_nonzero'] / m['params_dense'], 1)} %)"),
+                ("`model.safetensors`", "", _mib(m["model_bytes"])),
+                ("zipped (deflate)", "", _mib(m["model_zip_bytes"])),
+                ("as CSR (fp32 values, int32 indices)", "", _mib(m["model_csr_bytes"])),
+                ("MACs (dense kernels)", _count(m["macs_dense"]), _count(m["macs_slim"]))]
+    else:
+        rows = [("", f"dense `{m['model']}`", f"slim ({m['method']})"),
+                ("MACs", _count(m["macs_dense"]), f"{_count(m['macs_slim'])} ({_pct(m['macs_slim'] / m['macs_dense'], 1)} %)"),
+                ("parameters", _count(m["params_dense"]), f"{_count(m['params_slim'])} "
+                                                          f"({_pct(m['params_slim'] / m['params_dense'], 1)} %)")]
+    rows += [(f"top-1, {ds['name']}", dense_top1, f"**{_pct(m['top1'])} %**"),
+             ("top-1 before fine-tuning", "", f"{_pct(m['top1_after_search'])} %")]
     lat = d["latency"]
     if lat:
         for r in lat["results"]:
@@ -226,8 +269,13 @@ def results_table(d: dict) -> Tuple[str, str]:
         rows.append(("ORT CPU latency", "not measured", "not measured"))
     lines = [f"| {' | '.join(r)} |" for r in rows]
     lines.insert(1, "|---|---|---|")
-    notes = [f"MACs (conv + linear) and parameters at {m['img_size']} x {m['img_size']} px; "
-             f"target: at most {budget_words(m)}. Top-1 on {images}."]
+    if d["kind"] == "weight":
+        notes = [f"Prunable weights: every conv and linear weight but the classifier's; the kept fraction is "
+                 f"counted on the nonzeros of the published `model.safetensors`. MACs at {m['img_size']} x "
+                 f"{m['img_size']} px are those of dense kernels, which compute the zeros too. Top-1 on {images}."]
+    else:
+        notes = [f"MACs (conv + linear) and parameters at {m['img_size']} x {m['img_size']} px; "
+                 f"target: at most {budget_words(m)}. Top-1 on {images}."]
     if lat:
         notes.append(f"Latency: median of {lat.get('repeats', '?')} interleaved runs, {lat['runtime']}, "
                      f"{lat['threads']} thread(s), dense = `{m['model']}` at random init (weights do not change speed).")
@@ -261,7 +309,7 @@ def _files_line(d: dict) -> str:
     files = ["`model.safetensors` + `config.json` (timm)"]
     if d["onnx_ok"]:
         files.append("`model.onnx` + `export.json` (ONNX and its verification)")
-    files.append("`masks.safetensors` + `masks.json` (the channel masks)")
+    files.append(f"`masks.safetensors` + `masks.json` (the {d['kind']} masks)")
     if d["latency"]:
         files.append(f"`{LATENCY_FILE}` (the latency measurement)")
     files.append("`metrics.json` (every number on this card)")
@@ -280,33 +328,47 @@ def render_card(run_dir, repo_id: Optional[str] = None) -> str:
     search, ft = cfg.get("search") or {}, cfg.get("finetune") or {}
     kept = sum(g["kept"] for g in d["groups"])
     total = sum(g["total"] for g in d["groups"])
+    weights = d["kind"] == "weight"
+    rounding = "" if weights else f"channels rounded to multiples of {search.get('round_to', '?')}; "
     training = (f"Seed {m['seed']}; {m.get('train_images', '?')} training images; search "
                 f"{search.get('steps', '?')} steps, fine-tuning {m.get('finetune_steps', ft.get('steps', '?'))} "
-                f"steps; channels rounded to multiples of {search.get('round_to', '?')}; "
-                f"{m.get('world_size', 1)} process(es), {m.get('total_seconds', '?')} s in total.")
+                f"steps; {rounding}{m.get('world_size', 1)} process(es), {m.get('total_seconds', '?')} s in total.")
+    about = {"base_arch": m["model"], "dataset_name": ds["name"], "base_weights": base_words}
+    if weights:
+        about.update(density_pct=_pct(m["density"], 1), target_pct=_pct(m["target_density"], 0), method=m["method"],
+                     method_words=_method_words(m["method"]),
+                     size_line=f"`model.safetensors` {_mib(m['model_bytes'])}, zipped {_mib(m['model_zip_bytes'])}")
+        groups_line = (f"{len(d['groups'])} prunable layers in forward order; {kept} of {total} weights kept "
+                       f"({_pct(kept / total, 1)} %) under one global threshold, so layers keep different fractions.")
+    else:
+        about.update(macs_kept=_pct(m["macs_slim"] / m["macs_dense"], 1), budget_words=budget_words(m))
+        groups_line = (f"{len(d['groups'])} channel groups in forward order; {kept} of {total} channels kept "
+                       f"({_pct(kept / total, 1)} %). Each group is a set of coupled channels (a conv, its "
+                       f"BatchNorm, every branch of a residual sum) pruned together.")
+    about_file = template_dir() / ("about_weights.md" if weights else "about_channels.md")
     values = {
         "front_matter": card_metadata(d).to_yaml() + "\n",
         "title": repo.split("/")[-1] if d["repo_id"] else d["run_dir"].resolve().name,
-        "base_arch": m["model"], "macs_kept": _pct(m["macs_slim"] / m["macs_dense"], 1),
-        "budget_words": budget_words(m), "dataset_name": ds["name"], "base_weights": base_words,
+        "about": _substitute(about_file, about).rstrip("\n"),
+        "masks_title": "Kept weights" if weights else "Kept channels",
+        "plot_alt": "Kept weights per layer" if weights else "Kept channels per group",
+        "base_arch": m["model"], "dataset_name": ds["name"], "base_weights": base_words,
         "results_table": table, "results_notes": notes, "repo_id": repo, "img_size": m["img_size"],
         "num_classes": config.get("num_classes", len(m.get("class_names") or [])),
         "repo_note": "" if d["repo_id"] else (f"\n`{PLACEHOLDER_REPO}` stands for the repository this folder "
                                               "is uploaded to.\n"),
-        "onnx_section": _onnx_section(d, repo), "plot_file": PLOT_FILE,
-        "groups_line": (f"{len(d['groups'])} channel groups in forward order; {kept} of {total} channels kept "
-                        f"({_pct(kept / total, 1)} %). Each group is a set of coupled channels (a conv, its "
-                        f"BatchNorm, every branch of a residual sum) pruned together."),
+        "onnx_section": _onnx_section(d, repo), "plot_file": PLOT_FILE, "groups_line": groups_line,
         "command": m["command"], "recipe_section": _recipe_section(m), "training_line": training,
         "files_line": _files_line(d),
     }
-    text = (template_dir() / "model_card.md").read_text(encoding="utf-8")
+    return _checked_card(_substitute(template_dir() / "model_card.md", values))
+
+
+def _substitute(path: Path, values: dict) -> str:
     try:
-        text = Template(text).substitute(values)
-    except (KeyError, ValueError) as exc:
-        raise CardError(f"model-card template {template_dir() / 'model_card.md'} uses an unknown "
-                        f"placeholder ({exc})") from exc
-    return _checked_card(text)
+        return Template(path.read_text(encoding="utf-8")).substitute(values)
+    except (OSError, KeyError, ValueError) as exc:
+        raise CardError(f"model-card template {path} is missing or uses an unknown placeholder ({exc})") from exc
 
 
 def _checked_card(text: str) -> str:
@@ -332,18 +394,29 @@ def plot_kept_channels(run_dir, path=None) -> Path:
 
     run_dir = Path(run_dir)
     metrics = _read_json(run_dir, "metrics.json")
-    groups = _need(_read_json(run_dir, "masks.json"), "groups", run_dir, "masks.json")
+    weights = mask_kind(metrics) == "weight"
+    units = "layers" if weights else "groups"
+    groups = _need(_read_json(run_dir, "masks.json"), units, run_dir, "masks.json")
     path = Path(path) if path is not None else run_dir / PLOT_FILE
     n = len(groups)
     fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.14 * n)), 3.6), dpi=100)
     x = list(range(n))
-    ax.bar(x, [g["total"] for g in groups], color="#d9d9d9", label="total", width=0.85)
-    ax.bar(x, [g["kept"] for g in groups], color="#1f77b4", label="kept", width=0.85)
-    ax.set_xlabel("channel group (forward order)")
-    ax.set_ylabel("channels")
-    ratio = metrics.get("macs_slim", 0) / metrics["macs_dense"] if metrics.get("macs_dense") else None
-    title = f"{metrics.get('model', '')}: kept channels per group"
-    ax.set_title(title + (f" ({_pct(ratio, 1)} % of dense MACs)" if ratio else ""), fontsize=10)
+    if weights:  # layers differ in size by orders of magnitude: the kept fraction reads better
+        ax.bar(x, [100.0] * n, color="#d9d9d9", label="total", width=0.85)
+        ax.bar(x, [100 * g["kept"] / max(1, g["total"]) for g in groups], color="#1f77b4", label="kept", width=0.85)
+        ax.set_xlabel("prunable layer (forward order)")
+        ax.set_ylabel("weights kept (%)")
+        density = metrics.get("density")
+        title = f"{metrics.get('model', '')}: kept weights per layer"
+        ax.set_title(title + (f" ({_pct(density, 1)} % of prunable weights)" if density else ""), fontsize=10)
+    else:
+        ax.bar(x, [g["total"] for g in groups], color="#d9d9d9", label="total", width=0.85)
+        ax.bar(x, [g["kept"] for g in groups], color="#1f77b4", label="kept", width=0.85)
+        ax.set_xlabel("channel group (forward order)")
+        ax.set_ylabel("channels")
+        ratio = metrics.get("macs_slim", 0) / metrics["macs_dense"] if metrics.get("macs_dense") else None
+        title = f"{metrics.get('model', '')}: kept channels per group"
+        ax.set_title(title + (f" ({_pct(ratio, 1)} % of dense MACs)" if ratio else ""), fontsize=10)
     if n <= 60:
         ax.set_xticks(x, [g["name"] for g in groups], rotation=90, fontsize=5)
     ax.legend(loc="upper left", fontsize=8)

@@ -23,11 +23,11 @@ def _read(path: Path) -> Optional[dict]:
 
 
 def _target(cfg) -> str:
-    """The TARGET column: "50 %" (of the MACs), "40 % params", "12 ms"."""
+    """The TARGET column: "50 %" (of the MACs), "40 % params", "12 ms", "10 % weights"."""
     kind = cfg.budget_kind()
     if kind == "latency":
         return f"{cfg.target_latency:g} ms"
-    return f"{100 * cfg.budget_target():.0f} %" + (" params" if kind == "params" else "")
+    return f"{100 * cfg.budget_target():.0f} %" + {"params": " params", "density": " weights"}.get(kind, "")
 
 
 def zoo_entries(recipes_dir=None, runs_dir="runs") -> List[dict]:
@@ -42,6 +42,7 @@ def zoo_entries(recipes_dir=None, runs_dir="runs") -> List[dict]:
             "recipe": extras["path"], "run": str(run) if metrics else None,
             "top1": metrics.get("top1") if metrics else None,
             "macs_ratio": metrics.get("macs_ratio") if metrics else None,
+            "density": metrics.get("density") if metrics else None,
             "hub": f"{hub['repo_id']}@{hub.get('revision', 'main')}" if hub.get("repo_id") else None,
             "hub_planned": extras["hub_id"],
         })
@@ -59,7 +60,8 @@ def format_zoo(rows: List[dict]) -> str:
             r["name"], r["arch"], r["dataset"], r["budget"],
             r["run"] or "not built",
             "-" if r["top1"] is None else f"{100 * r['top1']:.2f} %",
-            "-" if r["macs_ratio"] is None else f"{100 * r['macs_ratio']:.1f} %",
+            "-" if r["macs_ratio"] is None else f"{100 * r['macs_ratio']:.1f} %"
+            + ("" if r.get("density") is None else f" ({100 * r['density']:.1f} % weights)"),
             r["hub"] or (f"{r['hub_planned']} (not published)" if r["hub_planned"] else "-"),
         ))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

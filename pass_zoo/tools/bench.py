@@ -1,4 +1,4 @@
-"""``pass-zoo bench``: a grid of prune runs (methods x MACs levels x seeds) from one YAML spec.
+"""``pass-zoo bench``: a grid of prune runs (methods x budget levels x seeds) from one YAML spec.
 
 Every cell is an ordinary ``prune`` run folder under ``OUT/cells/``; ``results.json`` collects one
 record per finished cell and is rewritten atomically after each, so an interrupted grid resumes
@@ -20,12 +20,16 @@ Spec::
     variants:                   # optional: named PASS variants (ablations), each a method label
       mlp: {method: pass, search: {core: mlp}}
     dense: true                 # also fine-tune the unpruned network (the ceiling), once per seed
+
+Each method runs at the levels of its own budget: ``target_macs`` for channel-mask methods (cells
+``LABEL-tLEVEL-sSEED``), ``target_density`` for weight-mask methods (VPNs, magnitude,
+random-weights: cells ``LABEL-dLEVEL-sSEED``). Records and summary rows carry ``budget`` (macs or
+density) and ``level``; tables have one column per (budget, level).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import multiprocessing
 import os
@@ -42,6 +46,8 @@ from ..runio import atomic_write_json, atomic_write_text
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
                 "top1", "top1_after_search", "top1_dense_zero_shot", "search_seconds", "finetune_seconds",
                 "total_seconds", "seed", "command", "finetune_steps", "compute")
+# ... and for weight-mask runs
+_WEIGHT_KEYS = ("target_density", "density", "weights_nonzero", "model_bytes", "model_zip_bytes", "model_csr_bytes")
 
 
 def load_spec(path) -> dict:
@@ -63,33 +69,49 @@ def load_spec(path) -> dict:
 
 
 def plan_cells(spec: dict) -> List[Dict]:
-    """Every cell of the grid: ``{"id", "label", "target_macs", "seed", "config": PruneConfig}``."""
+    """Every cell of the grid: ``{"id", "label", "budget", "level", "target_macs", "seed", "config"}``
+    (``target_macs`` None for a density cell)."""
+    from ..methods import get_method
+
     base = apply_overrides(PruneConfig(), spec.get("base") or {}, "base")
+    base_density, base.target_density = base.density, None  # each cell sets the budget its method takes
     grid = spec["grid"]
     labels = list(grid.get("method", [base.method]))
     variants = spec.get("variants") or {}
     labels += [v for v in variants if v not in labels]
-    targets = list(grid.get("target_macs", [DEFAULT_TARGET_MACS if base.target_macs is None else base.target_macs]))
+    levels = {"macs": list(grid.get("target_macs", [DEFAULT_TARGET_MACS if base.target_macs is None
+                                                    else base.target_macs])),
+              "density": list(grid.get("target_density", [base_density]))}
     seeds = grid.get("seed", [base.seed])
     # seed: [0, 1, 2] for every level, or {level: [seeds]} (more seeds where methods are close)
     seeds_of = {float(t): list(seeds.get(t, seeds.get(str(t), []))) if isinstance(seeds, dict) else list(seeds)
-                for t in targets}
+                for t in levels["macs"] + levels["density"]}
     seeds = sorted({s for ss in seeds_of.values() for s in ss})
     cells = []
-    for label, target in itertools.product(labels, targets):
-        for seed in seeds_of[float(target)]:
-            cfg = apply_overrides(base, dict(variants.get(label, {"method": label})), f"variant '{label}'")
-            cfg.target_macs, cfg.seed = float(target), int(seed)
-            cells.append({"id": f"{label}-t{target:g}-s{seed}", "label": label, "target_macs": float(target),
-                          "seed": int(seed), "config": cfg})
+    for label in labels:
+        cfg0 = apply_overrides(base, dict(variants.get(label, {"method": label})), f"variant '{label}'")
+        budget = get_method(cfg0.method).budget
+        letter = "d" if budget == "density" else "t"
+        for target in levels[budget]:
+            for seed in seeds_of[float(target)]:
+                cfg = apply_overrides(cfg0, {}, f"variant '{label}'")
+                if budget == "density":  # the only budget a weight-mask method takes
+                    cfg.clear_budget()
+                    cfg.target_density = float(target)
+                else:
+                    cfg.target_macs = float(target)
+                cfg.seed = int(seed)
+                cells.append({"id": f"{label}-{letter}{target:g}-s{seed}", "label": label, "budget": budget,
+                              "level": float(target), "target_macs": float(target) if budget == "macs" else None,
+                              "seed": int(seed), "config": cfg})
     if spec.get("dense"):
         for seed in seeds:
             cfg = apply_overrides(base, {"method": "random"}, "dense")  # at 1.0 every method keeps everything
             cfg.clear_budget()  # dense whatever the base's budget kind
             cfg.target_macs, cfg.seed = 1.0, int(seed)
             cfg.search = dataclasses.replace(cfg.search, steps=0)
-            cells.append({"id": f"dense-s{seed}", "label": "dense", "target_macs": 1.0, "seed": int(seed),
-                          "config": cfg})
+            cells.append({"id": f"dense-s{seed}", "label": "dense", "budget": "macs", "level": 1.0, "target_macs": 1.0,
+                          "seed": int(seed), "config": cfg})
     return cells
 
 
@@ -121,8 +143,10 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
 
     def collect(cell, metrics):
         record = {"id": cell["id"], "label": cell["label"], "run_dir": str((out / "cells" / cell["id"]).relative_to(out))}
-        record.update({k: metrics.get(k) for k in _RECORD_KEYS + _method_keys(metrics.get("method"))})
-        record["target_macs"] = cell["target_macs"]
+        weights = metrics.get("mask_kind") == "weight"
+        record.update({k: metrics.get(k) for k in _RECORD_KEYS + (_WEIGHT_KEYS if weights else ())
+                       + _method_keys(metrics.get("method"))})
+        record.update(target_macs=cell["target_macs"], budget=cell["budget"], level=cell["level"])
         record["wall_seconds"] = metrics.get("wall_seconds", metrics.get("total_seconds"))
         with _locked(out):  # another bench process may be filling other cells of the same grid
             merge_from_disk()
@@ -242,18 +266,29 @@ def _run_cell(cfg: PruneConfig, command: str) -> dict:
     return metrics
 
 
+def budget_of(r: dict) -> tuple:
+    """(budget, level) of a record or summary row; records written before density budgets are MACs."""
+    return r.get("budget") or "macs", r["level"] if r.get("level") is not None else r["target_macs"]
+
+
+def budget_label(budget: str, level: float) -> str:
+    return f"{100 * level:g} % {'weights' if budget == 'density' else 'MACs'}"
+
+
 def summarise(runs: List[dict]) -> List[dict]:
-    """Mean and std of top-1 (after fine-tuning and right after slimming) per label and MACs level."""
+    """Mean and std of top-1 (after fine-tuning and right after slimming) per label and budget level."""
     groups: Dict[tuple, List[dict]] = {}
     for r in runs:
-        groups.setdefault((r["label"], r["target_macs"]), []).append(r)
+        groups.setdefault((r["label"], *budget_of(r)), []).append(r)
     rows = []
-    for (label, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (label, budget, level), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
         top1 = [r["top1"] for r in rs]
         after = [r["top1_after_search"] for r in rs if r.get("top1_after_search") is not None]
+        density = [r["density"] for r in rs if r.get("density") is not None]
         rows.append({
-            "label": label, "target_macs": target, "n": len(rs),
-            "macs_ratio": statistics.fmean(r["macs_ratio"] for r in rs),
+            "label": label, "budget": budget, "level": level, "target_macs": level if budget == "macs" else None,
+            "n": len(rs), "macs_ratio": statistics.fmean(r["macs_ratio"] for r in rs),
+            "density": statistics.fmean(density) if density else None,
             "top1_mean": statistics.fmean(top1), "top1_std": statistics.pstdev(top1) if len(top1) > 1 else 0.0,
             "top1_after_search_mean": statistics.fmean(after) if after else None,
             "top1_after_search_std": statistics.pstdev(after) if len(after) > 1 else 0.0,
@@ -262,7 +297,8 @@ def summarise(runs: List[dict]) -> List[dict]:
 
 
 def plot_results(doc: dict, out) -> List[Path]:
-    """Accuracy-vs-MACs curves with seed spread, and the per-group kept-channel chart."""
+    """Accuracy-vs-budget curves with seed spread, and the per-group kept-channel (per-layer kept-weight) chart;
+    a grid of weight-mask methods only is drawn against the measured density (``*_density.png``, ``kept_weights.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,65 +307,82 @@ def plot_results(doc: dict, out) -> List[Path]:
     out = Path(out)
     rows = doc.get("summary") or summarise(doc["runs"])
     paths = []
+    # x: the measured budget -- MACs kept for channel masks; for a grid of weight masks only, weights kept
+    by_density = all(budget_of(r)[0] == "density" for r in rows if r["label"] != "dense")
+
+    def x_of(r):
+        return r["density"] if by_density and r.get("density") is not None else r["macs_ratio"]
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
-    for ax, key, title in ((axes[0], "top1", "after fine-tuning"), (axes[1], "top1_after_search", "right after slimming")):
+    for ax, key, title in ((axes[0], "top1", "after fine-tuning"), (axes[1], "top1_after_search", "right after pruning")):
         for label in sorted({r["label"] for r in rows}):
-            pts = sorted((r for r in rows if r["label"] == label and r.get(f"{key}_mean") is not None),
-                         key=lambda r: r["macs_ratio"])
+            pts = sorted((r for r in rows if r["label"] == label and r.get(f"{key}_mean") is not None), key=x_of)
             if not pts:
                 continue
             if label == "dense":
                 ax.axhline(100 * pts[0][f"{key}_mean"], color="k", ls="--", lw=1, label="dense")
                 continue
-            ax.errorbar([100 * p["macs_ratio"] for p in pts], [100 * p[f"{key}_mean"] for p in pts],
+            ax.errorbar([100 * x_of(p) for p in pts], [100 * p[f"{key}_mean"] for p in pts],
                         yerr=[100 * p[f"{key}_std"] for p in pts], marker="o", capsize=3, label=label)
-        ax.set_xlabel("MACs kept (%)")
+        if by_density:
+            ax.set_xscale("log")  # 10 % and 50 % weights are a factor 5 apart
+        ax.set_xlabel("prunable weights kept (%)" if by_density else "MACs kept (%)")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(f"{doc.get('name', '')}: {title}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    p = out / "accuracy_vs_macs.png"
+    p = out / ("accuracy_vs_density.png" if by_density else "accuracy_vs_macs.png")
     fig.savefig(p, dpi=120)
     plt.close(fig)
     paths.append(p)
 
-    # per-group kept fraction for each label at the harshest budget, seed of the first run
+    # per-group (per-layer) kept fraction for each label at the harshest budget, seed of the first run
     runs = [r for r in doc["runs"] if r["label"] != "dense"]
+    budget = "density" if by_density else "macs"
+    runs = [r for r in runs if budget_of(r)[0] == budget]
     if runs:
-        harsh = min(r["target_macs"] for r in runs)
+        harsh = min(budget_of(r)[1] for r in runs)
+        units = "layers" if by_density else "groups"
         fig, ax = plt.subplots(figsize=(11, 4))
         for label in sorted({r["label"] for r in runs}):
-            r = next((r for r in runs if r["label"] == label and r["target_macs"] == harsh), None)
+            r = next((r for r in runs if r["label"] == label and budget_of(r)[1] == harsh), None)
             masks_json = out / r["run_dir"] / "masks.json" if r else None
             if not masks_json or not masks_json.is_file():
                 continue
-            groups = json.loads(masks_json.read_text())["groups"]
+            groups = json.loads(masks_json.read_text())[units]
             ax.plot(range(len(groups)), [100 * g["kept"] / g["total"] for g in groups], marker=".", label=label)
-        ax.set_xlabel("channel group (forward order)")
-        ax.set_ylabel("channels kept (%)")
-        ax.set_title(f"kept channels per group at {100 * harsh:g} % MACs")
+        what = "weights per layer" if by_density else "channels per group"
+        ax.set_xlabel("prunable layer (forward order)" if by_density else "channel group (forward order)")
+        ax.set_ylabel(f"{what.split()[0]} kept (%)")
+        ax.set_title(f"kept {what} at {budget_label(budget, harsh)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        p = out / "kept_channels.png"
+        p = out / ("kept_weights.png" if by_density else "kept_channels.png")
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(p)
     return paths
 
 
+def _levels(rows: List[dict], label=None) -> List[tuple]:
+    """(budget, level) columns, MACs first, each from the loosest to the harshest budget."""
+    found = {budget_of(r) for r in rows if r["label"] != "dense" and (label is None or r["label"] == label)}
+    return sorted(found, key=lambda bl: (bl[0] != "macs", -bl[1]))
+
+
 def results_table(doc: dict) -> str:
-    """Markdown table: mean +- std top-1 per label (rows) and MACs level (columns)."""
+    """Markdown table: mean +- std top-1 per label (rows) and budget level (columns)."""
     rows = doc.get("summary") or summarise(doc["runs"])
-    targets = sorted({r["target_macs"] for r in rows if r["label"] != "dense"}, reverse=True)
+    targets = _levels(rows)
     labels = sorted({r["label"] for r in rows})
-    head = "| method | " + " | ".join(f"{100 * t:g} % MACs" for t in targets) + " |"
+    head = "| method | " + " | ".join(budget_label(*t) for t in targets) + " |"
     lines = [head, "|---" * (len(targets) + 1) + "|"]
     for label in labels:
         cells = []
         for t in targets:
-            r = next((r for r in rows if r["label"] == label and (r["target_macs"] == t or label == "dense")), None)
+            r = next((r for r in rows if r["label"] == label and (budget_of(r) == t or label == "dense")), None)
             if r is None:
                 cells.append("-")
             else:
@@ -341,19 +394,23 @@ def results_table(doc: dict) -> str:
 
 
 def gap_table(doc: dict, label: str = "pass") -> str:
-    """Markdown: ``label`` against the best other method at each MACs level.
+    """Markdown: ``label`` against the best other method at each budget level (MACs, or weights kept
+    for weight-mask methods; a method is only compared with those under the same kind of budget).
 
     Paired by seed: both means are over the seeds the two share, so a grid stopped part-way does not
     compare three seeds of one method with two of another; the spread is the std over those seeds of
     the per-seed difference (the same seed draws the same data order and subset for every method).
     """
     runs = [r for r in doc["runs"] if r["label"] != "dense"]
-    by_level: Dict[float, Dict[str, Dict[int, float]]] = {}
+    by_level: Dict[tuple, Dict[str, Dict[int, float]]] = {}
     for r in runs:
-        by_level.setdefault(r["target_macs"], {}).setdefault(r["label"], {})[r["seed"]] = r["top1"]
-    lines = [f"| MACs | {label} | best other method | gap (points) | seeds | gap std over seeds |",
+        by_level.setdefault(budget_of(r), {}).setdefault(r["label"], {})[r["seed"]] = r["top1"]
+    targets = _levels(runs, label)
+    budgets = {b for b, _ in targets}
+    what = "budget" if len(budgets) > 1 else ("weights" if budgets == {"density"} else "MACs")
+    lines = [f"| {what} | {label} | best other method | gap (points) | seeds | gap std over seeds |",
              "|---|---|---|---|---|---|"]
-    for t in sorted(by_level, reverse=True):
+    for t in targets:
         mine = by_level[t].get(label)
         if not mine:
             continue
@@ -374,7 +431,8 @@ def gap_table(doc: dict, label: str = "pass") -> str:
         other_mean, other, seeds, diffs = best
         mine_mean = statistics.fmean(mine[s] for s in seeds)
         spread = f"{100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
-        lines.append(f"| {100 * t:g} % | {100 * mine_mean:.2f} | {other} {100 * other_mean:.2f} "
+        level = f"{100 * t[1]:g} %" if what != "budget" else budget_label(*t)
+        lines.append(f"| {level} | {100 * mine_mean:.2f} | {other} {100 * other_mean:.2f} "
                      f"| {100 * (mine_mean - other_mean):+.2f} | {len(seeds)} | {spread} |")
     return "\n".join(lines)
 

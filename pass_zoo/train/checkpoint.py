@@ -329,8 +329,11 @@ class RunCheckpoints:
                     shutil.rmtree(old, ignore_errors=True)
         self.last_saved = "the search result"
 
-    def load_searched(self, backbone: nn.Module, prompt: nn.Module, seq) -> Optional[Searched]:
-        """Restore stage 1's output into ``backbone`` and ``prompt``; None if not resuming after it."""
+    def load_searched(self, backbone: nn.Module, prompt: nn.Module, names: List[str]) -> Optional[Searched]:
+        """Restore stage 1's output into ``backbone`` and ``prompt``; None if not resuming after it.
+
+        ``names``: the masks' keys in the order the method returns them (channel groups in walk order,
+        or weight names in layer order)."""
         path = self.latest("searched")
         if path is None:
             return None
@@ -346,8 +349,7 @@ class RunCheckpoints:
             meta = self._read_meta(path)
             artefacts = {name: (path / f"{ARTEFACT_PREFIX}{name}").read_bytes() for name in meta.get("artefacts", [])}
             self.last_saved = "the search result"
-            # walk order, as the methods return them
-            return Searched({g.name: masks[g.name].bool() for g in seq.groups}, artefacts)
+            return Searched({name: masks[name].bool() for name in names}, artefacts)
         except (KeyError, RuntimeError, OSError) as exc:
             raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({one_line(exc)})") from exc
 
