@@ -122,6 +122,21 @@ def check_patch_grid(model: nn.Module, name: str) -> None:
                                 f"last {i % p} px would never reach the model; use --img-size {use}")
 
 
+def fast_layout(model: nn.Module) -> nn.Module:
+    """Channels-last weights for a convolutional network on the CPU (in place; returns ``model``).
+
+    oneDNN's convolutions run in NHWC: with NCHW weights every convolution converts its input and
+    output, which costs more than the convolution itself in a depthwise-separable network
+    (EfficientNet-Lite0 at 64 px trains ~1.7x and evaluates ~1.5-2.4x faster on a 2-core CPU). The
+    function is the same; only float rounding differs. Saved tensors are made contiguous on write
+    (``runio.safetensors_bytes``), so files do not depend on the layout.
+    """
+    params = list(model.parameters())
+    if not params or params[0].device.type != "cpu" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return model
+    return model.to(memory_format=torch.channels_last)
+
+
 def create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     """``timm.create_model`` plus the weight sources of ``PRETRAINED_HELP``; the input size must be
     a whole number of patches (``check_patch_grid``)."""

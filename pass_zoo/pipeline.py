@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .backbone import BUNDLED_ARCH, create_backbone, fixed_size_kwargs
+from .backbone import BUNDLED_ARCH, create_backbone, fast_layout, fixed_size_kwargs
 from .config import PruneConfig
 from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, make_loader, subset
 from .errors import PassZooError
@@ -79,7 +79,7 @@ def load_backbone(cfg: PruneConfig) -> Backbone:
     """The timm backbone (eval mode) and the preprocessing it expects."""
     # a ViT/Swin asked for another input size is created at it (and the export records the kwarg)
     model_kwargs = {**fixed_size_kwargs(cfg.model, cfg.img_size), **cfg.model_kwargs}
-    model = create_backbone(cfg.model, resolve_pretrained(cfg.model, cfg.pretrained), **model_kwargs).eval()
+    model = fast_layout(create_backbone(cfg.model, resolve_pretrained(cfg.model, cfg.pretrained), **model_kwargs).eval())
     created_size = model_kwargs.get("img_size")  # timm leaves pretrained_cfg's input_size at 224
     spec = data_spec_for(model, cfg.img_size or (created_size if isinstance(created_size, int) else None))
     return Backbone(model, spec, model_kwargs)
@@ -267,6 +267,7 @@ def slim_stage(backbone: nn.Module, masks: Masks, prompt: nn.Module, example: to
         hold_weight_masks(slim_model, masks)
     else:
         slim_model, history = slim(backbone, masks, example)
+        fast_layout(slim_model)  # the pruned weights come back in the standard layout
     prompted = PromptedModel(slim_model, prompt)
     recalibrate_bn(prompted, calibration, batches)
     return prompted, history

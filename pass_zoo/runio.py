@@ -39,7 +39,8 @@ def safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
 
     from safetensors.torch import save
 
-    data = save(tensors, metadata=metadata)
+    # channels-last (or otherwise strided) tensors are written in the standard layout
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
     if "__metadata__" in header:

@@ -176,3 +176,28 @@ def test_model_kwargs_are_honoured_for_every_weight_source(tmp_path):
     from_file = create_backbone("resnet10t", str(tmp_path / "w.pth"), drop_rate=0.25)
     assert plain.drop_rate == 0.25
     assert from_file.drop_rate == 0.25
+
+
+def test_fast_layout_keeps_the_function_and_the_saved_bytes():
+    from safetensors.torch import load
+
+    from pass_zoo.backbone import fast_layout
+    from pass_zoo.runio import safetensors_bytes
+
+    torch.manual_seed(0)
+    model = make_model("resnet10t", num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    plain = safetensors_bytes(model.state_dict(), {"format": "pt"})
+    assert fast_layout(model) is model
+    assert model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv1[0].weight.is_contiguous()
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)
+    # the file does not depend on the layout the tensors had in memory
+    written = safetensors_bytes(model.state_dict(), {"format": "pt"})
+    assert written == plain
+    assert all(t.is_contiguous() for t in load(written).values())
+    linear = torch.nn.Sequential(torch.nn.Linear(4, 3))  # nothing convolutional: left as it is
+    assert fast_layout(linear)[0].weight.is_contiguous()
