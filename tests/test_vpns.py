@@ -118,6 +118,34 @@ def test_magnitude_is_global_and_random_weights_depend_on_the_seed_only():
     assert get_method("vpns").mask_kind == "weight" and get_method("pass").mask_kind == "channel"
 
 
+def test_one_shot_stage1_trains_prompt_and_head_but_not_the_masks():
+    # magnitude's stage 1 is VPNs' with the scores frozen: same steps and BN regime, masks unchanged
+    from accelerate import Accelerator
+
+    from pass_zoo.config import SearchConfig
+    from pass_zoo.methods.vpns import search_weight_masks
+
+    torch.manual_seed(0)
+    backbone = randomise_bn(make_model("resnet10t"))
+    weights = {n: w.detach().clone() for n, w in prunable_weights(backbone).items()}
+    scores = get_method("magnitude").scores(weights, 0)
+    expected = select_weights(scores, 0.2)
+    prompt = create_prompt("pad", S, 2)
+    head = {k: v.clone() for k, v in backbone.get_classifier().state_dict().items()}
+    running = backbone.bn1.running_mean.clone()
+    loader = [(torch.randn(4, 3, S, S), torch.tensor([0, 1, 2, 3])) for _ in range(3)]
+    cfg = SearchConfig(steps=3, lr_scores=1e-2, lr_head=1e-2)
+    masks, initial, losses = search_weight_masks(backbone, prompt, loader, 0.2, cfg, Accelerator(cpu=True),
+                                                 train_head=True, fixed_scores=scores)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert all(torch.equal(masks[n], expected[n]) and torch.equal(initial[n], expected[n]) for n in expected)
+    assert prompt.delta.abs().sum() > 0  # the prompt learned (it starts at zero)
+    assert any(not torch.equal(v, head[k]) for k, v in backbone.get_classifier().state_dict().items())
+    params = dict(backbone.named_parameters())
+    assert all(torch.equal(params[n], w) for n, w in weights.items())  # the weights did not
+    assert torch.equal(backbone.bn1.running_mean, running)  # nor the running statistics
+
+
 # ----------------------------------------------------------------------------- stage 1 and stage 2
 def test_stage1_gradients_reach_scores_and_prompt_but_not_weights():
     backbone = randomise_bn(make_model("resnet10t"))

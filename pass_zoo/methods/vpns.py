@@ -15,7 +15,7 @@ label mapping (or a new head, trained here as in PASS) is the pipeline's, made b
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -30,12 +30,15 @@ from .weight_masks import WeightMaskMethod
 
 
 class WeightScores(nn.Module):
-    """One score tensor per prunable weight, initialised proportional to |W| (``kaiming_scores``)."""
+    """One score tensor per prunable weight, initialised proportional to |W| (``kaiming_scores``),
+    or to ``initial`` (a one-shot criterion's scores, held fixed)."""
 
-    def __init__(self, weights: Dict[str, torch.Tensor]):
+    def __init__(self, weights: Dict[str, torch.Tensor], initial: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         self.names: List[str] = list(weights)
-        self.scores = nn.ParameterList([nn.Parameter(kaiming_scores(w)) for w in weights.values()])
+        start = [initial[n].detach().float().clone() if initial is not None else kaiming_scores(w)
+                 for n, w in weights.items()]
+        self.scores = nn.ParameterList([nn.Parameter(s, requires_grad=initial is None) for s in start])
 
     def hard(self, density: float) -> List[torch.Tensor]:
         """The binary masks: the top ``density`` of |scores|, one global threshold."""
@@ -76,11 +79,14 @@ class MaskedWeightsModel(nn.Module):
 
 
 def search_weight_masks(backbone: nn.Module, prompt: nn.Module, loader, density: float, cfg, accelerator,
-                        train_head: bool = False, checkpoints=None):
+                        train_head: bool = False, checkpoints=None,
+                        fixed_scores: Optional[Dict[str, torch.Tensor]] = None):
     """Stage 1 of VPNs; ``prompt`` (and a new head) are trained in place.
 
     Returns ``(masks, initial masks, losses)``. ``cfg`` is the run's ``SearchConfig``; ``checkpoints``
-    saves and resumes the loop exactly as PASS's search does.
+    saves and resumes the loop exactly as PASS's search does. ``fixed_scores``: the masks come from
+    these scores and do not learn; only the prompt (and head) do -- the one-shot baselines' stage 1,
+    so that they differ from VPNs in the masks alone.
     """
     from ..train.checkpoint import LoopState, StageCheckpoints
 
@@ -89,11 +95,12 @@ def search_weight_masks(backbone: nn.Module, prompt: nn.Module, loader, density:
     head = list(backbone.get_classifier().parameters()) if train_head else []
     for p in head:
         p.requires_grad_(True)
-    scores = WeightScores({n: w.detach() for n, w in prunable_weights(backbone).items()})
+    scores = WeightScores({n: w.detach() for n, w in prunable_weights(backbone).items()}, fixed_scores)
     initial = scores.masks(density)
     model = MaskedWeightsModel(backbone, prompt, scores, density, cfg.bn_mode)
-    groups = [{"params": list(scores.parameters()), "lr": cfg.lr_scores},
-              {"params": list(prompt.parameters()), "lr": cfg.lr_scores}]
+    groups = [{"params": list(prompt.parameters()), "lr": cfg.lr_scores}]
+    if fixed_scores is None:
+        groups.insert(0, {"params": list(scores.parameters()), "lr": cfg.lr_scores})
     if head:
         groups.append({"params": head, "lr": cfg.lr_head})
     opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
@@ -105,7 +112,8 @@ def search_weight_masks(backbone: nn.Module, prompt: nn.Module, loader, density:
     loop = LoopState("search", cfg.steps, modules, {"adam": opt}, {"cosine": sched}, Batches(loader))
     wrapped.train()
     with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
-        bar = progress(accelerator, cfg.steps, "vpns", initial=loop.step)
+        bar = progress(accelerator, cfg.steps, "vpns" if fixed_scores is None else "prompt on masks",
+                       initial=loop.step)
         try:
             with KeepRunningStats(backbone):
                 for _ in range(loop.step, loop.total):

@@ -4,9 +4,9 @@
 * ``random-weights`` -- uniformly random weights (a floor every method must clear). Named apart from
   ``random``, the channel baseline under a MACs budget, because the two prune different things.
 
-Both read only the weights. With a new task head they train it as a linear probe over the stage-1
-step budget on the *masked* network (the masks are known before the probe), as the channel
-baselines probe theirs.
+Both read only the weights for their masks. Their stage 1 is VPNs' with the scores frozen: the
+prompt (and a new task head) learn on the masked network for the same steps, optimiser and BatchNorm
+regime, so a comparison with VPNs measures the learned masks, not extra prompt training.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Dict
 
 import torch
 
-from ..graph.weights import apply_weight_masks, prunable_weights, select_weights
+from ..graph.weights import prunable_weights, select_weights
 from ..train.loop import check_same_across_processes
 from .registry import Method, MethodContext, MethodResult, register_method
 
@@ -28,27 +28,25 @@ class WeightMaskMethod(Method):
 
 
 class OneShotWeights(WeightMaskMethod):
-    """Scores from the weights alone; a new head is probed on the masked network."""
-
-    def stage1_batches(self, steps: int, new_head: bool) -> int:
-        return steps if new_head else 0
+    """Scores from the weights alone; the prompt (and a new head) learn on the masked network."""
 
     def scores(self, weights: Dict[str, torch.Tensor], seed: int) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def produce(self, ctx: MethodContext) -> MethodResult:
-        from .torch_pruning import _accumulate_gradients
+        from .vpns import search_weight_masks
 
         cfg = ctx.config
-        weights = prunable_weights(ctx.backbone)
-        masks = select_weights(self.scores({n: w.detach() for n, w in weights.items()}, cfg.seed), cfg.density)
+        weights = {n: w.detach() for n, w in prunable_weights(ctx.backbone).items()}
+        scores = self.scores(weights, cfg.seed)
+        masks = select_weights(scores, cfg.density)
         check_same_across_processes(ctx.accelerator, f"{self.name} masks", list(masks.values()))
-        if ctx.new_head:
-            apply_weight_masks(ctx.backbone, masks)  # the probe sees the network it will be fine-tuned as
-            _accumulate_gradients(ctx.backbone, ctx.prompt, ctx.train_loader, cfg.search.steps, ctx.accelerator,
-                                  cfg.search.lr_head, only_head=True)
-            ctx.backbone.zero_grad(set_to_none=True)
-        return MethodResult(masks)
+        learned, _, losses = search_weight_masks(ctx.backbone, ctx.prompt, ctx.train_loader, cfg.density,
+                                                 cfg.search, ctx.accelerator, train_head=ctx.new_head,
+                                                 checkpoints=ctx.checkpoints,
+                                                 fixed_scores={n: s.abs() for n, s in scores.items()})
+        assert all(torch.equal(learned[n], masks[n]) for n in masks)  # frozen scores: the masks did not move
+        return MethodResult(masks, record={"search_losses": losses})
 
 
 @register_method
