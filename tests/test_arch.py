@@ -280,15 +280,69 @@ def test_a_group_torch_pruning_cannot_resolve_is_a_clear_error(monkeypatch):
     import pass_zoo.graph.groups as adapter
 
     def stuck(self, *args, **kwargs):
-        yield from ()
         time.sleep(30)  # what Torch-Pruning does on ReXNet's in-place slice adds (forever)
 
     monkeypatch.setattr(adapter, "GROUP_TIME_LIMIT_S", 0.2)
-    monkeypatch.setattr(tp.DependencyGraph, "get_all_groups", stuck)
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", stuck)
     start = time.time()
     with pytest.raises(AdapterError, match=r"dependency analysis did not finish within 0.2 s \(channel slicing"):
         build_layer_sequence(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)), torch.randn(1, 3, 4, 4))
     assert time.time() - start < 10
+
+
+class _ConvAttentionNet(nn.Module):
+    """Visformer's 1x1-conv attention in a residual block: Torch-Pruning's walk of the qkv group loops
+    through its reshape (each lap maps the indices to a new set) and, unbounded, never returns."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.visformer import Attention
+
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.attn = Attention(16, num_heads=2)
+        self.mlp = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_group_whose_walk_loops_stays_dense_and_the_rest_slims_exactly():
+    torch.manual_seed(0)
+    net = _ConvAttentionNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seq = build_layer_sequence(net, x[:1])  # unbounded, this call does not return
+    reasons = dict(seq.excluded)
+    assert reasons["attn.qkv"] == ("Torch-Pruning's walk of its coupled channels loops (an index mapping "
+                                   "through a reshape it cannot close)")
+    assert [g.name for g in seq.groups] == ["mlp.0"]
+    units = [torch.arange(seq.groups[0].units) % 2 == 0]
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    with torch.no_grad(), seq.gated([u.float() for u in units]):
+        gated = net(x)
+    assert slim_model.mlp[0].out_channels == 16 and slim_model.attn.qkv.out_channels == 48
+    assert torch.allclose(gated, slim_model(x), atol=1e-5)
+
+
+def test_a_group_torch_pruning_fails_to_map_stays_dense(monkeypatch):
+    import torch_pruning as tp
+
+    real = tp.DependencyGraph.get_pruning_group
+
+    def failing(self, module, *args, **kwargs):
+        if module is net[2]:
+            raise IndexError("list index out of range")  # as its index mapping does on EfficientViM's heads
+        return real(self, module, *args, **kwargs)
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", failing)
+    seq = build_layer_sequence(net, torch.randn(1, 3, 4, 4))
+    assert [g.name for g in seq.groups] == ["0"]
+    assert dict(seq.excluded)["2"] == ("Torch-Pruning cannot map its coupled channels (IndexError: list index out "
+                                       "of range)")
 
 
 def test_nothing_prunable_names_every_reason():

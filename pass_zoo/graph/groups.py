@@ -18,6 +18,7 @@ prunable is refused (``AdapterError`` naming the layers).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -259,9 +260,88 @@ def _is_depthwise(module: nn.Module) -> bool:
 # into a channel slice) it never finishes. Past this many seconds on one group: a clear AdapterError.
 GROUP_TIME_LIMIT_S = 60
 
+# Torch-Pruning walks a group by following index mappings until nothing new appears. Through some
+# reshapes (Visformer's and EfficientViT's conv attention, ...) every lap maps the indices to a new
+# set, so the walk never closes. One dependency followed this many times means it has looped.
+MAX_DEP_REPEATS = 64
+
+
+class _WalkLooped(Exception):
+    pass
+
+
+_LOOPED = "Torch-Pruning's walk of its coupled channels loops (an index mapping through a reshape it cannot close)"
+
+
+class _BoundedGroup(tp.dependency.Group):
+    """A ``Group`` that stops a walk which follows one dependency more than ``MAX_DEP_REPEATS`` times,
+    or whose indices outgrow every layer of the model (``max_indices``: a reshape mapped channels onto
+    channels x positions, and each later step is that much slower)."""
+
+    max_indices = 0
+
+    def add_dep(self, dep, idxs):
+        counts = self.__dict__.setdefault("_dep_counts", {})
+        key = (id(dep.source), id(dep.target), dep.handler)
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] > MAX_DEP_REPEATS or (self.max_indices and len(idxs) > self.max_indices):
+            raise _WalkLooped()
+        super().add_dep(dep, idxs)
+
+
+def _widest(model: nn.Module) -> int:
+    """The largest channel / feature count of any conv or linear layer (a flatten's input included)."""
+    return max([max(_dims(m)) for m in model.modules() if isinstance(m, _GATEABLE)] or [0])
+
+
+@contextlib.contextmanager
+def _bounded_walks(max_indices: int = 0):
+    # get_pruning_group builds its group from its module's ``Group``: swap in the bounded one
+    import torch_pruning.dependency.graph as tp_graph
+
+    bounded = type("_Bounded", (_BoundedGroup,), {"max_indices": max_indices})
+    saved, tp_graph.Group = tp_graph.Group, bounded
+    try:
+        yield
+    finally:
+        tp_graph.Group = saved
+
+
+def _coupled_groups(graph: tp.DependencyGraph, ignored: List[nn.Module], root_types):
+    """``(root, group)`` for every coupled group, as Torch-Pruning's ``get_all_groups`` finds them (the
+    first unvisited conv/linear as root, its output channels whole), one root at a time, so that a root
+    whose walk loops or fails comes as ``(root, why)`` and the other groups still come."""
+    ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
+    visited = set()
+    max_indices = 2 * _widest(graph.model)
+    for module in list(graph.module2node):
+        if any(module is m for m in ignored) or not isinstance(module, root_types) or id(module) in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            with _bounded_walks(max_indices):
+                group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                list(range(pruner.get_out_channels(module))))
+        except _WalkLooped:
+            yield module, _LOOPED
+            continue
+        except (IndexError, KeyError, ValueError, TypeError, ZeroDivisionError, RuntimeError) as exc:
+            # Torch-Pruning's index mapping fails on this group alone; the others still come
+            yield module, f"Torch-Pruning cannot map its coupled channels ({type(exc).__name__}: {exc})"
+            continue
+        prunable = True
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                visited.add(id(dep.target.module))
+                prunable = prunable and not any(dep.target.module is m for m in ignored)
+        if prunable:
+            yield module, group
+
 
 def _each_within(groups, seconds: float, names: Dict[nn.Module, str]):
-    """Yield from Torch-Pruning's group generator, giving up if one group takes longer than ``seconds``.
+    """Yield ``(root, group)`` from ``groups``, giving up if one group takes longer than ``seconds``.
 
     Uses SIGALRM, so only in the main thread of a Unix process; elsewhere there is no limit.
     """
@@ -280,13 +360,13 @@ def _each_within(groups, seconds: float, names: Dict[nn.Module, str]):
         while True:
             signal.setitimer(signal.ITIMER_REAL, seconds)
             try:
-                group = next(groups)
+                item = next(groups)
             except StopIteration:
                 return
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            last[0] = names.get(group[0].dep.target.module)
-            yield group
+            last[0] = names.get(item[0])
+            yield item
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -330,9 +410,12 @@ class GroupBuilder:
 
     def collect(self, order: Dict[str, int]) -> List[ChannelGroup]:
         groups = []
-        all_groups = self.graph.get_all_groups(ignored_layers=self.ignored, root_module_types=_GATEABLE)
-        for tp_group in _each_within(all_groups, GROUP_TIME_LIMIT_S, self.module_names):
-            root_name = self.module_names[tp_group[0].dep.target.module]
+        all_groups = _coupled_groups(self.graph, self.ignored, _GATEABLE)
+        for root, tp_group in _each_within(all_groups, GROUP_TIME_LIMIT_S, self.module_names):
+            root_name = self.module_names[root]
+            if isinstance(tp_group, str):  # its walk looped or failed: it stays dense
+                self.excluded.append((root_name, tp_group))
+                continue
             try:
                 groups.append(self._make_group(tp_group, order))
             except _Excluded as exc:
