@@ -67,6 +67,8 @@ class Data:
     val: torch.utils.data.Dataset
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
+    diagnostic_loader: torch.utils.data.DataLoader  # the progress evaluations' val subset (or val_loader)
+    diagnostic_images: int
 
 
 def resolve_pretrained(model: str, pretrained: str) -> str:
@@ -110,7 +112,11 @@ def load_data(cfg: PruneConfig, task: TaskData, accelerator) -> Data:
     val_ds = subset(task.val, cfg.val_subset, cfg.seed + 1)
     train_loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.workers)
     val_loader = accelerator.prepare(make_loader(val_ds, cfg.batch_size * 2, False, cfg.seed, cfg.workers))
-    return Data(task, train_ds, val_ds, train_loader, val_loader)
+    diag_ds, diag_loader = val_ds, val_loader
+    if cfg.diagnostic_images and cfg.diagnostic_images < len(val_ds):
+        diag_ds = subset(val_ds, cfg.diagnostic_images, cfg.seed + 2)
+        diag_loader = accelerator.prepare(make_loader(diag_ds, cfg.batch_size * 2, False, cfg.seed, cfg.workers))
+    return Data(task, train_ds, val_ds, train_loader, val_loader, diag_loader, len(diag_ds))
 
 
 def _calibration_loader(cfg: PruneConfig, data: Data, accelerator, seed: int):
@@ -142,7 +148,7 @@ def attach_head(cfg: PruneConfig, backbone: nn.Module, prompt: nn.Module, data: 
         counts = prediction_counts(backbone, flm_loader, n_target, backbone.num_classes, accelerator)
         carry["label_mapping"] = frequency_label_mapping(counts)
         fold_label_mapping(backbone, carry["label_mapping"])
-        carry["top1_dense_zero_shot"] = evaluate(backbone, data.val_loader, accelerator)
+        carry["top1_dense_zero_shot"] = evaluate(backbone, data.diagnostic_loader, accelerator)
     else:
         fold_label_mapping(backbone, carry["label_mapping"])
     return head, {"label_mapping": carry["label_mapping"], "top1_dense_zero_shot": carry["top1_dense_zero_shot"]}
@@ -301,7 +307,7 @@ class Trained:
 def finetune_stage(cfg: PruneConfig, method: Method, prompted: PromptedModel, data: Data, accelerator,
                    ckpts) -> Trained:
     """Evaluate the slim network, fine-tune it with its prompt, evaluate again."""
-    top1_after_search = evaluate(prompted, data.val_loader, accelerator)
+    top1_after_search = evaluate(prompted, data.diagnostic_loader, accelerator)
     ft_cfg, stage1_updates = finetune_plan(cfg, method, data, accelerator)
     t0 = time.time()
     losses = finetune(prompted, data.train_loader, ft_cfg, accelerator, checkpoints=ckpts)
@@ -346,6 +352,7 @@ def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data:
         "total_seconds": round(time.time() - started, 2),
         "train_images": len(data.train),
         "val_images": len(data.val),
+        "diagnostic_images": data.diagnostic_images,  # behind top1_after_search and top1_dense_zero_shot
         "world_size": world,
         "resumed_from": ckpts.resumed_from,
         "seed": cfg.seed,

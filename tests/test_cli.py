@@ -44,7 +44,7 @@ def _lite0_args(out, *extra):
 @pytest.fixture(scope="module")
 def lite0_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    rc, stdout, stderr = _run(_lite0_args(out))
+    rc, stdout, stderr = _run(_lite0_args(out, "--diagnostic-images", "24"))
     return {"rc": rc, "out": out, "stdout": stdout, "stderr": stderr,
             "metrics": json.loads((out / "metrics.json").read_text()) if rc == 0 else None}
 
@@ -89,10 +89,12 @@ def test_lite0_metrics(lite0_run):
     assert 0 < m["macs_slim"] <= 0.5 * m["macs_dense"]
     assert m["macs_ratio"] == pytest.approx(m["macs_slim"] / m["macs_dense"])
     assert 0 < m["params_slim"] < m["params_dense"]
-    for key in ("top1", "top1_dense_zero_shot", "top1_after_search"):
+    # the final top-1 counts over the 64 val images, the two progress figures over 24 of them
+    for key, n in (("top1", 64), ("top1_dense_zero_shot", 24), ("top1_after_search", 24)):
         assert 0.0 <= m[key] <= 1.0
-        assert (m[key] * 64) == pytest.approx(round(m[key] * 64))  # a count over the 64 val images
-    assert m["val_images"] == 64 and m["train_images"] == 128
+        assert (m[key] * n) == pytest.approx(round(m[key] * n))
+    assert m["val_images"] == 64 and m["train_images"] == 128 and m["diagnostic_images"] == 24
+    assert "before fine-tuning, 24 val images)" in lite0_run["stdout"]
     assert m["seed"] == 7 and m["world_size"] == 1 and m["img_size"] == 32
     assert m["head"] == "flm"  # 1000-class bundled backbone -> frequency label mapping
     assert len(m["label_mapping"]) == 10 and len(set(m["label_mapping"])) == 10

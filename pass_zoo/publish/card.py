@@ -242,7 +242,10 @@ def results_table(d: dict) -> Tuple[str, str]:
     subset = m["config"].get("val_subset")
     images = f"{m['val_images']} {ds['split']} images" + (" (a fixed random subset; `pass-zoo eval` repeats it)"
                                                           if subset else "")
-    dense_top1 = (f"{_pct(m['top1_dense_zero_shot'])} % (zero-shot, label mapping)"
+    # the progress figures may read a subset of the val images (--diagnostic-images)
+    diag = m.get("diagnostic_images", m["val_images"])
+    on = "" if diag == m["val_images"] else f", {diag} of the images"
+    dense_top1 = (f"{_pct(m['top1_dense_zero_shot'])} % (zero-shot, label mapping{on})"
                   if m.get("top1_dense_zero_shot") is not None else "not measured (new head)")
     if d["kind"] == "weight":
         rows = [("", f"dense `{m['model']}`", f"pruned ({m['method']})"),
@@ -259,7 +262,7 @@ def results_table(d: dict) -> Tuple[str, str]:
                 ("parameters", _count(m["params_dense"]), f"{_count(m['params_slim'])} "
                                                           f"({_pct(m['params_slim'] / m['params_dense'], 1)} %)")]
     rows += [(f"top-1, {ds['name']}", dense_top1, f"**{_pct(m['top1'])} %**"),
-             ("top-1 before fine-tuning", "", f"{_pct(m['top1_after_search'])} %")]
+             ("top-1 before fine-tuning", "", f"{_pct(m['top1_after_search'])} %" + (f" ({diag} of the images)" if on else ""))]
     lat = d["latency"]
     if lat:
         for r in lat["results"]:
