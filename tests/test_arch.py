@@ -503,3 +503,31 @@ def test_recipes_use_prune_config_fields():
     assert math.isclose(models["resnext50_32x4d"]["target_macs"], 0.47, abs_tol=0.005)
     assert math.isclose(models["vit_base_patch16_224"]["target_macs"], 0.61, abs_tol=0.005)
     assert math.isclose(models["swin_tiny_patch4_window7_224"]["target_macs"], 0.76, abs_tol=0.005)
+
+
+class _SharedConvNet(nn.Module):
+    """One depthwise conv shared by two blocks (as CoaT shares its position encodings): it runs twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.a(x + self.shared(x))
+        x = self.b(x + self.shared(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_module_called_twice_costs_twice():
+    torch.manual_seed(0)
+    net = _SharedConvNet().eval()
+    x = torch.randn(1, 3, 6, 6)
+    seq = build_layer_sequence(net, x)
+    assert seq.dense_macs == count_macs(net, x)
+    units = [torch.arange(g.units) % 2 == 0 for g in seq.groups]
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x)
+    assert seq.macs([int(u.sum()) for u in units]) == count_macs(slim_model, x) < seq.dense_macs

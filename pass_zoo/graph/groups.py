@@ -214,11 +214,13 @@ def _module_positions(model: nn.Module, example_input: torch.Tensor):
             order.setdefault(name, len(order))
             if isinstance(mod, _GATEABLE) and isinstance(out, torch.Tensor):
                 ch = mod.out_channels if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else mod.out_features
-                # all of the sample's outputs: Swin runs its linears on (batch * windows, tokens, C)
-                positions[name] = out.numel() // (ch * batch)
-            if name in families and name not in attn_per_head:
+                # all of the sample's outputs: Swin runs its linears on (batch * windows, tokens, C);
+                # summed over calls, since a shared module (CoaT's position encodings) runs once per user
+                positions[name] = positions.get(name, 0) + out.numel() // (ch * batch)
+            if name in families:
                 fam = families[name]
-                attn_per_head[name] = fam.matmul_macs(mod, inp[0]) // (fam.heads(mod) * batch)
+                attn_per_head[name] = (attn_per_head.get(name, 0)
+                                       + fam.matmul_macs(mod, inp[0]) // (fam.heads(mod) * batch))
         return _fn
 
     for name, mod in model.named_modules():
