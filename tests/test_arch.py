@@ -531,3 +531,11 @@ def test_a_module_called_twice_costs_twice():
     units = [torch.arange(g.units) % 2 == 0 for g in seq.groups]
     slim_model, _ = slim(net, to_channel_masks(units, seq), x)
     assert seq.macs([int(u.sum()) for u in units]) == count_macs(slim_model, x) < seq.dense_macs
+
+
+def test_shared_modules_are_counted_exported_and_reloaded():
+    # CoaT shares one position-encoding module between the blocks of a stage: every call costs MACs,
+    # and the export stores the shared tensors under each of their names
+    result = run_check("coat_lite_mini", echo=lambda line: None, search_steps=1)
+    assert all(v == "ok" for v in result.stages.values()), result.reason
+    assert result.macs_slim <= 0.5 * result.macs_dense and result.onnx_diff <= 1e-4

@@ -227,7 +227,14 @@ def save_slim_model(prompted: nn.Module, out, base_arch: str, history: List, num
         "model_args": {"base_arch": base_arch, "spec": spec},
         "pretrained_cfg": export_pretrained_cfg(base_pretrained_cfg, img_size, classifier),
     }
-    state = {k: v.detach().contiguous().cpu() for k, v in prompted.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in prompted.state_dict().items():
+        v = v.detach().contiguous().cpu()
+        # a module shared by several blocks (CoaT's position encodings) has one tensor under several
+        # names; safetensors stores each name on its own, and loading writes the same values to each
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        state[k] = v.clone() if key in seen and v.numel() else v
+        seen.add(key)
     atomic_write_bytes(out / "model.safetensors", safetensors_bytes(state, {"format": "pt", "pass_zoo": spec["format"]}))
     atomic_write_json(out / "config.json", config)
     return out
