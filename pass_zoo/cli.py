@@ -83,12 +83,13 @@ def _summary(out, cfg, m) -> str:
             lines.append(f"latency         {budget['achieved']:.3g} ms measured, {budget['predicted']:.3g} ms by the "
                          f"table, target {budget['target']:g} ms (batch {budget['batch']}, {budget['threads']} ORT "
                          f"thread(s))" + ("" if budget["within_target"] else "  -- over the target on this measurement"))
+    diagnostic = m.get("diagnostic_images", m["val_images"])  # the progress figures' val images
     if "top1_dense_zero_shot" in m:
         lines.append(f"top-1 dense     {100 * m['top1_dense_zero_shot']:.2f} %  (label mapping, no training, "
-                     f"{m.get('diagnostic_images', m['val_images'])} val images)")
+                     f"{diagnostic} val images)")
     lines += [
         f"top-1 searched  {100 * m['top1_after_search']:.2f} %  (slim + prompt, before fine-tuning, "
-        f"{m.get('diagnostic_images', m['val_images'])} val images)",
+        f"{diagnostic} val images)",
         f"top-1 slim      {100 * m['top1']:.2f} %  (fine-tuned, {m['val_images']} val images)",
     ]
     if "onnx_max_abs_diff" in m:

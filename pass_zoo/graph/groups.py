@@ -297,11 +297,11 @@ def _widest(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _bounded_walks(max_indices: int = 0):
-    # get_pruning_group builds its group from its module's ``Group``: swap in the bounded one
+def _bounded_walks(bounded: type):
+    # get_pruning_group builds its group from its module's ``Group``: swap in the bounded one for one
+    # call (not across the generator's yields, where other code may walk groups)
     import torch_pruning.dependency.graph as tp_graph
 
-    bounded = type("_Bounded", (_BoundedGroup,), {"max_indices": max_indices})
     saved, tp_graph.Group = tp_graph.Group, bounded
     try:
         yield
@@ -313,17 +313,17 @@ def _coupled_groups(graph: tp.DependencyGraph, ignored: List[nn.Module], root_ty
     """``(root, group)`` for every coupled group, as Torch-Pruning's ``get_all_groups`` finds them (the
     first unvisited conv/linear as root, its output channels whole), one root at a time, so that a root
     whose walk loops or fails comes as ``(root, why)`` and the other groups still come."""
-    ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
+    ignored = {id(m) for m in list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)}
     visited = set()
-    max_indices = 2 * _widest(graph.model)
+    bounded = type("_Bounded", (_BoundedGroup,), {"max_indices": 2 * _widest(graph.model)})
     for module in list(graph.module2node):
-        if any(module is m for m in ignored) or not isinstance(module, root_types) or id(module) in visited:
+        if id(module) in ignored or not isinstance(module, root_types) or id(module) in visited:
             continue
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         try:
-            with _bounded_walks(max_indices):
+            with _bounded_walks(bounded):
                 group = graph.get_pruning_group(module, pruner.prune_out_channels,
                                                 list(range(pruner.get_out_channels(module))))
         except _WalkLooped:
@@ -337,7 +337,7 @@ def _coupled_groups(graph: tp.DependencyGraph, ignored: List[nn.Module], root_ty
         for dep, _ in group:
             if graph.is_out_channel_pruning_fn(dep.handler):
                 visited.add(id(dep.target.module))
-                prunable = prunable and not any(dep.target.module is m for m in ignored)
+                prunable = prunable and id(dep.target.module) not in ignored
         if prunable:
             yield module, group
 

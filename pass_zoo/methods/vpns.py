@@ -98,9 +98,8 @@ def search_weight_masks(backbone: nn.Module, prompt: nn.Module, loader, density:
     scores = WeightScores({n: w.detach() for n, w in prunable_weights(backbone).items()}, fixed_scores)
     initial = scores.masks(density)
     model = MaskedWeightsModel(backbone, prompt, scores, density, cfg.bn_mode)
-    groups = [{"params": list(prompt.parameters()), "lr": cfg.lr_scores}]
-    if fixed_scores is None:
-        groups.insert(0, {"params": list(scores.parameters()), "lr": cfg.lr_scores})
+    learned = [] if fixed_scores is not None else [{"params": list(scores.parameters()), "lr": cfg.lr_scores}]
+    groups = learned + [{"params": list(prompt.parameters()), "lr": cfg.lr_scores}]
     if head:
         groups.append({"params": head, "lr": cfg.lr_head})
     opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)

@@ -14,8 +14,7 @@ from typing import Dict
 
 import torch
 
-from ..graph.weights import prunable_weights, select_weights
-from ..train.loop import check_same_across_processes
+from ..graph.weights import prunable_weights
 from .registry import Method, MethodContext, MethodResult, register_method
 
 
@@ -38,14 +37,12 @@ class OneShotWeights(WeightMaskMethod):
 
         cfg = ctx.config
         weights = {n: w.detach() for n, w in prunable_weights(ctx.backbone).items()}
-        scores = self.scores(weights, cfg.seed)
-        masks = select_weights(scores, cfg.density)
-        check_same_across_processes(ctx.accelerator, f"{self.name} masks", list(masks.values()))
-        learned, _, losses = search_weight_masks(ctx.backbone, ctx.prompt, ctx.train_loader, cfg.density,
-                                                 cfg.search, ctx.accelerator, train_head=ctx.new_head,
-                                                 checkpoints=ctx.checkpoints,
-                                                 fixed_scores={n: s.abs() for n, s in scores.items()})
-        assert all(torch.equal(learned[n], masks[n]) for n in masks)  # frozen scores: the masks did not move
+        # the masks are the top |score| of these frozen scores (select_weights' rule); stage 1 checks
+        # them and the prompt across processes
+        masks, _, losses = search_weight_masks(ctx.backbone, ctx.prompt, ctx.train_loader, cfg.density,
+                                               cfg.search, ctx.accelerator, train_head=ctx.new_head,
+                                               checkpoints=ctx.checkpoints,
+                                               fixed_scores=self.scores(weights, cfg.seed))
         return MethodResult(masks, record={"search_losses": losses})
 
 
