@@ -250,3 +250,23 @@ def test_no_budget_means_half_the_macs():
     cfg = PruneConfig()
     cfg.validate()
     assert (cfg.budget_kind(), cfg.target_macs) == ("macs", 0.5) and cfg.budget_label() == "50 % of the dense MACs"
+
+
+def test_latency_sessions_sleep_when_idle_and_auto_rounds_to_a_whole_block(tmp_path):
+    """Dense and slim sessions are timed in turns: an idle one must not spin on the cores the other
+    needs. ``--round-to auto`` keeps whole NCHWc blocks and at least 16 channels."""
+    import onnxruntime as ort
+
+    from pass_zoo.config import _round_to
+    from pass_zoo.export.onnx import export_graph
+
+    path = tmp_path / "m.onnx"
+    export_graph(make_model("resnet18"), path, 32)
+    session = latency_mod.latency_session(path, 2)
+    assert isinstance(session, ort.InferenceSession)
+    options = session.get_session_options()
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert options.get_session_config_entry(key) == "0"
+    assert options.intra_op_num_threads == 2
+    auto, block = _round_to("auto"), latency_mod.nchwc_block_size()
+    assert auto >= 16 and (block == 0 or auto % block == 0)

@@ -24,7 +24,8 @@ def latency_session(path, threads: int, profile_prefix=None, optimized_path=None
     """The ONNX Runtime CPU session every latency figure of pass-zoo is measured with: all graph
     optimisations (constant folding, Conv+BN+activation fusion and the NCHWc blocked layout, which only
     takes convs whose channels are multiples of the CPU's block size), ``threads`` intra-op threads,
-    sequential execution (one inter-op thread: the graph is a chain). ``profile_prefix``: write ORT's
+    sequential execution (one inter-op thread: the graph is a chain), idle threads that sleep instead of
+    spinning. ``profile_prefix``: write ORT's
     per-node profile (JSON); ``optimized_path``: save the graph as ORT optimised it."""
     import onnxruntime as ort
 
@@ -37,6 +38,11 @@ def latency_session(path, threads: int, profile_prefix=None, optimized_path=None
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # Dense and slim sessions are timed interleaved in one process. A spinning worker of the session
+    # that just finished keeps a core busy while the other one runs: on 2 cores that nearly doubled
+    # ResNet-50's batch-1 latency (48 -> 88 ms) and squeezed every speedup towards 1.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_prefix)
@@ -192,5 +198,7 @@ def _probe_block_size() -> int:
 
 def latency_round_to() -> int:
     """``--round-to auto``: channel multiples that keep every conv on ORT's NCHWc path on this CPU
-    (its block size), and at least 8, which also suits the GEMM kernels."""
-    return max(8, nchwc_block_size())
+    (its block size), and at least 16: on a 2-core AVX2 CPU (block 8) widths of 16 ran 0.87-0.99 of
+    the MACs ratio against 0.74-0.91 at 8 for 50 %-MACs ResNet-50 and Lite0, batch 1 and 32
+    (``benchmarks/speed_per_mac.py``), although both put every conv on the blocked path."""
+    return max(16, nchwc_block_size())

@@ -97,7 +97,8 @@ def table_key(model_name: str, model_kwargs: dict, img_size: int, num_classes: i
     return {"model": model_name, "model_kwargs": json.loads(json.dumps(model_kwargs, default=str)),
             "img_size": int(img_size), "num_classes": int(num_classes), "groups": groups[:16],
             "batch": int(batch), "threads": int(threads), "round_to": int(round_to), "probes": int(probes),
-            "onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0], "cpu": _cpu()}
+            "onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0], "cpu": _cpu(),
+            "idle_threads": "sleep"}  # tables timed with spinning sessions (earlier versions) are not reused
 
 
 def table_path(key: dict) -> Path:
