@@ -20,7 +20,7 @@ from pass_zoo import build_layer_sequence, load_run_model, save_slim_model, sele
 from pass_zoo.tools.check import (CURATED, STAGES, CheckResult, _child, family_of, markdown_table, perturb,
                                   run_check)
 from pass_zoo.cli import main
-from pass_zoo.errors import AdapterError
+from pass_zoo.errors import AdapterError, BudgetError
 from pass_zoo.export.timm_model import SPEC_FORMAT, SpecMismatchError
 from pass_zoo.graph.families import attention_modules
 from pass_zoo.graph.masks import masks_summary, to_channel_masks, to_unit_masks
@@ -325,6 +325,53 @@ def test_a_group_whose_walk_loops_stays_dense_and_the_rest_slims_exactly():
         gated = net(x)
     assert slim_model.mlp[0].out_channels == 16 and slim_model.attn.qkv.out_channels == 48
     assert torch.allclose(gated, slim_model(x), atol=1e-5)
+
+
+class _GluTokenNet(nn.Module):
+    """Patch tokens plus a position embedding (a 3-d parameter: Torch-Pruning then turns off the index
+    mapping of the splits below it) and timm's ``GluMlp``: fc1's output chunked in halves, multiplied,
+    read by fc2 (EVA-02's and gMLP-Mixer's MLP)."""
+
+    def __init__(self):
+        from timm.layers import GluMlp
+
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 4, 16) * 0.1)
+        self.mlp = GluMlp(16, 48, act_layer=nn.SiLU)  # fc1: 16 -> 48, halves of 24, fc2: 24 -> 16
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+def test_a_gated_linear_unit_prunes_both_halves_together():
+    torch.manual_seed(0)
+    net = _GluTokenNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seq = build_layer_sequence(net, x[:1])
+    assert [g.name for g in seq.groups] == ["mlp.fc1"]
+    g = seq.groups[0]
+    assert (g.channels, g.units) == (48, 24)
+    unit = g.unit_of_channel()
+    assert torch.equal(unit[:24], unit[24:])  # rows j and 24 + j: one unit, gated at fc2's input j
+    units = [torch.arange(24) % 3 != 0]  # keep 16 of 24
+    masks = to_channel_masks(units, seq)
+    slim_model, _ = slim(net, masks, x[:1])
+    assert (slim_model.mlp.fc1.out_features, slim_model.mlp.fc2.in_features) == (32, 16)
+    with torch.no_grad():
+        dense = net(x)
+        with seq.gated([u.float() for u in units]):
+            gated = net(x)
+        assert torch.allclose(gated, slim_model(x), atol=1e-6)
+    assert float((gated - dense).abs().max()) > 1e-4
+    bad = dict(masks)
+    bad["mlp.fc1"] = masks["mlp.fc1"].clone()
+    bad["mlp.fc1"][24] = ~bad["mlp.fc1"][24]  # one half of unit 0 only
+    with pytest.raises(BudgetError, match="not the same in each set of coupled channels"):
+        to_unit_masks(bad, seq)
 
 
 def test_a_group_torch_pruning_fails_to_map_stays_dense(monkeypatch):

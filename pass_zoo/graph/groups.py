@@ -54,6 +54,23 @@ def _weight_standardised():
 
 _WEIGHT_STANDARDISED = _weight_standardised()
 
+def _reshape_mapping_or_none(update):
+    """Torch-Pruning's reshape index mapping divides by the channel count it infers past the reshape,
+    which is 0 where a residual path reaches the model's input (SHViT): no mapping, as for any reshape
+    it cannot size, instead of a ZeroDivisionError that stops the whole graph build."""
+    def _update(graph, node):
+        try:
+            update(graph, node)
+        except ZeroDivisionError:
+            pass  # raised before any mapping is set: the node keeps its identity mapping
+    _update.pass_zoo_guard = True
+    return _update
+
+
+if not getattr(tp.dependency.index_mapping.update_reshape_index_mapping, "pass_zoo_guard", False):
+    tp.dependency.index_mapping.update_reshape_index_mapping = _reshape_mapping_or_none(
+        tp.dependency.index_mapping.update_reshape_index_mapping)
+
 # Torch-Pruning's shape inference warns when a walk through splits and concatenations runs long; the
 # traced concatenation widths (``_CatSizes``) make its answer there unneeded.
 warnings.filterwarnings("ignore", message="Maximum recursive depth reached", module="torch_pruning")
@@ -118,6 +135,7 @@ class ChannelGroup:
 
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
+_CHUNKS = (torch.chunk, torch.Tensor.chunk)
 
 
 class _CatSizes(TorchFunctionMode):
@@ -132,10 +150,16 @@ class _CatSizes(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.sizes: Dict[object, List[int]] = {}
+        self.channel_chunks: set = set()  # autograd nodes of chunks along the last (a linear's) dim
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func in _CHUNKS and isinstance(out, tuple) and out and out[0].grad_fn is not None:
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            ndim = out[0].dim()
+            if ndim >= 2 and dim % ndim == ndim - 1:
+                self.channel_chunks.add(out[0].grad_fn)
         if func in _CATS and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -149,10 +173,16 @@ class _Graph(tp.DependencyGraph):
     """``DependencyGraph`` whose concatenations carry their traced input widths (see ``_CatSizes``)."""
 
     cat_sizes: Dict[object, List[int]] = {}
+    channel_chunks: set = set()
 
     def _build_dependency(self, module2node):
         super()._build_dependency(module2node)
         for node in module2node.values():
+            # Torch-Pruning turns off the index mapping of every split below a 3-d parameter (a ViT's
+            # position embedding), meant for the token concatenation; a GLU's chunk of fc1's features
+            # is a channel split and needs its mapping
+            if node.type == tp.ops.OPTYPE.SPLIT and node.grad_fn in self.channel_chunks:
+                node.enable_index_mapping = True
             sizes = self.cat_sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
             # node.inputs follows the cat's argument order; a repeated input is one node (no mapping)
             if sizes is not None and len(sizes) == len(node.inputs) == len(set(node.inputs)):
@@ -168,7 +198,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     """
     per_head = [p for _, mod, fam in attention_modules(model) for p in fam.per_head_params(mod)]
     recorder, graph = _CatSizes(), _Graph()
-    graph.cat_sizes = recorder.sizes
+    graph.cat_sizes, graph.channel_chunks = recorder.sizes, recorder.channel_chunks
     with recorder:
         try:
             return graph.build_dependency(model, example_input, ignored_params=per_head, verbose=False)
@@ -181,7 +211,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
                                + (f" reading {_node_layer(graph, cats[0])}" if cats else "")
                                + " (an input without gradient, or one tensor concatenated twice)") from exc
         finally:
-            graph.cat_sizes = {}  # the autograd nodes hold the traced activations
+            graph.cat_sizes, graph.channel_chunks = {}, set()  # the autograd nodes hold the traced activations
 
 
 def _node_layer(graph: tp.DependencyGraph, node) -> str:
@@ -275,12 +305,22 @@ class _WalkLooped(Exception):
 _LOOPED = "Torch-Pruning's walk of its coupled channels loops (an index mapping through a reshape it cannot close)"
 
 
+# Truly element-wise products and sums: channel j of the output depends on channel j of each input.
+# Torch-Pruning files every op it does not know as element-wise, matmuls included, whose "channels"
+# are contracted (q @ k^T), so only these may join parts of a group into one unit.
+_JOINING_OPS = {"MulBackward0", "AddBackward0", "SubBackward0", "DivBackward0"}
+
+
 class _BoundedGroup(tp.dependency.Group):
     """A ``Group`` that stops a walk which follows one dependency more than ``MAX_DEP_REPEATS`` times,
     or whose indices outgrow every layer of the model (``max_indices``: a reshape mapped channels onto
     channels x positions, and each later step is that much slower)."""
 
     max_indices = 0
+    # element-wise op -> (position, root channel) of every visit during one root's walk: the merged
+    # group keeps one root per position, so where two parts of the group meet (a GLU's product) only
+    # the walk shows it
+    joins: Dict[object, List[Tuple[int, int]]] = {}
 
     def add_dep(self, dep, idxs):
         counts = self.__dict__.setdefault("_dep_counts", {})
@@ -288,6 +328,8 @@ class _BoundedGroup(tp.dependency.Group):
         counts[key] = counts.get(key, 0) + 1
         if counts[key] > MAX_DEP_REPEATS or (self.max_indices and len(idxs) > self.max_indices):
             raise _WalkLooped()
+        if isinstance(dep.target.module, tp.ops._ElementWiseOp) and dep.target.module._grad_fn in _JOINING_OPS:
+            type(self).joins.setdefault(dep.target.module, []).extend((int(i.idx), int(i.root_idx)) for i in idxs)
         super().add_dep(dep, idxs)
 
 
@@ -323,9 +365,11 @@ def _coupled_groups(graph: tp.DependencyGraph, ignored: List[nn.Module], root_ty
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         try:
+            bounded.joins = {}
             with _bounded_walks(bounded):
                 group = graph.get_pruning_group(module, pruner.prune_out_channels,
                                                 list(range(pruner.get_out_channels(module))))
+            group.joins, bounded.joins = bounded.joins, {}
         except _WalkLooped:
             yield module, _LOOPED
             continue
@@ -376,6 +420,61 @@ def _each_within(groups, seconds: float, names: Dict[nn.Module, str]):
 
 class _Excluded(Exception):
     """A group that cannot be gated exactly: it stays dense (the reason is kept for the log)."""
+
+
+def _shared_position_units(channels: int, slots: List[_Slot]) -> Optional[torch.Tensor]:
+    """Root channel -> unit where root channels share a position of some layer or element-wise op,
+    else None.
+
+    A gated linear unit (timm's ``GluMlp``: ``fc1``'s output chunked in two halves, multiplied, read by
+    ``fc2``) joins ``fc1``'s rows ``j`` and ``hidden + j`` in the product's channel ``j``, which only
+    ``fc2``'s input ``j`` reads: gating that input removes both rows, so the two are one unit
+    (Torch-Pruning's group reaches ``fc2`` through one half only; the product shows the join). Every
+    unit must own as many root channels."""
+    parent = list(range(channels))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    merged = False
+    for slot in slots:
+        first: Dict[int, int] = {}
+        for pos, root in zip(slot.positions.tolist(), slot.units.tolist()):
+            other = first.setdefault(pos, root)
+            a, b = find(other), find(root)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+                merged = True
+    if not merged:
+        return None
+    ids: Dict[int, int] = {}
+    index = torch.tensor([ids.setdefault(find(c), len(ids)) for c in range(channels)], dtype=torch.long)
+    sizes = torch.bincount(index)
+    if bool((sizes != sizes[0]).any()):
+        raise _Excluded("its layers couple unequal numbers of its channels into one unit "
+                        f"({int(sizes.min())} to {int(sizes.max())})")
+    return index
+
+
+def _check_even_splits(tp_group, unit_index: torch.Tensor) -> None:
+    """Each unit must own as many channels in every part of a split its group passes (chunk(2) of a
+    GLU): pruning whole units then keeps the parts equal, as ``chunk`` recomputes them."""
+    for item in tp_group.items:
+        op = item.dep.target.module
+        offsets = getattr(op, "offsets", None)
+        if not isinstance(op, tp.ops._SplitOp) or not offsets or len(offsets) < 3:
+            continue
+        idxs = torch.as_tensor(item.idxs, dtype=torch.long)
+        part = torch.bucketize(idxs, torch.as_tensor(offsets[1:-1]), right=True)
+        units = unit_index[torch.as_tensor(item.root_idxs, dtype=torch.long)]
+        counts = torch.zeros(int(unit_index.max()) + 1, len(offsets) - 1, dtype=torch.long)
+        counts.index_put_((units, part), torch.ones_like(units), accumulate=True)
+        if bool((counts != counts[:, :1]).any()):
+            raise _Excluded("its units fall unevenly into the parts of a split (pruning them would "
+                            "change the split's sizes)")
 
 
 class GroupBuilder:
@@ -488,12 +587,23 @@ class GroupBuilder:
             return self._head_group(root_name, root, tp_group, producers, consumers, norms, seen_orders, attention)
         if n % ch_groups:
             raise _Excluded(f"{n} channels do not split into {ch_groups} conv groups")
+        slots = producers + consumers + norms + list(channel_norms.values())
+        join_slots = [_Slot("", torch.tensor([p for p, _ in visits], dtype=torch.long),
+                            torch.tensor([r for _, r in visits], dtype=torch.long))
+                      for visits in getattr(tp_group, "joins", {}).values()]
+        unit_index = _shared_position_units(n, slots + join_slots) if ch_groups == 1 else None
+        if unit_index is not None:
+            _check_even_splits(tp_group, unit_index)
         group = ChannelGroup(root_name, min(seen_orders) if seen_orders else 10**9, n, ch_groups,
                              root, tp_group[0].dep.handler, producers, consumers, norms,
-                             channel_norms=list(channel_norms.values()))
+                             unit_index=unit_index, channel_norms=list(channel_norms.values()))
         units = group.units
-        for slot in producers + consumers + norms + group.channel_norms:
-            slot.units = slot.units % units
+        for slot in slots:
+            if unit_index is None:
+                slot.units = slot.units % units
+            else:  # one entry per (position, unit): both halves of a GLU reach fc2's input i once
+                pairs = torch.unique(torch.stack([slot.positions, unit_index[slot.units]]), dim=1)
+                slot.positions, slot.units = pairs[0].contiguous(), pairs[1].contiguous()
         read = torch.unique(torch.cat([s.units for s in consumers]))
         if read.numel() < units:  # e.g. q/k rows of an attention type without a registered family
             raise _Excluded(f"{units - read.numel()} of its {units} units reach no conv/linear input that "

@@ -165,7 +165,9 @@ def to_unit_masks(masks: Masks, seq: LayerSequence) -> List[torch.Tensor]:
             raise BudgetError(f"mask for group '{g.name}' keeps no channel; every group must keep at least one")
         unit = m[g.first_channels()]
         if not torch.equal(g.expand(unit), m):
-            what = "head (q, k, v rows)" if g.kind == "heads" else f"of its {g.ch_groups} conv groups"
+            what = ("head (q, k, v rows)" if g.kind == "heads" else
+                    "set of coupled channels (e.g. a gated linear unit's two halves)" if g.unit_index is not None
+                    else f"of its {g.ch_groups} conv groups")
             raise BudgetError(f"mask for group '{g.name}' is not the same in each {what}")
         out.append(unit)
     return out
