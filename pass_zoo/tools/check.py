@@ -51,6 +51,8 @@ STAGES = ("adapter", "search", "slim", "exact", "export", "reload", "onnx")
 # masked == slim and reload: relative to the output scale (random deep nets reach |logits| >> 1)
 # exact: compared in float64, where float32 rounding through a deep network cannot hide a wrong gate
 EXACT_TOL, RELOAD_TOL = 1e-9, 1e-5
+# masks that change the float64 output by less than this fraction of it: gates that are not applied
+GATES_APPLIED_TOL = 1e-7
 SMALL_CNN_SIZE = 64  # the smallest size tried; ViT/Swin-style models take img_size= at creation
 SIZE_STEPS = (96, 128, 160, 192, 224, 256, 288, 320)  # tried in turn when a model does not run at 64 px
 TARGET_MACS = 0.5
@@ -299,7 +301,9 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
             result.exact_diff = _scaled_diff(gated, slimmed)
             if not result.exact_diff <= EXACT_TOL:
                 raise _CheckFailed(f"masked and slim outputs differ by {result.exact_diff:.3g} (x output scale)")
-            if _scaled_diff(dense, gated) <= 1e-4:
+            # relative to the output itself, without the floor of 1: a random-init transformer's MLPs add
+            # little to a small output (EVA-02: 4e-5 of 0.17), yet float64 shows any applied gate
+            if float((dense - gated).abs().max()) <= GATES_APPLIED_TOL * float(dense.abs().max()):
                 raise _CheckFailed("the masks do not change the output: the gates are not applied")
             stage.detail = f"max |masked - slim| {result.exact_diff:.2g} x output scale"
         with tempfile.TemporaryDirectory(prefix="pass-zoo-check-") as tmp:
