@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import timm
@@ -248,28 +249,50 @@ def test_unregistered_attention_is_left_dense_not_gated_wrongly():
     assert (gated - slim_model(x)).abs().max() <= 1e-6
 
 
-def test_weight_standardised_consumers_are_left_dense():
-    from timm.layers import ScaledStdConv2d
+def test_weight_standardised_convs_prune_exactly():
+    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d
 
-    class Net(nn.Module):
+    class Net(nn.Module):  # NF-ResNet / BiT layers: each filter standardised over its inputs
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(3, 8, 3)
             self.b = ScaledStdConv2d(8, 8, 3)
-            self.c = nn.Conv2d(8, 8, 1)
+            self.s = StdConv2d(8, 8, 3)
+            self.t = ScaledStdConv2dSame(8, 8, 3, stride=2)
+            self.grouped = ScaledStdConv2d(8, 8, 1, groups=2)
             self.fc = nn.Linear(8, 2)
 
         def forward(self, x):
-            return self.fc(self.c(torch.relu(self.b(torch.relu(self.a(x))))).mean((2, 3)))
+            x = torch.relu(self.s(torch.relu(self.b(torch.relu(self.a(x))))))
+            return self.fc(self.grouped(torch.relu(self.t(x))).mean((2, 3)))
 
         def get_classifier(self):
             return self.fc
 
-    seq = build_layer_sequence(Net(), torch.randn(1, 3, 12, 12))
-    assert seq.names == ["c"]
-    why = ("layer 'b' (ScaledStdConv2d) standardises its weights over input channels (a gated input is not "
-           "a removed one) and has a per-filter gain Torch-Pruning does not slice")
-    assert seq.excluded == [("a", why), ("b", why)]
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        for conv in (net.b, net.t):
+            conv.gain.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 16, 16)
+    seq = build_layer_sequence(net, x[:1])
+    assert seq.names == ["a", "b", "s", "grouped"]
+    assert dict(seq.excluded)["t"] == ("layer 'grouped' (ScaledStdConv2d) standardises grouped filters over "
+                                       "their inputs, which its search-time gate does not model")
+    units = [torch.arange(g.units) % 3 != 0 for g in seq.groups]  # keep 5 of 8
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    assert tuple(slim_model.b.weight.shape) == (5, 5, 3, 3) and tuple(slim_model.b.gain.shape) == (5, 1, 1, 1)
+    assert tuple(slim_model.t.weight.shape) == (8, 5, 3, 3)
+    with torch.no_grad():
+        dense = net(x)
+        with seq.gated([u.float() for u in units]):
+            gated = net(x)
+        slim_out = slim_model(x)
+        assert torch.allclose(gated, slim_out, atol=1e-5)
+        with mock.patch("pass_zoo.graph.gates._WEIGHT_STANDARDISED", ()), seq.gated([u.float() for u in units]):
+            zeroed_only = net(x)  # a zeroed input still counts in the filter's mean and variance
+    assert float((zeroed_only - slim_out).abs().max()) > 1e-3
+    assert float((gated - dense).abs().max()) > 1e-3
 
 
 def test_a_group_torch_pruning_cannot_resolve_is_a_clear_error(monkeypatch):
@@ -325,6 +348,72 @@ def test_a_group_whose_walk_loops_stays_dense_and_the_rest_slims_exactly():
         gated = net(x)
     assert slim_model.mlp[0].out_channels == 16 and slim_model.attn.qkv.out_channels == 48
     assert torch.allclose(gated, slim_model(x), atol=1e-5)
+
+
+class _DualPathNet(nn.Module):
+    """DPN's pattern: one conv's output split by integer slices into a residual and a dense part."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.proj = nn.Conv2d(24, 24, 1)  # rows [0, 16) residual, [16, 24) dense
+        self.inner = nn.Conv2d(24, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.out_res = nn.Conv2d(32, 16, 1)
+        self.head = nn.Conv2d(16 + 8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        s = self.proj(x)
+        res, dense = s[:, :16], s[:, 16:]
+        y = self.out_res(torch.relu(self.bn(self.inner(x))))
+        return self.head(torch.cat([res + y, dense], dim=1))
+
+
+def test_a_fixed_channel_slice_keeps_its_groups_dense_and_the_rest_slims_exactly():
+    torch.manual_seed(0)
+    net = _DualPathNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seq = build_layer_sequence(net, x[:1])
+    reasons = dict(seq.excluded)
+    assert "sliced with fixed bounds" in reasons["proj"] and "'proj'" in reasons["proj"]
+    assert "inner" in [g.name for g in seq.groups] and "proj" not in [g.name for g in seq.groups]
+    units = [torch.arange(g.units) % 2 == 0 for g in seq.groups]
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    assert slim_model.proj.out_channels == 24 and slim_model.inner.out_channels == 16
+    with torch.no_grad(), seq.gated([u.float() for u in units]):
+        gated = net(x)
+    assert torch.allclose(gated, slim_model(x), atol=1e-5)
+
+
+class _SelectiveKernelNet(nn.Module):
+    """SKNet's attention: one conv's 2C outputs viewed as (paths, C), softmaxed over the paths."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c = c
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.path3 = nn.Conv2d(c, c, 3, padding=1)
+        self.path1 = nn.Conv2d(c, c, 1)
+        self.fc_reduce = nn.Conv2d(c, 4, 1)
+        self.fc_select = nn.Conv2d(4, 2 * c, 1)
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        paths = torch.stack([self.path3(x), self.path1(x)], dim=1)  # B, 2, C, H, W
+        attn = self.fc_select(torch.relu(self.fc_reduce(paths.sum(1).mean((2, 3), keepdim=True))))
+        attn = attn.view(x.shape[0], 2, self.c, 1, 1).softmax(dim=1)
+        return self.head((paths * attn).sum(1))
+
+
+def test_a_reshape_torch_pruning_maps_the_wrong_way_keeps_its_group_dense():
+    seq = build_layer_sequence(_SelectiveKernelNet().eval(), torch.randn(1, 3, 8, 8))
+    reasons = dict(seq.excluded)
+    assert reasons["fc_select"] == ("its channels are reshaped into (2, 8) with the channel axis inner, which "
+                                    "Torch-Pruning maps as (8, 2): slimming 'fc_select' would pair the wrong "
+                                    "channels")
+    assert "fc_reduce" in seq.names and "fc_select" not in seq.names
 
 
 class _GluTokenNet(nn.Module):

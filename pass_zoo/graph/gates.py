@@ -1,7 +1,9 @@
 """Search-time gates: every consumer's input multiplied by its group's unit mask.
 
 Zeroing an input channel of a conv/linear is exactly the same function as removing it, so a gated
-network equals the physically slimmed one (BN in eval mode).
+network equals the physically slimmed one (BN in eval mode). Two kinds of layer see the zeroed
+channel in a statistic, so their gated output is recomputed over the kept channels: channel norms
+(GRN) and weight-standardised convs.
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .families import channel_norm_family
-from .groups import ChannelGroup, _Slot
+from .groups import _WEIGHT_STANDARDISED, ChannelGroup, _Slot
 
 
 def _channels_in(mod: nn.Module) -> int:
@@ -21,6 +24,24 @@ def _channels_in(mod: nn.Module) -> int:
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         return mod.in_channels
     return channel_norm_family(mod).per_channel_params(mod)[0].numel()
+
+
+def standardised_over_kept(mod: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A weight-standardised conv's output with each filter standardised over the kept inputs only
+    (``keep``: 0/1, or soft during the search) -- what the slimmed conv computes."""
+    from timm.layers.padding import pad_same
+
+    w = mod.weight
+    k = keep.to(w.dtype).view(1, -1, 1, 1)
+    n = (keep.to(w.dtype).sum() * w[0, 0].numel()).clamp_min(1e-12)
+    mean = (w * k).sum((1, 2, 3), keepdim=True) / n
+    var = ((w - mean).square() * k).sum((1, 2, 3), keepdim=True) / n
+    w = (w - mean) * torch.rsqrt(var + mod.eps)
+    if getattr(mod, "gain", None) is not None:
+        w = w * (mod.gain * mod.scale)
+    if getattr(mod, "same_pad", False):
+        x = pad_same(x, mod.kernel_size, mod.stride, mod.dilation)
+    return F.conv2d(x, w.to(x.dtype), mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
 
 
 class Gates:
@@ -80,6 +101,12 @@ class Gates:
                 mod = self._module(name)
                 handles.append(mod.register_forward_hook(
                     lambda m, inp, out, keep=keep: channel_norm_family(m).gated_forward(m, inp[0], keep)))
+        # weight-standardised convs: their filters standardised over the kept inputs, as once slimmed
+        for name, gate_values in gates.items():
+            mod = self._module(name)
+            if isinstance(mod, _WEIGHT_STANDARDISED):
+                handles.append(mod.register_forward_hook(
+                    lambda m, inp, out, keep=gate_values: standardised_over_kept(m, inp[0], keep)))
         try:
             yield
         finally:

@@ -11,10 +11,10 @@ group -- one unit per head (its q, k, v rows and its ``proj`` columns), gated at
 MLP hidden units (fc1 out / fc2 in) are ordinary channel groups.
 
 Groups that cannot be gated exactly -- their channels pass through LayerNorm/GroupNorm, a bare
-parameter (layer scale, position embeddings), a weight-standardised conv, a split/concatenation
-Torch-Pruning maps unevenly, or are the network's output -- are *excluded*: they stay dense, are
-listed with the reason, and the rest of the network is still pruned. Only a model with nothing
-prunable is refused (``AdapterError`` naming the layers).
+parameter (layer scale, position embeddings), a grouped weight-standardised conv, a slice with fixed
+bounds or a split/concatenation Torch-Pruning maps unevenly, or are the network's output -- are
+*excluded*: they stay dense, are listed with the reason, and the rest of the network is still
+pruned. Only a model with nothing prunable is refused (``AdapterError`` naming the layers).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
 
 
 def _weight_standardised():
-    """Convs that standardise each filter over its inputs: a zeroed input still counts in the mean
-    and variance, so gating an input channel is *not* removing it (NF-ResNets, BiT); the scaled ones
-    also carry a per-filter gain outside Torch-Pruning's conv pruner."""
+    """Convs that standardise each filter over its inputs (NF-ResNets, BiT): a zeroed input still
+    counts in the mean and variance, so their search-time gate standardises over the kept inputs
+    (``gates``); the scaled ones carry a per-filter gain that ``_Graph.get_pruning_group`` slices."""
     from timm.layers import std_conv
 
     return tuple(getattr(std_conv, n) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
@@ -53,6 +53,19 @@ def _weight_standardised():
 
 
 _WEIGHT_STANDARDISED = _weight_standardised()
+
+
+def _fixed_channel_slice(op) -> bool:
+    """A tensor slice that keeps only part of the channel dimension (DPN's ``x[:, :num_1x1_c]``):
+    its bounds are integers in the model's code, so once channels are removed the slice cuts in the
+    wrong place. Channels sit where Torch-Pruning expects them: dim 1 (NCHW, NC), or the last of three."""
+    sizes = tuple(getattr(op.grad_fn, "_saved_self_sym_sizes", ()) or ())
+    if not sizes:
+        return False
+    dim = op.dim % len(sizes)
+    if dim != (2 if len(sizes) == 3 else 1):
+        return False
+    return op.start > 0 or op.step != 1 or op.end < int(sizes[dim])
 
 def _reshape_mapping_or_none(update):
     """Torch-Pruning's reshape index mapping divides by the channel count it infers past the reshape,
@@ -63,8 +76,25 @@ def _reshape_mapping_or_none(update):
             update(graph, node)
         except ZeroDivisionError:
             pass  # raised before any mapping is set: the node keeps its identity mapping
+        _note_misread_unflatten(graph, node)
     _update.pass_zoo_guard = True
     return _update
+
+
+def _note_misread_unflatten(graph, node):
+    """Torch-Pruning maps a reshape that splits the channel axis in two as ``(channels, parts)``:
+    channel ``i`` -> ``i // parts``. Selective-kernel attention splits it the other way, ``(paths,
+    channels)`` -- channel ``i`` is ``i % channels`` -- so the mapping pairs the wrong channels; such
+    reshapes are noted for the adapter to leave their groups dense."""
+    shapes = getattr(graph, "view_shapes", {}).get(node.grad_fn)
+    mapping = next((d.index_mapping[0] for d in node.dependencies
+                    if isinstance(d.index_mapping[0], tp.dependency.index_mapping._FlattenIndexMapping)), None)
+    if shapes is None or mapping is None:
+        return
+    (before, after), channels = shapes, shapes[0][1] if len(shapes[0]) > 1 else 0
+    if len(after) > len(before) >= 2 and after[1] * after[2] == channels and mapping._stride > 1 \
+            and channels // mapping._stride != after[1]:
+        graph.misread_reshapes[node.module] = (int(after[1]), int(after[2]))
 
 
 if not getattr(tp.dependency.index_mapping.update_reshape_index_mapping, "pass_zoo_guard", False):
@@ -136,6 +166,7 @@ class ChannelGroup:
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 _CHUNKS = (torch.chunk, torch.Tensor.chunk)
+_VIEWS = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)
 
 
 class _CatSizes(TorchFunctionMode):
@@ -151,6 +182,7 @@ class _CatSizes(TorchFunctionMode):
         super().__init__()
         self.sizes: Dict[object, List[int]] = {}
         self.channel_chunks: set = set()  # autograd nodes of chunks along the last (a linear's) dim
+        self.view_shapes: Dict[object, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}  # reshapes: (in, out)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -160,6 +192,9 @@ class _CatSizes(TorchFunctionMode):
             ndim = out[0].dim()
             if ndim >= 2 and dim % ndim == ndim - 1:
                 self.channel_chunks.add(out[0].grad_fn)
+        if func in _VIEWS and isinstance(out, torch.Tensor) and out.grad_fn is not None and args \
+                and isinstance(args[0], torch.Tensor):
+            self.view_shapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
         if func in _CATS and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -170,10 +205,32 @@ class _CatSizes(TorchFunctionMode):
 
 
 class _Graph(tp.DependencyGraph):
-    """``DependencyGraph`` whose concatenations carry their traced input widths (see ``_CatSizes``)."""
+    """``DependencyGraph`` whose concatenations carry their traced input widths (see ``_CatSizes``)
+    and whose groups slice weight-standardised convs' gains."""
 
     cat_sizes: Dict[object, List[int]] = {}
     channel_chunks: set = set()
+    view_shapes: Dict[object, tuple] = {}
+    misread_reshapes: Dict[object, Tuple[int, int]] = {}  # reshape op -> (parts, width), see _note_misread_unflatten
+
+    def get_pruning_group(self, module, pruning_fn, idxs):
+        """Torch-Pruning's group; pruning it also slices the gains of the scaled weight-standardised
+        convs whose filters it removes (Torch-Pruning's conv pruner knows only weight and bias)."""
+        group = super().get_pruning_group(module, pruning_fn, idxs)
+        gains = [(item.dep.target.module, list(item.idxs)) for item in group.items
+                 if isinstance(item.dep.target.module, _WEIGHT_STANDARDISED)
+                 and isinstance(getattr(item.dep.target.module, "gain", None), nn.Parameter)
+                 and self.is_out_channel_pruning_fn(item.dep.handler)]
+        if gains:
+            prune = group.prune
+
+            def prune_with_gains(*args, **kwargs):
+                keep = [sorted(set(range(conv.gain.shape[0])) - set(drop)) for conv, drop in gains]
+                prune(*args, **kwargs)
+                for (conv, _), kept in zip(gains, keep):
+                    conv.gain = nn.Parameter(conv.gain.data[kept].clone(), requires_grad=conv.gain.requires_grad)
+            group.prune = prune_with_gains
+        return group
 
     def _build_dependency(self, module2node):
         super()._build_dependency(module2node)
@@ -199,6 +256,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     per_head = [p for _, mod, fam in attention_modules(model) for p in fam.per_head_params(mod)]
     recorder, graph = _CatSizes(), _Graph()
     graph.cat_sizes, graph.channel_chunks = recorder.sizes, recorder.channel_chunks
+    graph.view_shapes, graph.misread_reshapes = recorder.view_shapes, {}
     with recorder:
         try:
             return graph.build_dependency(model, example_input, ignored_params=per_head, verbose=False)
@@ -211,7 +269,8 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
                                + (f" reading {_node_layer(graph, cats[0])}" if cats else "")
                                + " (an input without gradient, or one tensor concatenated twice)") from exc
         finally:
-            graph.cat_sizes, graph.channel_chunks = {}, set()  # the autograd nodes hold the traced activations
+            # the autograd nodes hold the traced activations
+            graph.cat_sizes, graph.channel_chunks, graph.view_shapes = {}, set(), {}
 
 
 def _node_layer(graph: tp.DependencyGraph, node) -> str:
@@ -550,6 +609,15 @@ class GroupBuilder:
         channel_norms: Dict[str, _Slot] = {}
         for item in tp_group.items:
             mod = item.dep.target.module
+            if mod in getattr(self.graph, "misread_reshapes", {}):
+                parts, width = self.graph.misread_reshapes[mod]
+                raise _Excluded(f"its channels are reshaped into ({parts}, {width}) with the channel axis "
+                                f"inner, which Torch-Pruning maps as ({width}, {parts}): slimming "
+                                f"'{root_name}' would pair the wrong channels")
+            if isinstance(mod, tp.ops._SliceOp) and _fixed_channel_slice(mod):
+                raise _Excluded("its channels are sliced with fixed bounds in the model's code (a partial "
+                                f"channel slice of a tensor the group reaches): slimming '{root_name}' "
+                                "would shift the slice")
             if not isinstance(mod, nn.Module) or mod not in self.module_names:
                 if isinstance(mod, nn.Parameter) and mod in self._channel_norm_params:
                     name = self._channel_norm_params[mod]  # a registered channel norm's weight or bias
@@ -572,10 +640,9 @@ class GroupBuilder:
                     raise _Excluded(f"layer '{name}' is inside the attention module '{parent}' "
                                     f"({self._opaque_attention[parent]}), whose head layout pass-zoo does not "
                                     "know: slimming it would break the module's reshapes")
-                if isinstance(mod, _WEIGHT_STANDARDISED):
-                    raise _Excluded(f"layer '{name}' ({type(mod).__name__}) standardises its weights over "
-                                    "input channels (a gated input is not a removed one) and has a per-filter "
-                                    "gain Torch-Pruning does not slice")
+                if isinstance(mod, _WEIGHT_STANDARDISED) and not is_out and mod.groups > 1:
+                    raise _Excluded(f"layer '{name}' ({type(mod).__name__}) standardises grouped filters "
+                                    "over their inputs, which its search-time gate does not model")
                 (producers if is_out else consumers).append(slot)
             elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 norms.append(slot)
