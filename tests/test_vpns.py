@@ -329,7 +329,11 @@ def test_a_vpns_run_exports_its_zeros_and_measures_them(vpns_run):
     assert summary["kind"] == "weight" and [layer["name"] for layer in summary["layers"]] == order
     assert sorted(order) == sorted(masks)
     export = json.loads((out / "export.json").read_text())
-    assert export["passed"] and max(export["max_abs_diff_random"], export["max_abs_diff_real"]) <= 1e-4
+    worst = max(export["max_abs_diff_random"], export["max_abs_diff_real"])
+    # past 1e-4 only where float32 torch is itself that far from float64 (the CPU's kernels decide)
+    assert export["passed"] and (worst <= 1e-4 or all(
+        c["ort_fp32_vs_fp64"] <= max(1e-4, onnx_export.CONDITIONING_FACTOR * c["torch_fp32_vs_fp64"])
+        for c in export["conditioning"]))
     assert "20.0 % of the prunable weights kept (target 20 %" in stdout and "zipped" in stdout
     loaded = load_run_model(out)
     assert isinstance(loaded, pass_zoo.PassPrunedModel) and loaded.prompt.kind == "pad"
