@@ -253,3 +253,24 @@ def test_prune_without_onnx_writes_no_onnx(tmp_path):
                  "--search-steps", "1", "--finetune-steps", "0", "--no-onnx", "--out", str(run_dir)]) == 0
     assert not (run_dir / "model.onnx").exists() and not (run_dir / "export.json").exists()
     assert "onnx_max_abs_diff" not in json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_tf_same_padding_is_exported_as_constants(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from pass_zoo.export.onnx import export_graph
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=5).eval()
+    path = tmp_path / "lite0.onnx"
+    export_graph(model, path, 64)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Pad") == 5 and "Shape" not in ops and "Ceil" not in ops  # no per-run pad arithmetic
+    x = torch.randn(3, 3, 64, 64)  # another batch size than the export's: the batch axis stays dynamic
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert abs(got - expected).max() < 1e-4
+    import timm.layers.padding as padding
+    assert padding.pad_same.__module__ == "timm.layers.padding"  # the patch is undone
