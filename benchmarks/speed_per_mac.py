@@ -1,8 +1,9 @@
 """Speed per MAC saved: where a slim network's ONNX Runtime latency falls short of its MACs ratio.
 
 For each model and ``--round-to``: a random-init timm model, masks from Torch-Pruning's L1 criterion
-under a MACs budget, the slim network, both exported to ONNX and run with pass-zoo's latency session
-(``export.latency.latency_session``). Written to ``--out`` (JSON, atomically):
+under a MACs budget, the slim network, both exported to ONNX; graphs and profiles from pass-zoo's
+latency session (``export.latency.latency_session``), timings from ``export.latency.time_onnx`` (a
+process of its own, one shared spinning thread pool). Written to ``--out`` (JSON, atomically):
 
 * ``layout``: ORT's optimised graph of each network -- how many convs run in the NCHWc blocked layout
   (``com.microsoft.nchwc`` Conv) and how many fell back to plain NCHW Conv, and the layout reorders
@@ -25,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -138,20 +138,11 @@ def per_block(profile: dict, macs: dict) -> list:
 
 
 def interleaved(paths: dict, threads: int, batch: int, img_size: int, repeats: int) -> dict:
-    from pass_zoo.export.latency import latency_session
+    """Median ms per network, timed the way every pass-zoo latency figure is (``time_onnx``)."""
+    from pass_zoo.export.latency import time_onnx
 
-    sessions = {k: latency_session(p, threads) for k, p in paths.items()}
-    x = {"input": torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch)).numpy()}
-    for s in sessions.values():
-        for _ in range(2):
-            s.run(None, x)
-    times = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, x)
-            times[k].append((time.perf_counter() - t) * 1000)
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+    times, _ = time_onnx(paths, img_size, [batch], threads, repeats, warmup=2)
+    return {k: round(statistics.median(v), 3) for k, v in times[batch].items()}
 
 
 def one(model_name: str, img_size: int, target: float, round_to: int, batches, threads: int, repeats: int,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -252,21 +254,30 @@ def test_no_budget_means_half_the_macs():
     assert (cfg.budget_kind(), cfg.target_macs) == ("macs", 0.5) and cfg.budget_label() == "50 % of the dense MACs"
 
 
-def test_latency_sessions_sleep_when_idle_and_auto_rounds_to_a_whole_block(tmp_path):
-    """Dense and slim sessions are timed in turns: an idle one must not spin on the cores the other
-    needs. ``--round-to auto`` keeps whole NCHWc blocks and at least 16 channels."""
+def test_latency_is_timed_in_its_own_process_and_auto_rounds_to_a_whole_block(tmp_path):
+    """Timings run in a child process on one shared, spinning pool, leaving this process's ONNX
+    Runtime alone; in-process sessions (graphs, profiles) sleep when idle. ``--round-to auto`` keeps
+    whole NCHWc blocks and at least 16 channels."""
     import onnxruntime as ort
 
     from pass_zoo.config import _round_to
+    from pass_zoo.errors import PassZooError
     from pass_zoo.export.onnx import export_graph
 
     path = tmp_path / "m.onnx"
     export_graph(make_model("resnet18"), path, 32)
+    times, pool = latency_mod.time_onnx({"a": path, "b": path}, 32, [1, 3], threads=2, repeats=4, warmup=1)
+    assert sorted(times) == [1, 3] and all(sorted(t) == ["a", "b"] for t in times.values())
+    assert all(len(v) == 4 and min(v) > 0 for t in times.values() for v in t.values())
+    assert pool in ("shared, spinning", "per session, sleeping")
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # per-session pool: still allowed
+    assert plain.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
     session = latency_mod.latency_session(path, 2)
-    assert isinstance(session, ort.InferenceSession)
     options = session.get_session_options()
     for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
         assert options.get_session_config_entry(key) == "0"
     assert options.intra_op_num_threads == 2
+    with pytest.raises(PassZooError, match="timing with ONNX Runtime failed: .*missing.onnx"):
+        latency_mod.time_onnx({"a": tmp_path / "missing.onnx"}, 32, [1], threads=1, repeats=1, warmup=0)
     auto, block = _round_to("auto"), latency_mod.nchwc_block_size()
     assert auto >= 16 and (block == 0 or auto % block == 0)

@@ -3,29 +3,51 @@
 Both networks are exported the same way (same exporter, opset and input size) to temporary files:
 the dense one is ``base_arch`` at random init with the run's number of classes (weights do not
 change the speed), the slim one is the run's model with its prompt. They run interleaved (dense,
-slim, dense, slim, ...) on the same input so that drifts in machine load hit both equally; the
-median of each is reported.
+slim, dense, slim, ...) on the same input so that drifts in machine load hit both equally, in a
+process of their own sharing one spinning thread pool (``time_onnx``, ``ort_timer``); the median of
+each is reported.
 """
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from ..errors import PassZooError
 
 
+def time_onnx(models: dict, img_size: int, batches: Sequence[int], threads: int, repeats: int,
+              warmup: int) -> Tuple[Dict[int, Dict[str, List[float]]], str]:
+    """``({batch: {name: [ms per run]}}, thread pool kind)`` for ONNX files ``{name: path}``, run
+    interleaved in a process of their own on one shared, spinning intra-op pool (see ``ort_timer``)."""
+    from .onnx import INPUT_NAME
+
+    spec = {"models": {k: str(v) for k, v in models.items()}, "input": INPUT_NAME, "img_size": int(img_size),
+            "batches": [int(b) for b in batches], "threads": int(threads), "repeats": int(repeats),
+            "warmup": int(warmup)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ort_timer.py")), json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise PassZooError(f"timing with ONNX Runtime failed: {lines[-1]}")
+    out = json.loads(proc.stdout)
+    return {int(b): runs for b, runs in out["times"].items()}, out["thread_pool"]
+
+
 def latency_session(path, threads: int, profile_prefix=None, optimized_path=None):
     """The ONNX Runtime CPU session every latency figure of pass-zoo is measured with: all graph
     optimisations (constant folding, Conv+BN+activation fusion and the NCHWc blocked layout, which only
     takes convs whose channels are multiples of the CPU's block size), ``threads`` intra-op threads,
-    sequential execution (one inter-op thread: the graph is a chain), idle threads that sleep instead of
-    spinning. ``profile_prefix``: write ORT's
+    sequential execution (one inter-op thread: the graph is a chain), idle threads that sleep. For
+    the graph and ORT's per-node profile; the timings themselves come from ``time_onnx``.
+    ``profile_prefix``: write ORT's
     per-node profile (JSON); ``optimized_path``: save the graph as ORT optimised it."""
     import onnxruntime as ort
 
@@ -38,9 +60,7 @@ def latency_session(path, threads: int, profile_prefix=None, optimized_path=None
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    # Dense and slim sessions are timed interleaved in one process. A spinning worker of the session
-    # that just finished keeps a core busy while the other one runs: on 2 cores that nearly doubled
-    # ResNet-50's batch-1 latency (48 -> 88 ms) and squeezed every speedup towards 1.
+    # idle workers sleep: a spinning one would hold a core another session in this process needs
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if profile_prefix:
@@ -64,7 +84,7 @@ def measure_model_ms(model, img_size: int, batch: int = 1, threads: int = 2, rep
                      warmup: int = 2, opset: int = 17) -> float:
     """Median ms per batch of ``model`` (exported to a temporary ONNX file) on ONNX Runtime's CPU
     provider. Weights do not change the speed; the global random state is left alone."""
-    from .onnx import INPUT_NAME, export_graph
+    from .onnx import export_graph
 
     if repeats < 1 or warmup < 0 or threads < 1 or batch < 1:
         raise PassZooError("latency needs repeats >= 1, warmup >= 0, threads >= 1 and a batch size >= 1")
@@ -75,18 +95,8 @@ def measure_model_ms(model, img_size: int, batch: int = 1, threads: int = 2, rep
             export_graph(model, path, img_size, opset)
         finally:
             model.train(was_training)
-        session = latency_session(path, threads)
-        x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
-        feed = {INPUT_NAME: x.numpy()}
-        for _ in range(warmup):
-            session.run(None, feed)
-        return statistics.median(_time_once(session, feed) for _ in range(repeats))
-
-
-def _time_once(session, feed) -> float:
-    t = time.perf_counter()
-    session.run(None, feed)
-    return (time.perf_counter() - t) * 1000.0
+        times, _ = time_onnx({"model": path}, img_size, [batch], threads, repeats, warmup)
+        return statistics.median(times[batch]["model"])
 
 
 def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2, repeats: int = 20,
@@ -95,7 +105,7 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
     import timm
 
     from ..graph.costs import count_macs
-    from .onnx import INPUT_NAME, export_graph
+    from .onnx import export_graph
     from .timm_model import load_run_model
 
     if repeats < 1 or warmup < 0 or threads < 1 or not batches or min(batches) < 1:
@@ -117,38 +127,29 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
         macs_ratio = count_macs(slim_model.model, example) / count_macs(dense_model, example)
 
     with tempfile.TemporaryDirectory(prefix="pass-zoo-latency-") as tmp:
-        exporters = {}
-        sessions = {}
+        exporters, paths = {}, {}
         for name, model in (("dense", dense_model), ("slim", slim_model)):
-            path = Path(tmp) / f"{name}.onnx"
-            exporters[name] = export_graph(model, path, img_size, opset)
-            sessions[name] = latency_session(path, threads)
-        rows = []
-        for batch in batches:
-            x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
-            feed = {INPUT_NAME: x.numpy()}
-            for _ in range(warmup):
-                for s in sessions.values():
-                    s.run(None, feed)
-            times = {"dense": [], "slim": []}
-            for _ in range(repeats):
-                for name in ("dense", "slim"):
-                    times[name].append(_time_once(sessions[name], feed))
-            dense_ms, slim_ms = statistics.median(times["dense"]), statistics.median(times["slim"])
-            rows.append({"batch": batch, "dense_ms": round(dense_ms, 3), "slim_ms": round(slim_ms, 3),
-                         "speedup": round(dense_ms / slim_ms, 3),
-                         "dense_ms_all": [round(t, 3) for t in times["dense"]],
-                         "slim_ms_all": [round(t, 3) for t in times["slim"]]})
+            paths[name] = Path(tmp) / f"{name}.onnx"
+            exporters[name] = export_graph(model, paths[name], img_size, opset)
+        times, pool = time_onnx(paths, img_size, batches, threads, repeats, warmup)
+    rows = []
+    for batch in batches:
+        dense_ms, slim_ms = statistics.median(times[batch]["dense"]), statistics.median(times[batch]["slim"])
+        rows.append({"batch": batch, "dense_ms": round(dense_ms, 3), "slim_ms": round(slim_ms, 3),
+                     "speedup": round(dense_ms / slim_ms, 3),
+                     "dense_ms_all": [round(t, 3) for t in times[batch]["dense"]],
+                     "slim_ms_all": [round(t, 3) for t in times[batch]["slim"]]})
     return {"run": str(run_dir), "base_arch": base_arch, "img_size": img_size, "threads": threads,
             "repeats": repeats, "warmup": warmup, "opset": opset, "exporter": exporters["slim"],
-            "runtime": runtime_name(), "macs_ratio": macs_ratio,
+            "runtime": runtime_name(), "thread_pool": pool, "macs_ratio": macs_ratio,
             "results": rows}
 
 
 def format_latency(report: dict) -> str:
     """The table ``pass-zoo latency`` prints."""
     lines = [f"{report['base_arch']} at {report['img_size']} px: dense (random init) vs slim ({report['run']})",
-             f"{report['runtime']}, {report['threads']} thread(s), opset {report['opset']}, "
+             f"{report['runtime']}, {report['threads']} thread(s) ({report.get('thread_pool', '?')} pool), "
+             f"opset {report['opset']}, "
              f"median of {report['repeats']} interleaved runs after {report['warmup']} warm-up",
              f"{'batch':>5}  {'dense ms':>10}  {'slim ms':>10}  {'speedup':>8}  {'MACs kept':>9}"]
     for r in report["results"]:

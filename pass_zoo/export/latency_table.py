@@ -98,8 +98,8 @@ def table_key(model_name: str, model_kwargs: dict, img_size: int, num_classes: i
             "img_size": int(img_size), "num_classes": int(num_classes), "groups": groups[:16],
             "batch": int(batch), "threads": int(threads), "round_to": int(round_to), "probes": int(probes),
             "onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0], "cpu": _cpu(),
-            # tables timed with spinning sessions or traced 'same' padding (earlier versions) are not reused
-            "idle_threads": "sleep", "same_padding": "constant"}
+            # tables timed with other thread pools or traced 'same' padding (earlier versions) are not reused
+            "timer": "own process, shared pool", "same_padding": "constant"}
 
 
 def table_path(key: dict) -> Path:
