@@ -105,6 +105,8 @@ def export_graph(model: nn.Module, path, img_size: int, opset: int = DEFAULT_OPS
                     warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
                     warnings.filterwarnings("ignore", message=".*feature will be removed.*")
                     warnings.filterwarnings("ignore", message=".*Converting a tensor to a Python.*")
+                    # F.pad's reversed pad list: a Slice the exporter cannot fold and ORT folds anyway
+                    warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
                     torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
                                       output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
                                       do_constant_folding=True,
