@@ -68,10 +68,8 @@ def _static_same_padding():
     users = [importlib.import_module(f"timm.layers.{n}") for n in ("conv2d_same", "pool2d_same", "std_conv")]
 
     def pad_same(x, kernel_size, stride, dilation=(1, 1), value: float = 0):
-        ih, iw = (int(d) for d in x.shape[-2:])
-        pad_h = padding.get_same_padding(ih, kernel_size[0], stride[0], dilation[0])
-        pad_w = padding.get_same_padding(iw, kernel_size[1], stride[1], dilation[1])
-        return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+        size = [int(d) for d in x.shape[-2:]]  # ints, not traced shape arithmetic
+        return F.pad(x, padding.pad_same_arg(size, kernel_size, stride, dilation), value=value)
 
     modules = [m for m in [padding, *users] if hasattr(m, "pad_same")]
     originals = [m.pad_same for m in modules]

@@ -76,25 +76,29 @@ def _reshape_mapping_or_none(update):
             update(graph, node)
         except ZeroDivisionError:
             pass  # raised before any mapping is set: the node keeps its identity mapping
-        _note_misread_unflatten(graph, node)
     _update.pass_zoo_guard = True
     return _update
 
 
-def _note_misread_unflatten(graph, node):
-    """Torch-Pruning maps a reshape that splits the channel axis in two as ``(channels, parts)``:
+def _misread_unflattens(graph, view_shapes) -> Dict[object, Tuple[int, int]]:
+    """Reshape op -> ``(parts, width)`` for the reshapes whose channel mapping pairs wrong channels.
+
+    Torch-Pruning maps a reshape that splits the channel axis in two as ``(channels, parts)``:
     channel ``i`` -> ``i // parts``. Selective-kernel attention splits it the other way, ``(paths,
-    channels)`` -- channel ``i`` is ``i % channels`` -- so the mapping pairs the wrong channels; such
-    reshapes are noted for the adapter to leave their groups dense."""
-    shapes = getattr(graph, "view_shapes", {}).get(node.grad_fn)
-    mapping = next((d.index_mapping[0] for d in node.dependencies
-                    if isinstance(d.index_mapping[0], tp.dependency.index_mapping._FlattenIndexMapping)), None)
-    if shapes is None or mapping is None:
-        return
-    (before, after), channels = shapes, shapes[0][1] if len(shapes[0]) > 1 else 0
-    if len(after) > len(before) >= 2 and after[1] * after[2] == channels and mapping._stride > 1 \
-            and channels // mapping._stride != after[1]:
-        graph.misread_reshapes[node.module] = (int(after[1]), int(after[2]))
+    channels)`` -- channel ``i`` is ``i % channels`` -- so the adapter leaves their groups dense.
+    ``view_shapes``: each traced reshape's (input, output) shape, by autograd node."""
+    misread = {}
+    for node in graph.module2node.values():
+        shapes = view_shapes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.RESHAPE else None
+        if shapes is None:
+            continue
+        mapping = next((d.index_mapping[0] for d in node.dependencies
+                        if isinstance(d.index_mapping[0], tp.dependency.index_mapping._FlattenIndexMapping)), None)
+        (before, after), channels = shapes, shapes[0][1] if len(shapes[0]) > 1 else 0
+        if mapping is not None and len(after) > len(before) >= 2 and after[1] * after[2] == channels \
+                and mapping._stride > 1 and channels // mapping._stride != after[1]:
+            misread[node.module] = (int(after[1]), int(after[2]))
+    return misread
 
 
 if not getattr(tp.dependency.index_mapping.update_reshape_index_mapping, "pass_zoo_guard", False):
@@ -210,8 +214,7 @@ class _Graph(tp.DependencyGraph):
 
     cat_sizes: Dict[object, List[int]] = {}
     channel_chunks: set = set()
-    view_shapes: Dict[object, tuple] = {}
-    misread_reshapes: Dict[object, Tuple[int, int]] = {}  # reshape op -> (parts, width), see _note_misread_unflatten
+    misread_reshapes: Dict[object, Tuple[int, int]] = {}  # set by build_graph, see _misread_unflattens
 
     def get_pruning_group(self, module, pruning_fn, idxs):
         """Torch-Pruning's group; pruning it also slices the gains of the scaled weight-standardised
@@ -256,10 +259,11 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     per_head = [p for _, mod, fam in attention_modules(model) for p in fam.per_head_params(mod)]
     recorder, graph = _CatSizes(), _Graph()
     graph.cat_sizes, graph.channel_chunks = recorder.sizes, recorder.channel_chunks
-    graph.view_shapes, graph.misread_reshapes = recorder.view_shapes, {}
     with recorder:
         try:
-            return graph.build_dependency(model, example_input, ignored_params=per_head, verbose=False)
+            graph.build_dependency(model, example_input, ignored_params=per_head, verbose=False)
+            graph.misread_reshapes = _misread_unflattens(graph, recorder.view_shapes)
+            return graph
         except TypeError as exc:
             if "NoneType" not in str(exc):
                 raise
@@ -270,7 +274,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
                                + " (an input without gradient, or one tensor concatenated twice)") from exc
         finally:
             # the autograd nodes hold the traced activations
-            graph.cat_sizes, graph.channel_chunks, graph.view_shapes = {}, set(), {}
+            graph.cat_sizes, graph.channel_chunks, recorder.view_shapes = {}, set(), {}
 
 
 def _node_layer(graph: tp.DependencyGraph, node) -> str:
@@ -609,7 +613,7 @@ class GroupBuilder:
         channel_norms: Dict[str, _Slot] = {}
         for item in tp_group.items:
             mod = item.dep.target.module
-            if mod in getattr(self.graph, "misread_reshapes", {}):
+            if mod in self.graph.misread_reshapes:
                 parts, width = self.graph.misread_reshapes[mod]
                 raise _Excluded(f"its channels are reshaped into ({parts}, {width}) with the channel axis "
                                 f"inner, which Torch-Pruning maps as ({width}, {parts}): slimming "
