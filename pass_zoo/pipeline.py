@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .backbone import BUNDLED_ARCH, create_backbone, fast_layout, fixed_size_kwargs
+from .backbone import BUNDLED, create_backbone, fast_layout, fixed_size_kwargs
 from .config import PruneConfig
 from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, make_loader, subset
 from .errors import PassZooError
@@ -74,7 +74,7 @@ class Data:
 def resolve_pretrained(model: str, pretrained: str) -> str:
     if pretrained != "auto":
         return pretrained
-    return "bundled" if model == BUNDLED_ARCH else "timm"
+    return "bundled" if model in BUNDLED else "timm"
 
 
 def load_backbone(cfg: PruneConfig) -> Backbone:
@@ -194,7 +194,8 @@ def run_budget(cfg: PruneConfig, backbone: nn.Module, seq: LayerSequence, accele
         budget = latency_budget(seq, cfg.target_latency, table,
                                 f"batch {cfg.latency_batch}, {cfg.latency_threads} ORT thread(s)")
     # the selection itself raises the BudgetError (and checks the selection's own settings)
-    select_units([torch.zeros(g.units) for g in seq.groups], seq, budget, cfg.search.round_to, cfg.search.selection)
+    select_units([torch.zeros(g.units) for g in seq.groups], seq, budget, cfg.search.round_to, cfg.search.selection,
+                 cfg.search.max_prune_ratio)
     return budget
 
 
@@ -456,7 +457,7 @@ def compute_spent(cfg: PruneConfig, head: str, stage1_updates: int, finetune_ste
     if cfg.transfer_from and cfg.transfer_mode == "masks":
         stage1 = 0
     else:
-        stage1 = get_method(cfg.method).stage1_batches(cfg.search.steps, head == "new")
+        stage1 = get_method(cfg.method).stage1_batches(cfg.search, head == "new")
     calibration = cfg.bn_calibration_batches * batch * (2 if cfg.adapt_bn else 1)
     return {
         "stage1_batches": stage1, "stage1_images": stage1 * batch, "stage1_backward_passes": stage1,

@@ -36,5 +36,5 @@ else
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-"$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[test,bundled]"
 echo "pass-zoo installed in $VENV (activate it with: . $VENV/bin/activate)"

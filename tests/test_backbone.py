@@ -43,7 +43,7 @@ def test_bundled_weights_with_a_new_head():
 
 
 def test_bundled_refuses_other_architectures():
-    with pytest.raises(BackboneError, match="holds tf_efficientnet_lite0 weights, not resnet10t"):
+    with pytest.raises(BackboneError, match="holds weights for tf_efficientnet_lite0 and tf_efficientnet_lite2, not resnet10t"):
         create_backbone("resnet10t", "bundled")
 
 

@@ -121,9 +121,12 @@ def test_every_method_gets_the_same_weight_updates(tiny_runs):
 
 
 def test_compute_is_recorded_per_stage(tiny_runs):
-    for method in ("pass", "group-norm", "l1"):  # l1 spends stage 1 training the new head
+    # every method spends the shared 3 batches training head and prompt on its masks (PASS: its search);
+    # group-norm first trains the weights for as many
+    for method, batches in (("pass", 3), ("group-norm", 6), ("l1", 3)):
         c = tiny_runs[method]["compute"]
-        assert c["stage1_batches"] == 3 and c["stage1_images"] == 18 and c["stage1_backward_passes"] == 3
+        assert c["stage1_batches"] == batches and c["stage1_images"] == 6 * batches
+        assert c["stage1_backward_passes"] == batches
         assert c["finetune_images"] == 6 * c["finetune_steps"]
         assert c["label_mapping_images"] == 0  # a new head: no label mapping
 
@@ -193,10 +196,11 @@ def test_masked_probe_trains_head_and_prompt_on_the_gated_network_only():
     assert all(p.grad is None for p in model.parameters()) and not model.training
 
 
-def test_masked_probe_is_refused_for_methods_that_need_stage_1(tmp_path):
+def test_the_fair_stage1_is_the_default_for_every_criterion(tmp_path):
     data = write_image_folder(tmp_path / "imgs", ["ant", "bee"], n_train=4, n_val=2)
     cfg = PruneConfig(model="resnet10t", pretrained="none", dataset=f"imagefolder:{data}", img_size=32,
                       head="new", batch_size=4, method="taylor", onnx=False, out=str(tmp_path / "run"),
-                      search=SearchConfig(steps=1, hidden=8, probe="masked"), finetune=FinetuneConfig(steps=1))
-    with pytest.raises(Exception, match="--baseline-probe masked is for l1 and random"):
-        prune(cfg)
+                      search=SearchConfig(steps=2, hidden=8), finetune=FinetuneConfig(steps=1))
+    assert cfg.search.probe == "masked"
+    m = prune(cfg)
+    assert m["compute"]["stage1_batches"] == 4  # 2 to probe the head and sum gradients, 2 on its masks

@@ -137,7 +137,9 @@ def test_tiny_groups_and_single_unit_groups(core):
     assert [s.shape[0] for s in scores] == units
     assert all(torch.isfinite(s).all() for s in scores)
     assert calls == [(0, 0), (1, 1), (2, 2)]  # step i sees the masks of the i earlier groups
-    torch.cat(scores).sum().backward()
+    # a weighted sum: a plain sum of per-group standardised scores is constant, with no gradient
+    flat = torch.cat(scores)
+    (flat * torch.linspace(-1, 2, flat.numel())).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in hn.parameters())
 
 

@@ -15,6 +15,10 @@ MACs by default, or parameters, or a latency table's milliseconds -- the same co
 
 ``round_to`` keeps each group's kept channels a multiple of N: odd widths push CPU/GPU kernels off
 their fast paths, so a slim model can run slower than the dense one.
+
+``max_prune_ratio`` (Torch-Pruning's meaning) caps the fraction of any group's units that may be
+removed: a global ranking lets a group whose scores are flat or small fall to one rounding step at
+once (layer collapse), and the cap keeps at least ``1 - max_prune_ratio`` of every group.
 """
 from __future__ import annotations
 
@@ -39,16 +43,29 @@ def _unit_step(round_to: int, unit_width: int) -> int:
     return max(1, round_to // math.gcd(round_to, unit_width))
 
 
-def _rounded(count: int, total: int, step: int) -> int:
-    """Round a kept-unit count to a multiple of ``step``; at least one step, at most everything."""
+def _rounded(count: int, total: int, step: int, least: int = 0) -> int:
+    """Round a kept-unit count to a multiple of ``step``; at least one step (and ``least``), at most everything."""
     if step > 1:
         count = step * int(math.floor(count / step + 0.5))
-    return min(total, max(count, min(step, total)))
+    return min(total, max(count, min(step, total), least))
 
 
-def _kept_counts_global(order_gid: torch.Tensor, k: int, totals: List[int], steps: List[int]) -> List[int]:
+def _least_kept(total: int, step: int, max_prune_ratio: float) -> int:
+    """The fewest units a group may keep under the cap, rounded up to a whole step."""
+    least = math.ceil((1.0 - max_prune_ratio) * total - 1e-9)
+    return min(total, step * math.ceil(least / step)) if least > 0 else 0
+
+
+def check_max_prune_ratio(max_prune_ratio: float) -> float:
+    if not 0.0 < max_prune_ratio <= 1.0:  # also refuses NaN
+        raise BudgetError(f"--max-prune-ratio must be in (0, 1], got {max_prune_ratio}")
+    return float(max_prune_ratio)
+
+
+def _kept_counts_global(order_gid: torch.Tensor, k: int, totals: List[int], steps: List[int],
+                        least: List[int]) -> List[int]:
     counts = torch.bincount(order_gid[:k], minlength=len(totals)).tolist()
-    return [_rounded(c, t, s) for c, t, s in zip(counts, totals, steps)]
+    return [_rounded(c, t, s, m) for c, t, s, m in zip(counts, totals, steps, least)]
 
 
 def _fill(kept: List[int], scores, budget: Budget, totals, steps) -> List[int]:
@@ -77,36 +94,46 @@ def _fill(kept: List[int], scores, budget: Budget, totals, steps) -> List[int]:
         kept_t = cands[best]
 
 
-def smallest_kept(seq: LayerSequence, round_to: int = 1) -> List[int]:
-    """Kept units of the smallest network a selection can produce (one rounding step per group)."""
-    return [_rounded(0, g.units, _unit_step(round_to, g.unit_width)) for g in seq.groups]
+def _least(seq: LayerSequence, round_to: int, max_prune_ratio: float) -> List[int]:
+    return [_least_kept(g.units, _unit_step(round_to, g.unit_width), max_prune_ratio) for g in seq.groups]
 
 
-def smallest_macs(seq: LayerSequence, round_to: int = 1) -> int:
+def smallest_kept(seq: LayerSequence, round_to: int = 1, max_prune_ratio: float = 1.0) -> List[int]:
+    """Kept units of the smallest network a selection can produce (one rounding step per group, or what
+    the cap ``max_prune_ratio`` leaves)."""
+    least = _least(seq, round_to, check_max_prune_ratio(max_prune_ratio))
+    return [_rounded(0, g.units, _unit_step(round_to, g.unit_width), m) for g, m in zip(seq.groups, least)]
+
+
+def smallest_macs(seq: LayerSequence, round_to: int = 1, max_prune_ratio: float = 1.0) -> int:
     """MACs of the smallest network a selection can produce (one rounding step kept per group):
     budgets below it cannot be met. Groups left dense by the adapter set this floor."""
-    return seq.macs(smallest_kept(seq, round_to))
+    return seq.macs(smallest_kept(seq, round_to, max_prune_ratio))
 
 
-def check_reachable(seq: LayerSequence, budget, round_to: int = 1) -> Budget:
+def check_reachable(seq: LayerSequence, budget, round_to: int = 1, max_prune_ratio: float = 1.0) -> Budget:
     """The budget (a ``Budget`` or a MACs fraction), or the one-line ``BudgetError`` saying that even the
     smallest network a selection can produce costs more."""
     budget = as_budget(seq, budget)
-    smallest = budget.cost(smallest_kept(seq, round_to))
+    smallest = budget.cost(smallest_kept(seq, round_to, max_prune_ratio))
     if smallest > budget.limit:
-        raise budget.unreachable(smallest, round_to)
+        error = budget.unreachable(smallest, round_to)
+        if max_prune_ratio < 1.0:
+            error = BudgetError(f"{error} (with --max-prune-ratio {max_prune_ratio:g}; raise it to go lower)")
+        raise error
     return budget
 
 
 def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target,
-                 round_to: int = 1, selection: str = "global") -> List[torch.Tensor]:
+                 round_to: int = 1, selection: str = "global", max_prune_ratio: float = 1.0) -> List[torch.Tensor]:
     """Hard unit masks (bool) keeping the best-scoring units whose slim network fits the budget.
 
     ``target`` is a ``Budget`` (MACs, parameters or latency; see ``budget.py``) or a plain MACs
-    fraction: slim MACs <= target * dense."""
-    budget = check_reachable(seq, target, round_to)
+    fraction: slim MACs <= target * dense. No group loses more than ``max_prune_ratio`` of its units."""
+    budget = check_reachable(seq, target, round_to, max_prune_ratio)
     totals = [g.units for g in seq.groups]
     steps = [_unit_step(round_to, g.unit_width) for g in seq.groups]
+    least = _least(seq, round_to, max_prune_ratio)
     if budget.limit >= budget.dense and budget.cost(totals) <= budget.limit:
         return [torch.ones(t, dtype=torch.bool) for t in totals]
 
@@ -119,21 +146,21 @@ def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target,
         lo, hi = 0, flat.numel()  # invariant: prefix lo fits (it keeps the minimum), find the largest
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if budget.cost(_kept_counts_global(order_gid, mid, totals, steps)) <= budget.limit:
+            if budget.cost(_kept_counts_global(order_gid, mid, totals, steps, least)) <= budget.limit:
                 lo = mid
             else:
                 hi = mid - 1
-        kept = _fill(_kept_counts_global(order_gid, lo, totals, steps), scores, budget, totals, steps)
+        kept = _fill(_kept_counts_global(order_gid, lo, totals, steps, least), scores, budget, totals, steps)
     elif selection == "uniform":
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
-            cand = [_rounded(int(round(mid * t)), t, s) for t, s in zip(totals, steps)]
+            cand = [_rounded(int(round(mid * t)), t, s, m) for t, s, m in zip(totals, steps, least)]
             if budget.cost(cand) <= budget.limit:
                 lo = mid
             else:
                 hi = mid
-        kept = [_rounded(int(round(lo * t)), t, s) for t, s in zip(totals, steps)]
+        kept = [_rounded(int(round(lo * t)), t, s, m) for t, s, m in zip(totals, steps, least)]
     else:
         raise ValueError(f"unknown selection '{selection}' (global or uniform)")
 

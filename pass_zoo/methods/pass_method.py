@@ -1,6 +1,9 @@
 """PASS as a mask producer: the prompt + hypernetwork search (``pass_search.py``), its hypernetwork the artefact."""
 from __future__ import annotations
 
+import logging
+import math
+
 from ..graph.costs import count_params
 from .pass_hypernet import hypernet_files, load_hypernet
 from .pass_search import search
@@ -12,12 +15,33 @@ class Pass(Method):
     name = "pass"
     baseline = False
     artefacts = ("hypernet.json", "hypernet.safetensors")
-    metric_keys = ("hypernet_params",)
+    metric_keys = ("hypernet_params", "search_loss_final", "search_loss_chance", "search_at_chance")
 
     def produce(self, ctx: MethodContext) -> MethodResult:
         cfg = ctx.config
         source = load_hypernet(cfg.transfer_from) if cfg.transfer_from else None  # another task's, frozen
         result = search(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, ctx.selection_budget(), cfg.search,
                         ctx.accelerator, train_head=ctx.new_head, hypernet=source, checkpoints=ctx.checkpoints)
-        return MethodResult(result.masks, artefacts=hypernet_files(result.hypernet),
-                            record={"search_losses": result.losses, "hypernet_params": count_params(result.hypernet)})
+        record = {"search_losses": result.losses, "hypernet_params": count_params(result.hypernet)}
+        record.update(chance_check(result.losses, ctx.backbone.num_classes))
+        return MethodResult(result.masks, artefacts=hypernet_files(result.hypernet), record=record)
+
+
+log = logging.getLogger(__name__)
+
+
+def chance_check(losses, num_classes: int) -> dict:
+    """Did the search learn? Its final loss (mean of the last tenth of the steps) against chance, ln(classes).
+
+    A search whose loss ends at chance has masks that are its prior plus noise; the run says so in one
+    warning line and in metrics.json (``search_at_chance``) instead of passing them off as learned."""
+    if not losses or num_classes < 2:
+        return {}
+    tail = losses[-max(1, len(losses) // 10):]
+    final, chance = sum(tail) / len(tail), math.log(num_classes)
+    at_chance = bool(final >= 0.95 * chance)
+    if at_chance:
+        log.warning("the search did not learn: its loss ended at %.3f, chance is %.3f (ln %d classes); its masks "
+                    "are close to its starting ranking. Try more --search-steps, a looser budget or "
+                    "--max-prune-ratio", final, chance, num_classes)
+    return {"search_loss_final": round(final, 4), "search_loss_chance": round(chance, 4), "search_at_chance": at_chance}

@@ -39,7 +39,7 @@ class MaskedSearchModel(nn.Module):
         object.__setattr__(self, "weight_stats", WeightStats(seq))
         # the run's Budget (a plain number: a MACs fraction); the warm-up scales it by fractions of dense
         object.__setattr__(self, "target", as_budget(seq, target))
-        self.round_to, self.selection = cfg.round_to, cfg.selection
+        self.round_to, self.selection, self.max_prune_ratio = cfg.round_to, cfg.selection, cfg.max_prune_ratio
         self.budget = self.target  # the budget of the current step (see SearchConfig.budget_warmup)
         self.next_budget = self.target  # the budget of the step after it: what the provisional threshold is for
         self.bn_mode = cfg.bn_mode
@@ -58,7 +58,7 @@ class MaskedSearchModel(nn.Module):
     def propose(self):
         """(straight-through unit masks, hard unit masks) for the current prompt and hypernetwork."""
         scores = self.hypernet(self.prompt.image(), self.weight_stats)
-        hard = select_units(scores, self.seq, self.budget, self.round_to, self.selection)
+        hard = self.select(scores, self.budget)
         flat = torch.cat(scores)
         # One shared scale over all groups keeps scores comparable across groups for the STE.
         mu, sd = flat.mean(), flat.std() + 1e-8
@@ -72,11 +72,14 @@ class MaskedSearchModel(nn.Module):
         # search continues with exactly the threshold the interrupted one would have used.
         scores = [s.detach() for s in scores]
         if self.next_budget != self.budget:
-            nxt = select_units(scores, self.seq, self.next_budget, self.round_to, self.selection)
+            nxt = self.select(scores, self.next_budget)
             self._set_threshold(scores, nxt)
         else:
             self._set_threshold(scores, hard)
         return ste, hard
+
+    def select(self, scores, budget) -> List[torch.Tensor]:
+        return select_units(scores, self.seq, budget, self.round_to, self.selection, self.max_prune_ratio)
 
     def set_budget(self, budget, next_budget=None) -> None:
         """The budget of this step, and of the next one (default: the same): a ``Budget``, or a fraction
@@ -111,7 +114,8 @@ class MaskedSearchModel(nn.Module):
 
 def build_hypernet(seq: LayerSequence, cfg) -> PassHyperNetwork:
     return PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core, use_prompt=cfg.use_prompt,
-                            use_weights=cfg.use_weights, use_prior=cfg.use_prior, rank=cfg.rank)
+                            use_weights=cfg.use_weights, use_prior=cfg.use_prior, rank=cfg.rank,
+                            scores=cfg.scores)
 
 
 @dataclass
@@ -124,7 +128,7 @@ class SearchResult:
 
 def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target,
            cfg, accelerator, train_head: bool = False,
-           hypernet: Optional[PassHyperNetwork] = None, checkpoints=None) -> SearchResult:
+           hypernet: Optional[PassHyperNetwork] = None, checkpoints=None, build=None) -> SearchResult:
     """Run stage 1; ``prompt`` is trained in place. Returns the final masks and the hypernetwork.
 
     ``target``: the run's ``Budget`` (MACs, parameters or latency), or a plain MACs fraction.
@@ -133,6 +137,8 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     only the new task's prompt (and a new head) is learned; the masks then follow from that prompt.
     ``checkpoints`` (a ``checkpoint.RunCheckpoints``) saves the loop every N steps, on Ctrl-C and at
     the end, and continues from its newest search checkpoint when the run is resumed.
+    ``build(seq, cfg)``: what scores the units when no ``hypernet`` is given (default: PASS's hypernetwork;
+    the direct-logits ablation passes its own scorer, trained the same way).
     """
     from ..train.checkpoint import LoopState, StageCheckpoints
 
@@ -145,7 +151,7 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
             p.requires_grad_(True)
     frozen_hypernet = hypernet is not None
     if hypernet is None:
-        hypernet = build_hypernet(seq, cfg)
+        hypernet = (build or build_hypernet)(seq, cfg)
     elif hypernet.units != [g.units for g in seq.groups]:
         raise PassZooError("the transferred hypernetwork was trained on another architecture "
                            f"({len(hypernet.units)} groups, this model has {len(seq.groups)})")

@@ -94,9 +94,10 @@ class Method:
         """Its artefacts can drive a run on another task (``--transfer-mode hypernet``)."""
         return bool(self.artefacts)
 
-    def stage1_batches(self, steps: int, new_head: bool) -> int:
-        """Batches (each one backward pass) stage 1 spends; the search budget is ``steps``."""
-        return steps
+    def stage1_batches(self, search, new_head: bool) -> int:
+        """Batches (each one backward pass) stage 1 spends under the run's ``SearchConfig`` ``search``
+        (its budget is ``search.steps``)."""
+        return search.steps
 
     def produce(self, ctx: MethodContext) -> MethodResult:
         raise NotImplementedError

@@ -12,10 +12,17 @@ turns the scores into masks.
 * ``bn-scale``   -- Slim: L1 on BatchNorm scales during training, then |gamma|.
 * ``growreg``    -- GrowReg: a growing L2 penalty on unimportant groups, then group L2 norm.
 
-The regularised methods train the backbone weights for the same number of steps PASS searches for
-(with the task head and prompt in place), which is how they are meant to be used. With a new task
-head, the one-shot criteria train it as a linear probe over as many batches, and Taylor over its
-gradient batches, as PASS trains its head during the search.
+Every criterion's scores are normalised per group (``--score-normalizer``: Torch-Pruning's mean, max
+or LAMP) before the global ranking, and ``--max-prune-ratio`` caps what any group may lose.
+
+Stage 1 is the same for every method (``--baseline-probe masked``, the default): after the
+criterion has chosen its masks, the task head (a new one; the label-mapped classifier stays fixed, as
+in PASS) and the prompt learn on the method's *own masked* network for the search's ``steps``
+batches, with PASS's optimisers and BN regime (``train_on_masks``). What the criterion itself needs
+comes first: Taylor probes a new head on the dense network for half its gradient batches and sums
+gradients through that trained head over the other half; the regularised methods train the backbone
+weights for ``steps`` (how they are meant to be used). ``--baseline-probe dense`` is the older,
+weaker stage 1: a linear probe on the dense network and no prompt training.
 """
 from __future__ import annotations
 
@@ -56,14 +63,20 @@ def group_scores(seq, importance: Callable) -> List[torch.Tensor]:
 class TorchPruningCriterion(Method):
     """Scores from ``importance()``; stage 1 (``prepare``) trains a new head as a linear probe."""
 
-    # the masks need nothing from stage 1: a new head may learn on the masked network (--baseline-probe)
+    # the masks need no stage 1 of their own: only the weights are read
     one_shot: bool = False
 
-    def importance(self):
+    def importance(self, normalizer: str = "mean"):
         raise NotImplementedError
 
-    def stage1_batches(self, steps: int, new_head: bool) -> int:
-        return steps if new_head else 0  # weights only; a new head is probed over the search's batches
+    def scoring_batches(self, steps: int, new_head: bool) -> int:
+        """Batches the criterion reads before its masks exist (weights-only criteria: none)."""
+        return 0
+
+    def stage1_batches(self, search, new_head: bool) -> int:
+        if search.probe == "masked":  # the criterion's own batches, then head + prompt on its masks
+            return self.scoring_batches(search.steps, new_head) + max(1, search.steps)
+        return self.scoring_batches(search.steps, new_head) or (search.steps if new_head else 0)
 
     def prepare(self, model, seq, prompt, loader, steps, accelerator, lr, importance, train_head, lr_head) -> None:
         if train_head:
@@ -73,9 +86,9 @@ class TorchPruningCriterion(Method):
         return torch.no_grad()
 
     def scores(self, model: nn.Module, seq, prompt: nn.Module, loader, steps: int, accelerator, lr: float = 0.01,
-               train_head: bool = False, lr_head: float = 1e-3) -> List[torch.Tensor]:
+               train_head: bool = False, lr_head: float = 1e-3, normalizer: str = "mean") -> List[torch.Tensor]:
         """Scores on ``model`` (methods that train the weights do so in place for ``steps``)."""
-        importance = self.importance()
+        importance = self.importance(normalizer)
         self.prepare(model, seq, prompt, loader, steps, accelerator, lr, importance, train_head, lr_head)
         with self.scoring():
             scores = group_scores(seq, importance)
@@ -84,12 +97,16 @@ class TorchPruningCriterion(Method):
 
     def produce(self, ctx: MethodContext) -> MethodResult:
         cfg = ctx.config
-        on_masks = cfg.search.probe == "masked"  # only one-shot criteria get here with it (PruneConfig.validate)
+        on_masks = cfg.search.probe == "masked"
+        # a one-shot criterion probes no head before scoring when its head learns on its masks anyway
+        probe = ctx.new_head and not (on_masks and self.one_shot)
         scores = self.scores(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.search.steps, ctx.accelerator,
-                             train_head=ctx.new_head and not on_masks, lr_head=cfg.search.lr_head)
-        units = select_units(scores, ctx.seq, ctx.selection_budget(), cfg.search.round_to, cfg.search.selection)
-        if on_masks and ctx.new_head:
-            train_on_masks(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, units, cfg.search, ctx.accelerator)
+                             train_head=probe, lr_head=cfg.search.lr_head, normalizer=cfg.search.normalizer)
+        units = select_units(scores, ctx.seq, ctx.selection_budget(), cfg.search.round_to, cfg.search.selection,
+                             cfg.search.max_prune_ratio)
+        if on_masks:
+            train_on_masks(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, units, cfg.search, ctx.accelerator,
+                           train_head=ctx.new_head)
         masks = to_channel_masks(units, ctx.seq)
         check_same_across_processes(ctx.accelerator, f"{self.name} masks", list(masks.values()))
         return MethodResult(masks)
@@ -100,8 +117,8 @@ class L1(TorchPruningCriterion):
     name = "l1"
     one_shot = True
 
-    def importance(self):
-        return tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean")
+    def importance(self, normalizer: str = "mean"):
+        return tp.importance.GroupMagnitudeImportance(p=1, normalizer=normalizer)
 
 
 class SparseTraining(TorchPruningCriterion):
@@ -110,7 +127,7 @@ class SparseTraining(TorchPruningCriterion):
     trains_weights = True
     reg = 0.0
 
-    def stage1_batches(self, steps: int, new_head: bool) -> int:
+    def scoring_batches(self, steps: int, new_head: bool) -> int:
         return steps
 
     def regulariser(self, model, seq, importance):
@@ -148,8 +165,8 @@ class SparseTraining(TorchPruningCriterion):
 class GroupNorm(SparseTraining):
     name = "group-norm"
 
-    def importance(self):
-        return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
+    def importance(self, normalizer: str = "mean"):
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer=normalizer)
 
     def regulariser(self, model, seq, importance):
         return tp.pruner.GroupNormPruner(model, seq.example_input, reg=5e-4, **self._pruner_kwargs(seq, importance))
@@ -159,8 +176,8 @@ class GroupNorm(SparseTraining):
 class BNScale(SparseTraining):
     name = "bn-scale"
 
-    def importance(self):
-        return tp.importance.BNScaleImportance(normalizer="mean")
+    def importance(self, normalizer: str = "mean"):
+        return tp.importance.BNScaleImportance(normalizer=normalizer)
 
     def regulariser(self, model, seq, importance):
         return tp.pruner.BNScalePruner(model, seq.example_input, reg=1e-5, **self._pruner_kwargs(seq, importance))
@@ -170,14 +187,22 @@ class BNScale(SparseTraining):
 class Taylor(TorchPruningCriterion):
     name = "taylor"
 
-    def importance(self):
-        return tp.importance.GroupTaylorImportance(normalizer="mean")
+    def importance(self, normalizer: str = "mean"):
+        return tp.importance.GroupTaylorImportance(normalizer=normalizer)
 
-    def stage1_batches(self, steps: int, new_head: bool) -> int:
-        return max(1, steps)
+    def scoring_batches(self, steps: int, new_head: bool) -> int:
+        return max(1, steps) if not new_head else max(2, steps)
 
     def prepare(self, model, seq, prompt, loader, steps, accelerator, lr, importance, train_head, lr_head) -> None:
-        _accumulate_gradients(model, prompt, loader, max(1, steps), accelerator, lr_head if train_head else None)
+        if not train_head:
+            _accumulate_gradients(model, prompt, loader, max(1, steps), accelerator)
+            return
+        # Gradients through a random head rank channels by noise: probe the head first, then sum the
+        # gradients through the trained head.
+        probe = max(1, steps // 2)
+        _accumulate_gradients(model, prompt, loader, probe, accelerator, lr_head, only_head=True)
+        model.zero_grad(set_to_none=True)
+        _accumulate_gradients(model, prompt, loader, max(1, max(2, steps) - probe), accelerator)
 
     def scoring(self):
         return torch.enable_grad()
@@ -188,7 +213,7 @@ class Random(TorchPruningCriterion):
     name = "random"
     one_shot = True
 
-    def importance(self):
+    def importance(self, normalizer: str = "mean"):
         return tp.importance.RandomImportance()
 
 
@@ -196,8 +221,8 @@ class Random(TorchPruningCriterion):
 class GrowReg(SparseTraining):
     name = "growreg"
 
-    def importance(self):
-        return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
+    def importance(self, normalizer: str = "mean"):
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer=normalizer)
 
     def regulariser(self, model, seq, importance):
         return tp.pruner.GrowingRegPruner(model, seq.example_input, reg=1e-5, delta_reg=1e-5,
@@ -209,12 +234,13 @@ class GrowReg(SparseTraining):
 
 
 def baseline_scores(method: str, model: nn.Module, seq, prompt: nn.Module, loader, steps: int, accelerator,
-                    lr: float = 0.01, train_head: bool = False, lr_head: float = 1e-3) -> List[torch.Tensor]:
+                    lr: float = 0.01, train_head: bool = False, lr_head: float = 1e-3,
+                    normalizer: str = "mean") -> List[torch.Tensor]:
     """Scores of the criterion ``method`` (see ``TorchPruningCriterion.scores``)."""
     criterion = get_method(method)
     if not isinstance(criterion, TorchPruningCriterion):
         raise PassZooError(f"'{method}' is not a Torch-Pruning criterion")
-    return criterion.scores(model, seq, prompt, loader, steps, accelerator, lr, train_head, lr_head)
+    return criterion.scores(model, seq, prompt, loader, steps, accelerator, lr, train_head, lr_head, normalizer)
 
 
 def _accumulate_gradients(model, prompt, loader, batches: int, accelerator, lr_head=None, only_head=False) -> None:
@@ -255,21 +281,23 @@ def _accumulate_gradients(model, prompt, loader, batches: int, accelerator, lr_h
     model.train(was_training)
 
 
-def train_on_masks(model: nn.Module, seq, prompt: nn.Module, loader, unit_masks, cfg, accelerator) -> None:
-    """PASS's stage 1 with fixed masks: the prompt (SGD) and the new head (AdamW) learn on the gated
-    network for ``cfg.steps`` batches, BN on batch statistics; the backbone's weights and running
-    statistics do not change. ``cfg`` is the run's SearchConfig (its learning rates and steps)."""
+def train_on_masks(model: nn.Module, seq, prompt: nn.Module, loader, unit_masks, cfg, accelerator,
+                   train_head: bool = True) -> None:
+    """PASS's stage 1 with fixed masks: the prompt (SGD) and a new head (AdamW; ``train_head``) learn on
+    the gated network for ``cfg.steps`` batches, BN on batch statistics; the backbone's weights and
+    running statistics do not change. ``cfg`` is the run's SearchConfig (its learning rates and steps)."""
     was_training = model.training
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
-    head = list(model.get_classifier().parameters())
+    head = list(model.get_classifier().parameters()) if train_head else []
     for p in head:
         p.requires_grad_(True)
     steps = max(1, cfg.steps)
-    optimizers = [torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9),
-                  torch.optim.AdamW(head, lr=cfg.lr_head, weight_decay=cfg.weight_decay)]
+    optimizers = [torch.optim.SGD(prompt.parameters(), lr=cfg.lr_prompt, momentum=0.9)]
+    if head:
+        optimizers.append(torch.optim.AdamW(head, lr=cfg.lr_head, weight_decay=cfg.weight_decay))
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(steps)) for o in optimizers]
     masks = [m.float().to(accelerator.device) for m in unit_masks]
     model.eval()

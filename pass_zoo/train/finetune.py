@@ -6,6 +6,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from ..errors import PassZooError
 from ..prompt import PromptedModel
 from .loop import Batches, cosine_lambda, progress, take_step
 
@@ -71,13 +72,33 @@ def recalibrate_bn(model: torch.nn.Module, loader, batches: int = 20) -> None:
 
 
 @torch.no_grad()
+def check_finite_norms(model: torch.nn.Module) -> None:
+    """BN running statistics must be finite: a NaN variance makes every logit NaN, and argmax of NaN
+    logits is class 0 for every image -- a top-1 of exactly 1/classes that looks like a result."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+            for what in ("running_mean", "running_var"):
+                t = getattr(mod, what)
+                if t is not None and not torch.isfinite(t).all():
+                    raise PassZooError(f"cannot evaluate: BatchNorm '{name}' has a non-finite {what} "
+                                       f"(the network diverged or a channel's statistics overflowed)")
+
+
 def evaluate(model: torch.nn.Module, loader, accelerator=None) -> float:
-    """Top-1 accuracy (fraction) over ``loader``; gathered over processes when an accelerator is given."""
+    """Top-1 accuracy (fraction) over ``loader``; gathered over processes when an accelerator is given.
+
+    Refuses, in one line, non-finite BN statistics or logits instead of reporting a number."""
     was_training = model.training
     model.eval()
+    check_finite_norms(model)
     correct = total = 0
     for x, y in loader:
-        pred = model(x).argmax(1)
+        logits = model(x)
+        if not torch.isfinite(logits).all():
+            model.train(was_training)
+            raise PassZooError("cannot evaluate: the network's logits are not finite (NaN or inf) on the "
+                               "evaluation images; the run diverged")
+        pred = logits.argmax(1)
         if accelerator is not None:
             pred, y = accelerator.gather_for_metrics((pred, y))
         correct += int((pred == y).sum())

@@ -1,0 +1,136 @@
+"""Stage 1 learns, every method gets the same stage 1, layers cannot collapse past the cap, and a
+broken network is refused rather than scored."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pass_zoo.config import PruneConfig, SearchConfig
+from pass_zoo.errors import BudgetError, PassZooError
+from pass_zoo.graph.masks import select_units, smallest_kept
+from pass_zoo.graph.sequence import build_layer_sequence
+from pass_zoo.methods import MethodContext, get_method
+from pass_zoo.methods.pass_method import chance_check
+from pass_zoo.methods.pass_search import search
+from pass_zoo.prompt import AdditivePrompt, PromptedModel
+from pass_zoo.train.finetune import evaluate
+from pass_zoo.train.loop import make_accelerator
+
+from conftest import make_model, randomise_bn
+
+
+def _separable(n=96, classes=3, seed=0):
+    """Images whose class is written in their colour: a task a frozen random network can still solve."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5
+    x[torch.arange(n), y] += 1.5
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g)
+
+
+def _tiny(classes=3):
+    torch.manual_seed(0)
+    model = randomise_bn(make_model("resnet10t", num_classes=classes))
+    model.reset_classifier(classes)
+    return model, build_layer_sequence(model, torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("use_prior", [True, False])
+def test_stage1_loss_falls_on_a_tiny_task_at_a_tight_budget(use_prior):
+    model, seq = _tiny()
+    cfg = SearchConfig(steps=40, hidden=16, use_prior=use_prior, lr_head=1e-2)
+    result = search(model, seq, AdditivePrompt(32, 4), _separable(), 0.25, cfg, make_accelerator("no"),
+                    train_head=True)
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.8 * first and last < 0.9 * math.log(3), (first, last)
+
+
+def test_the_cap_keeps_every_group_above_its_share():
+    model, seq = _tiny()
+    # one group's scores far below all others': a global ranking cuts it to its floor ...
+    scores = [torch.rand(g.units) + (0.0 if i == 1 else 10.0) for i, g in enumerate(seq.groups)]
+    uncapped = select_units(scores, seq, 0.5, 1, "global")
+    assert int(uncapped[1].sum()) == 1
+    # ... the cap keeps at least (1 - ratio) of every group, and the budget still holds
+    capped = select_units(scores, seq, 0.5, 1, "global", max_prune_ratio=0.6)
+    for g, m in zip(seq.groups, capped):
+        assert int(m.sum()) >= math.ceil(0.4 * g.units), g.name
+    assert seq.macs([int(m.sum()) for m in capped]) <= 0.5 * seq.dense_macs
+    assert smallest_kept(seq, 8, 0.5) == [max(8, math.ceil(u / 2 / 8) * 8) if u >= 8 else u
+                                          for u in (g.units for g in seq.groups)]
+
+
+def test_a_budget_below_what_the_cap_leaves_is_refused_in_one_line():
+    _, seq = _tiny()
+    scores = [torch.rand(g.units) for g in seq.groups]
+    with pytest.raises(BudgetError, match="max-prune-ratio 0.3"):
+        select_units(scores, seq, 0.2, 1, "global", max_prune_ratio=0.3)
+    with pytest.raises(BudgetError, match="must be in"):
+        select_units(scores, seq, 0.5, 1, "global", max_prune_ratio=0.0)
+
+
+@pytest.mark.parametrize("method", ["l1", "random", "taylor", "group-norm", "pass", "direct-logits"])
+def test_fair_stage1_trains_head_and_prompt_on_the_methods_own_masks(method, monkeypatch):
+    """Every channel method's stage 1 ends with head and prompt learning on the network gated by the very
+    masks it returns (PASS and direct-logits: during their search)."""
+    import pass_zoo.methods.torch_pruning as tpm
+
+    model, seq = _tiny()
+    head_before = model.get_classifier().weight.detach().clone()
+    prompt = AdditivePrompt(32, 4)
+    seen = {}
+    real = tpm.train_on_masks
+
+    def spy(model_, seq_, prompt_, loader, units, cfg, accelerator, train_head=True):
+        seen["units"] = [u.clone() for u in units]
+        seen["train_head"] = train_head
+        return real(model_, seq_, prompt_, loader, units, cfg, accelerator, train_head=train_head)
+
+    monkeypatch.setattr(tpm, "train_on_masks", spy)
+    cfg = PruneConfig(method=method, target_macs=0.5, search=SearchConfig(steps=4, hidden=8))
+    cfg.validate()
+    ctx = MethodContext(model, seq, prompt, _separable(), cfg, make_accelerator("no"), head="new")
+    result = get_method(method).produce(ctx)
+    assert not torch.equal(model.get_classifier().weight, head_before)
+    assert prompt.delta.detach().abs().sum() > 0
+    if method not in ("pass", "direct-logits"):
+        assert seen["train_head"] is True
+        assert [bool(torch.equal(u, result.masks[g.name][g.first_channels()])) for g, u in
+                zip(seq.groups, seen["units"])] == [True] * len(seq.groups)
+
+
+def test_every_method_spends_its_scoring_batches_plus_the_shared_stage1():
+    search_cfg = SearchConfig(steps=10)
+    assert get_method("pass").stage1_batches(search_cfg, True) == 10
+    assert get_method("l1").stage1_batches(search_cfg, True) == 10
+    assert get_method("taylor").stage1_batches(search_cfg, True) == 20  # probe + gradients, then the shared 10
+    assert get_method("group-norm").stage1_batches(search_cfg, True) == 20
+    dense = SearchConfig(steps=10, probe="dense")
+    assert get_method("l1").stage1_batches(dense, True) == 10 and get_method("l1").stage1_batches(dense, False) == 0
+
+
+def test_non_finite_evaluation_is_refused():
+    model, _ = _tiny()
+    prompted = PromptedModel(model, AdditivePrompt(32, 4)).eval()
+    loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)), batch_size=4)
+    assert 0.0 <= evaluate(prompted, loader) <= 1.0
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var[0] = float("nan")
+    with pytest.raises(PassZooError, match="non-finite running_var"):
+        evaluate(prompted, loader)
+    bn.running_var[0] = 1.0
+    with torch.no_grad():
+        model.get_classifier().weight[0, 0] = float("inf")
+    with pytest.raises(PassZooError, match="logits are not finite"):
+        evaluate(prompted, loader)
+
+
+def test_a_search_at_chance_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        record = chance_check([2.30] * 20, 10)
+    assert record["search_at_chance"] is True and "did not learn" in caplog.text
+    assert chance_check([2.3] * 10 + [1.0] * 10, 10)["search_at_chance"] is False
