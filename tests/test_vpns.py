@@ -304,7 +304,7 @@ def vpns_run(tmp_path_factory):
 def test_a_vpns_run_exports_its_zeros_and_measures_them(vpns_run):
     out, stdout = vpns_run
     assert {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors", "model.onnx",
-            "export.json"} == {p.name for p in out.iterdir()}
+            "export.json", ".pass-zoo-run"} == {p.name for p in out.iterdir()}
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "vpns" and m["mask_kind"] == "weight" and m["target_density"] == 0.2
     assert m["target_macs"] is None and m["macs_slim"] == m["macs_dense"]  # nothing slimmed
