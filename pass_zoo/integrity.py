@@ -67,10 +67,10 @@ def _read_metrics(run_dir: Path) -> Optional[dict]:
     return metrics
 
 
-def verify_run_files(run_dir, names: Optional[Iterable[str]] = None) -> None:
-    """Every file ``metrics.json`` pins (of ``names``, when given) is there and unchanged; one line naming
-    the first that is not. A folder without metrics.json (not a finished run) or without pins (an older
-    run) passes."""
+def verify_run_files(run_dir, names: Optional[Iterable[str]] = None, ignore: Iterable[str] = ()) -> None:
+    """Every file ``metrics.json`` pins (of ``names``, when given; but ``ignore``) is there and unchanged;
+    one line naming the first that is not. A folder without metrics.json (not a finished run) or without
+    pins (an older run) passes."""
     from .validate import check_name
 
     run_dir = Path(str(run_dir).removeprefix("local-dir:"))
@@ -83,7 +83,7 @@ def verify_run_files(run_dir, names: Optional[Iterable[str]] = None) -> None:
         raise PassZooError(f"{run_dir / 'metrics.json'}: '{PINS}' is not the record of the run's files "
                            f"(it must give the sha256 of {', '.join(REQUIRED)})")
     for name, digest in pins.items():
-        if names is not None and name not in names:
+        if (names is not None and name not in names) or name in ignore:
             continue
         path = run_dir / check_name(name, f"{run_dir / 'metrics.json'}: pinned file")
         if not path.is_file():

@@ -216,6 +216,9 @@ def test_export_pins_what_it_rewrites(run):
     assert "(opset 18, dynamo exporter)" in out
     rc, _, err = _run(["eval", run])
     assert rc == 0, err[-2000:]
+    (run / "model.onnx").unlink()  # a pinned file gone: eval refuses, export writes it again
+    assert f"{run / 'model.onnx'} is missing" in _error(["eval", run])
+    assert _run(["export", run])[0] == 0 and _run(["eval", run])[0] == 0
 
 
 @pytest.mark.parametrize("argv,expected", [

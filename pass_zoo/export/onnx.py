@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PassZooError, one_line
-from ..integrity import repin_onnx, verify_run_files
+from ..integrity import ONNX_FILES, repin_onnx, verify_run_files
 from ..runio import atomic_save_with, atomic_write_json, locked_run_dir, remove_temporaries
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,8 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
         return _export_onnx(folder, opset, real_inputs, dataset, exporter, tolerance)
     with locked_run_dir(folder, "export"):
         remove_temporaries(folder)
-        verify_run_files(folder)  # an export of edited files would be pinned as the run's own
+        # an export of edited files would be pinned as the run's own (the files it rewrites aside)
+        verify_run_files(folder, ignore=ONNX_FILES)
         return _export_onnx(folder, opset, real_inputs, dataset, exporter, tolerance)
 
 

@@ -263,8 +263,12 @@ def cell_changes(cell: dict, out: Path) -> str:
         saved = None
     if not isinstance(saved, dict):
         return "its metrics.json records no settings"
+    try:
+        now = resolved_config(cell["config"])
+    except PassZooError as exc:  # the cell runs again and fails on its own; the others still run
+        return f"its settings no longer validate: {one_line(exc)}"
     # settings added to pass-zoo after the cell ran are not compared: specs set them to what those runs did
-    diffs = config_diffs(saved, resolved_config(cell["config"]), recorded_only=True)
+    diffs = config_diffs(saved, now, recorded_only=True)
     return ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "")
 
 
