@@ -220,10 +220,9 @@ def cmd_zoo_list(args) -> int:
 
 
 def cmd_zoo_build(args) -> int:
-    from .publish.zoo import build_entry
-
     from pathlib import Path
 
+    from .publish.zoo import build_entry
     from .validate import check_name
 
     check_name(args.name, "zoo entry")  # a folder under --runs-dir
@@ -258,9 +257,7 @@ def _write_json(path: Optional[str], obj) -> None:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .export.onnx import export_run_onnx
-
-    from .export.onnx import check_opset
+    from .export.onnx import check_opset, export_run_onnx
 
     run_dir = Path(args.run_dir.removeprefix("local-dir:"))
     check_opset(args.opset, args.exporter)
@@ -290,9 +287,8 @@ def cmd_eval(args) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise PassZooError(f"{flag} must be at least 1, got {value}")
-    target = str(args.target)
-    _check_json(args, [target.removeprefix("local-dir:") if not target.startswith("hf-hub:") else None,
-                       dataset_folder(args.dataset or "")])
+    local = None if args.target.startswith("hf-hub:") else args.target.removeprefix("local-dir:")
+    _check_json(args, [local, dataset_folder(args.dataset or "")])
     r = evaluate_target(args.target, dataset=args.dataset, val_subset=args.val_subset, seed=args.seed,
                         batch_size=args.batch_size, threads=args.threads)
     subset = "all" if r["val_subset"] is None else r["val_subset"]
@@ -322,7 +318,6 @@ def cmd_costs(args) -> int:
     from pathlib import Path
 
     from .tools.costs import latency_points, measure_costs, plot_costs
-
     from .validate import check_seed
 
     for flag, value in (("--img-size", args.img_size), ("--batch", args.batch)):

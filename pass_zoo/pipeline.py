@@ -33,14 +33,14 @@ from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import PruningHistory, slim
 from .graph.weights import (apply_weight_masks, check_weight_masks, hold_weight_masks, prunable_weights,
                             save_weight_masks, weight_masks_summary)
+from .integrity import PINS, fingerprint, pin_files
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .methods import Method, MethodContext, get_method
 from .prompt import PromptedModel, create_prompt, default_prompt_width
 from .runio import atomic_write_bytes, atomic_write_json, prepare_run_dir, unlock_run_dir
+from .tools.transfer import check_transfer_budget, check_transfer_source
 from .train.checkpoint import RunCheckpoints
 from .train.finetune import evaluate, finetune, recalibrate_bn
-from .integrity import PINS, fingerprint, pin_files
-from .tools.transfer import check_transfer_budget, check_transfer_source
 from .validate import run_inputs
 
 log = logging.getLogger(__name__)

@@ -109,8 +109,6 @@ def plan_cells(spec: dict) -> List[Dict]:
             cfg.search = dataclasses.replace(cfg.search, steps=0)
             cells.append({"id": f"dense-s{seed}", "label": "dense", "budget": "macs", "level": 1.0, "target_macs": 1.0,
                           "seed": int(seed), "config": cfg})
-    if len(cells) > MAX_CELLS:
-        raise PassZooError(f"the grid has {len(cells)} cells; at most {MAX_CELLS} are run from one spec")
     for cell in cells:  # a cell id is a folder name under OUT/cells
         check_name(cell["id"], "cell")
     return cells
@@ -134,8 +132,17 @@ def _check_grid(spec: dict) -> None:
             if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level <= 1:
                 raise PassZooError(f"grid: {key} levels must be numbers in (0, 1], got {level!r}")
     seeds = grid.get("seed", [])
-    for seed in [s for ss in seeds.values() for s in ss] if isinstance(seeds, dict) else seeds:
+    lists = list(seeds.values()) if isinstance(seeds, dict) else [seeds]
+    if not all(isinstance(ss, list) for ss in lists):
+        raise PassZooError(f"grid: 'seed' must be a list, or a mapping of levels to lists, got {seeds!r}")
+    seeds = [s for ss in lists for s in ss]
+    for seed in seeds:
         check_seed(seed, "grid: seed")
+    labels = len(grid.get("method", [])) + len(variants) or 1
+    levels = max(len(grid.get("target_macs", [])), len(grid.get("target_density", [])), 1)
+    if labels * levels * max(1, len(seeds)) > MAX_CELLS:  # counted before the cells are made
+        raise PassZooError(f"the grid has up to {labels * levels * max(1, len(seeds))} cells; at most {MAX_CELLS} "
+                           "are run from one spec")
 
 
 def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs: int = 1,
