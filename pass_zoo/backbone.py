@@ -90,6 +90,7 @@ def load_weights_into(model: nn.Module, sd: Dict[str, torch.Tensor], source: str
         if bad:
             raise BackboneError(f"{source}: shape of '{bad[0]}' is {tuple(sd[bad[0]].shape)}, "
                                 f"the model expects {tuple(target[bad[0]].shape)}")
+        _check_dtypes([(k, sd[k], target[k]) for k in sd], source)
         model.load_state_dict(sd, strict=True)
         return "by name"
     if len(sd) != len(target):
@@ -99,9 +100,20 @@ def load_weights_into(model: nn.Module, sd: Dict[str, torch.Tensor], source: str
         if vs.shape != vt.shape:
             raise BackboneError(f"{source}: names differ and shapes disagree in order "
                                 f"('{ks}' {tuple(vs.shape)} vs '{kt}' {tuple(vt.shape)})")
+    _check_dtypes([(ks, vs, vt) for (ks, vs), vt in zip(sd.items(), target.values())], source)
     model.load_state_dict(dict(zip(target.keys(), sd.values())), strict=True)
     log.info("%s: key names differ from timm's; loaded %d tensors by order (all shapes match)", source, len(sd))
     return "by order"
+
+
+def _check_dtypes(pairs, source: str) -> None:
+    """Floating-point weights for floating-point parameters (``pairs``: key, file tensor, model tensor):
+    loading int8 or bool tensors would cast quantised codes or flags to floats without a word."""
+    for key, value, want in pairs:
+        if want.is_floating_point() and not value.is_floating_point():
+            raise BackboneError(f"{source}: tensor '{key}' is {str(value.dtype).removeprefix('torch.')}, the model "
+                                "expects floating-point weights there; quantised or boolean tensors cannot be "
+                                "loaded as weights")
 
 
 def bundled_weights_path(name: str = BUNDLED_ARCH) -> Path:

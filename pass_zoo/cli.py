@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -105,11 +106,27 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _remove_empty_tree(path) -> None:
-    """Remove ``path`` if it holds nothing but empty folders (a run that failed before writing anything)."""
+def _remove_empty_tree(path, keep_folder: bool = False) -> None:
+    """Remove ``path`` if it holds nothing but empty folders (a run that failed before writing anything);
+    ``keep_folder``: it was there before, only the run's marker goes."""
     from .runio import remove_empty_run_dir
 
-    remove_empty_run_dir(path)
+    remove_empty_run_dir(path, keep_folder)
+
+
+@contextlib.contextmanager
+def _tidy_on_failure(out, enabled: bool = True):
+    """A run that fails before writing anything leaves nothing behind: its new folder goes, and a folder
+    that was there before loses only the run's marker."""
+    from pathlib import Path
+
+    existed = Path(out).exists()
+    try:
+        yield
+    except BaseException:
+        if enabled:
+            _remove_empty_tree(out, keep_folder=existed)
+        raise
 
 
 def cmd_prune(args) -> int:
@@ -149,13 +166,13 @@ def cmd_prune(args) -> int:
         if rc != 0 and not existed:
             _remove_empty_tree(out)
         return rc
+    if args.recipe:
+        from .validate import check_out_vs_inputs
+
+        check_out_vs_inputs(out, {f"--recipe {args.recipe}": args.recipe})
     command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
-    try:
+    with _tidy_on_failure(out, enabled=not distributed):
         m = prune(cfg, command=command, recipe=recipe)
-    except BaseException:
-        if not existed and not distributed:  # leave nothing behind when nothing was written
-            _remove_empty_tree(out)
-        raise
     if _is_main_process():
         (out / "error.log").unlink(missing_ok=True)  # an earlier attempt's, now resumed to the end
         print(_summary(cfg.out or cfg.default_out(), cfg, m))
@@ -164,6 +181,10 @@ def cmd_prune(args) -> int:
 
 def cmd_card(args) -> int:
     from .publish.card import LATENCY_FILE, write_card
+    from .validate import check_repo_id
+
+    if args.repo_id is not None:
+        check_repo_id(args.repo_id)
 
     path = write_card(args.run_dir, repo_id=args.repo_id)
     print(f"wrote {path} and {path.parent / 'kept_channels.png'}")
@@ -199,10 +220,15 @@ def cmd_zoo_list(args) -> int:
 
 
 def cmd_zoo_build(args) -> int:
-    from .publish.zoo import build_entry
+    from pathlib import Path
 
-    m, cfg, card = build_entry(args.name, recipes_dir=args.recipes_dir, runs_dir=args.runs_dir,
-                               overwrite=args.overwrite, argv=args._argv)
+    from .publish.zoo import build_entry
+    from .validate import check_name
+
+    check_name(args.name, "zoo entry")  # a folder under --runs-dir
+    with _tidy_on_failure(Path(args.runs_dir) / args.name):
+        m, cfg, card = build_entry(args.name, recipes_dir=args.recipes_dir, runs_dir=args.runs_dir,
+                                   overwrite=args.overwrite, argv=args._argv)
     if _is_main_process():
         print(_summary(cfg.out, cfg, m) + f"\ncard            {card}")
     return 0
@@ -231,9 +257,10 @@ def _write_json(path: Optional[str], obj) -> None:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .export.onnx import export_run_onnx
+    from .export.onnx import check_opset, export_run_onnx
 
     run_dir = Path(args.run_dir.removeprefix("local-dir:"))
+    check_opset(args.opset, args.exporter)
     report, error = export_run_onnx(run_dir, opset=args.opset, exporter=args.exporter)
     if error is not None:
         raise error
@@ -244,9 +271,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _check_json(args, inputs, allowed=()) -> None:
+    if args.json:
+        from .validate import check_output_file
+
+        check_output_file(args.json, "--json", inputs, allowed)
+
+
 def cmd_eval(args) -> int:
     from .export.evaluation import evaluate_target
+    from .validate import check_seed, dataset_folder
 
+    if args.seed is not None:
+        check_seed(args.seed)
+    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise PassZooError(f"{flag} must be at least 1, got {value}")
+    local = None if args.target.startswith("hf-hub:") else args.target.removeprefix("local-dir:")
+    _check_json(args, [local, dataset_folder(args.dataset or "")])
     r = evaluate_target(args.target, dataset=args.dataset, val_subset=args.val_subset, seed=args.seed,
                         batch_size=args.batch_size, threads=args.threads)
     subset = "all" if r["val_subset"] is None else r["val_subset"]
@@ -261,7 +303,10 @@ def cmd_eval(args) -> int:
 
 def cmd_latency(args) -> int:
     from .export.latency import format_latency, measure_latency
+    from .export.onnx import check_opset
 
+    check_opset(args.opset)
+    _check_json(args, [args.run_dir.removeprefix("local-dir:")], allowed=("latency.json",))
     report = measure_latency(args.run_dir, batches=args.batch, threads=args.threads, repeats=args.repeats,
                              warmup=args.warmup, opset=args.opset)
     print(format_latency(report))
@@ -273,10 +318,12 @@ def cmd_costs(args) -> int:
     from pathlib import Path
 
     from .tools.costs import latency_points, measure_costs, plot_costs
+    from .validate import check_seed
 
     for flag, value in (("--img-size", args.img_size), ("--batch", args.batch)):
         if value < 1:
             raise PassZooError(f"{flag} must be at least 1, got {value}")
+    check_seed(args.seed)
 
     report = measure_costs(args.model, args.pretrained, args.img_size, args.batch, args.target_macs, args.steps,
                            args.warmup, args.threads, args.seed)
@@ -307,7 +354,8 @@ def cmd_transfer(args) -> int:
                           onnx=False if args.no_onnx else None,
                           search={"steps": args.search_steps} if args.search_steps is not None else None,
                           finetune={"steps": args.finetune_steps} if args.finetune_steps is not None else None)
-    m = prune(cfg, command="pass-zoo " + " ".join(shlex.quote(a) for a in args._argv))
+    with _tidy_on_failure(cfg.out):
+        m = prune(cfg, command="pass-zoo " + " ".join(shlex.quote(a) for a in args._argv))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"transfer ({args.mode}) {args.source} -> {args.dataset}: top-1 {100 * m['top1']:.2f} % "
               f"at {_budget_line(m)} (searched {100 * m['top1_after_search']:.2f} %)")
@@ -330,6 +378,11 @@ def cmd_check(args) -> int:
         raise PassZooError("check needs exactly one of --model NAME, --all or --sweep JSON")
     if args.img_size is not None and args.img_size < 1:
         raise PassZooError(f"--img-size must be at least 1, got {args.img_size}")
+    from .validate import check_output_file
+
+    for flag, path in (("--md", args.md), ("--sweep", args.sweep)):
+        if path:
+            check_output_file(path, flag)
     if args.model:
         from .backbone import _check_name
 
@@ -450,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run (or resume) a grid of prune runs from a YAML spec",
                        description="Methods x MACs levels x seeds, each an ordinary prune run under OUT/cells/; "
-                       "results.json after every cell (finished cells are never rerun) and PNG plots.")
+                       "results.json after every cell (a finished cell reruns only when its settings changed) "
+                       "and PNG plots.")
     p.add_argument("spec", metavar="SPEC.yaml")
     p.add_argument("--out", required=True, help="results folder (results.json, plots, cells/)")
     p.add_argument("--only", nargs="+", default=[], metavar="ID", help="run only cells whose id starts with ID")

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 from .backbone import BUNDLED_ARCH, PRETRAINED_HELP
 from .errors import BudgetError, PassZooError
+from .validate import check_rate, check_seed
 
 DEFAULT_TARGET_MACS = 0.5  # the budget of a channel-mask run that names none
 DEFAULT_DENSITY = 0.5  # the budget of a weight-mask run that names none
@@ -218,6 +219,7 @@ class SearchConfig:
             raise PassZooError(f"--hypernet-rank must be >= 1, got {self.rank}")
         if not self.distill >= 0.0:
             raise PassZooError(f"--distill must be >= 0, got {self.distill}")
+        _check_rates(self, ("lr_prompt", "lr_hypernet", "lr_head", "lr_scores", "weight_decay"), "search")
 
 
 @dataclass
@@ -237,6 +239,18 @@ class FinetuneConfig:
         check_choices(self)
         if self.steps < 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
+        if self.epochs is not None:
+            check_rate(self.epochs, "--finetune-epochs", positive=True)
+        _check_rates(self, ("lr", "lr_prompt", "momentum", "weight_decay"), "finetune")
+        if not self.momentum < 1:
+            raise PassZooError(f"finetune.momentum must be below 1, got {self.momentum}")
+
+
+def _check_rates(section, names, prefix: str) -> None:
+    """Learning rates, decay and momentum: finite and >= 0 (a negative rate climbs the loss)."""
+    flags = {f.name: f.metadata.get("flag") for f in dataclasses.fields(section)}
+    for name in names:
+        check_rate(getattr(section, name), flags.get(name) or f"{prefix}.{name}")
 
 
 @dataclass
@@ -408,6 +422,7 @@ class PruneConfig:
                 raise PassZooError(f"{flag} must be at least {least}, got {value}")
         if self.batch_size <= 0:
             raise PassZooError("batch size must be positive and step counts non-negative")
+        check_seed(self.seed)
         self.search.validate()
         self.finetune.validate()
         if self.log_every < 1:
@@ -425,16 +440,23 @@ class PruneConfig:
     def default_out(self) -> str:
         from .methods import get_method
 
-        data = self.dataset.split(":")[0]
+        data = _folder_part(self.dataset.split(":")[0])
         tag = get_method(self.method).run_tag
         kind = self.budget_kind() if any(v is not None for v in self._budgets().values()) else _default_kind(self.method)
         if kind == "params":
-            return f"runs/{self.model}-{data}-{tag}-params{round(self.target_params * 100)}"
+            return f"runs/{_folder_part(self.model)}-{data}-{tag}-params{round(self.target_params * 100)}"
         if kind == "latency":
-            return f"runs/{self.model}-{data}-{tag}-{self.target_latency:g}ms"
+            return f"runs/{_folder_part(self.model)}-{data}-{tag}-{self.target_latency:g}ms"
         if kind == "density":
-            return f"runs/{self.model}-{data}-{tag}{round(self.density * 100)}"
-        return f"runs/{self.model}-{data}-{tag}{round((self.target_macs or DEFAULT_TARGET_MACS) * 100)}"
+            return f"runs/{_folder_part(self.model)}-{data}-{tag}{round(self.density * 100)}"
+        return f"runs/{_folder_part(self.model)}-{data}-{tag}{round((self.target_macs or DEFAULT_TARGET_MACS) * 100)}"
+
+
+def _folder_part(text: str) -> str:
+    """A model or dataset name as part of one folder name under runs/ ('hf-hub:org/x' -> 'hf-hub_org_x')."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]|\.\.", "_", text)
 
 
 def _default_kind(method: str) -> str:

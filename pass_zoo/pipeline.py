@@ -33,12 +33,15 @@ from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import PruningHistory, slim
 from .graph.weights import (apply_weight_masks, check_weight_masks, hold_weight_masks, prunable_weights,
                             save_weight_masks, weight_masks_summary)
+from .integrity import PINS, fingerprint, pin_files
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .methods import Method, MethodContext, get_method
 from .prompt import PromptedModel, create_prompt, default_prompt_width
 from .runio import atomic_write_bytes, atomic_write_json, prepare_run_dir, unlock_run_dir
+from .tools.transfer import check_transfer_budget, check_transfer_source
 from .train.checkpoint import RunCheckpoints
 from .train.finetune import evaluate, finetune, recalibrate_bn
+from .validate import run_inputs
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +51,11 @@ def open_run(cfg: PruneConfig, accelerator) -> Tuple[Path, RunCheckpoints]:
     """The run folder (new, replaced, or resumed) and its checkpoints."""
     out = Path(cfg.out or cfg.default_out())
     if accelerator.is_main_process:
-        prepare_run_dir(out, cfg.overwrite, cfg.resume)
+        prepare_run_dir(out, cfg.overwrite, cfg.resume, run_inputs(cfg))
     accelerator.wait_for_everyone()
-    return out, RunCheckpoints(out, accelerator, cfg.checkpoint_every, asdict(cfg), cfg.resume)
+    # a resume compares its inputs (dataset listing, weights file, source run) as well as its settings
+    return out, RunCheckpoints(out, accelerator, cfg.checkpoint_every, {**asdict(cfg), "inputs": fingerprint(cfg)},
+                               cfg.resume)
 
 
 @dataclass
@@ -250,6 +255,7 @@ def choose_masks(method: Method, ctx: MethodContext, carry: dict) -> Tuple[Masks
             masks = check_weight_masks(masks, ctx.backbone)  # same architecture, or a clear error
         else:
             to_unit_masks(masks, seq)
+        check_transfer_budget(masks, seq, ctx.budget, cfg)  # another task's masks meet this run's budget too
     else:
         result = method.produce(ctx)
         masks, artefacts = result.masks, result.artefacts
@@ -386,6 +392,7 @@ def write_run(out: Path, cfg: PruneConfig, seq: Optional[LayerSequence], masks: 
     if cfg.onnx:
         real = torch.stack([data.val[i][0] for i in range(min(32, len(data.val)))])  # what the run evaluated on
         _, error = export_run_onnx(out, metrics, real_inputs=real)
+    metrics[PINS] = pin_files(out, artefacts)  # eval, card and publish check the files against these
     atomic_write_json(out / "metrics.json", metrics)
     return error
 
@@ -401,6 +408,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     from .train.loop import PROGRESS, make_accelerator
 
     cfg.validate()
+    if cfg.transfer_from:  # before the run folder is touched
+        check_transfer_source(cfg)
     PROGRESS.update(quiet=cfg.quiet, log_every=cfg.log_every)
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     out, ckpts = open_run(cfg, accelerator)

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .config import PruneConfig, apply_overrides
-from .errors import PassZooError, one_line
+from .errors import PassZooError
+from .validate import check_repo_id, load_yaml
 
 DEFAULT_NAME = "{arch}-pass{percent}"
 EXTRA_KEYS = ("name", "hub_id")
@@ -71,17 +72,8 @@ def recipe_name(pattern: Optional[str], cfg: PruneConfig, source="recipe") -> st
 
 def load_recipe(path) -> Tuple[str, PruneConfig, dict]:
     """``(name, PruneConfig, extras)`` from a recipe file; extras: ``hub_id``, ``path``, ``values``."""
-    import yaml
-
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"recipe {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML ({one_line(exc)})") from exc
+    values = load_yaml(path, "recipe", RecipeError)  # bounded: an alias bomb is refused, not expanded
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -90,8 +82,8 @@ def load_recipe(path) -> Tuple[str, PruneConfig, dict]:
     for key, val in (("name", name), ("hub_id", hub_id)):
         if val is not None and not isinstance(val, str):
             raise RecipeError(f"{path}: '{key}' must be a string, got {val!r}")
-    if hub_id is not None and hub_id.count("/") != 1:
-        raise RecipeError(f"{path}: hub_id must look like ORG/NAME, got '{hub_id}'")
+    if hub_id is not None:
+        check_repo_id(hub_id, f"{path}: hub_id", RecipeError)
     cfg = recipe_config({k: v for k, v in values.items() if k not in EXTRA_KEYS}, path)
     return recipe_name(name, cfg, path), cfg, {"hub_id": hub_id, "path": str(path), "values": values}
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from .errors import PassZooError, RunDirError
 
@@ -163,11 +164,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def remove_temporaries(folder) -> None:
-    """Delete ``.*.tmp`` files and folders a killed process left in ``folder``."""
+    """Delete ``.*.tmp`` files and folders a killed process left in ``folder`` (and ``.*.tmp.data``,
+    the weights an ONNX exporter writes beside its temporary file)."""
     folder = Path(folder)
     if not folder.is_dir():
         return
-    for p in folder.glob(".*.tmp"):
+    for p in [*folder.glob(".*.tmp"), *folder.glob(".*.tmp.data")]:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -265,30 +267,82 @@ def locked_run_dir(folder, action: str = "use"):
 
 
 def _contents(folder: Path) -> list:
-    """What is in ``folder``, the lock file aside."""
-    return [p for p in folder.iterdir() if p.name != LOCK_FILE]
+    """What is in ``folder``, the lock file and the run marker aside."""
+    return [p for p in folder.iterdir() if p.name not in (LOCK_FILE, RUN_MARKER)]
 
 
-def remove_empty_run_dir(path) -> None:
-    """Remove ``path`` if it holds nothing but empty folders (and the lock file) -- a run that failed
-    before writing anything -- unless another process holds its lock."""
+def remove_empty_run_dir(path, keep_folder: bool = False) -> None:
+    """Remove ``path`` if it holds nothing but empty folders (and the lock file and run marker) -- a run
+    that failed before writing anything -- unless another process holds its lock. ``keep_folder``: the
+    folder was there before the run; only the marker the run added goes."""
     path = Path(path)
-    if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*") if p.name != LOCK_FILE):
+    if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*")
+                                if p.name not in (LOCK_FILE, RUN_MARKER)):
         return
     try:
         lock_run_dir(path)
     except PassZooError:
         return  # another run is starting in it
     try:
-        shutil.rmtree(path, ignore_errors=True)
+        if keep_folder:
+            (path / RUN_MARKER).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
     finally:
         unlock_run_dir(path, everything=True)
 
 
-def prepare_run_dir(out, overwrite: bool = False, resume: bool = False) -> Path:
+# ------------------------------------------------------------------ which folders are runs
+RUN_MARKER = ".pass-zoo-run"  # written into every run folder when it is created: it may be replaced
+RUN_MARKER_TEXT = '{"format": "pass-zoo-run/1"}\n'
+# What a run folder written before the marker existed may hold (besides its method's files).
+_LEGACY_NAMES = ("config.json", "model.safetensors", "metrics.json", "masks.json", "masks.safetensors",
+                 "model.onnx", "export.json", "README.md", "kept_channels.png", "latency.json", "hub.json",
+                 "error.log", "checkpoints", LOCK_FILE)
+
+
+def is_run_dir(folder) -> bool:
+    """``folder`` was written by pass-zoo: its marker, or -- for runs from before the marker -- only
+    files a run writes, with a metrics.json, config.json or checkpoint that pass-zoo wrote."""
+    folder = Path(folder)
+    if (folder / RUN_MARKER).is_file():
+        return True
+    if not folder.is_dir():
+        return False
+    from .methods import get_method, list_methods
+
+    known = set(_LEGACY_NAMES).union(*(get_method(m).artefacts for m in list_methods()))
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return False
+    if not names or any(n not in known and not n.startswith(".") for n in names):
+        return False
+    return _wrote(folder / "metrics.json", "config") or _wrote(folder / "config.json", "model_args") \
+        or any(_wrote(p / "state.json", "carry") for p in (folder / "checkpoints").glob("*"))
+
+
+def _wrote(path: Path, key: str) -> bool:
+    """``path`` is a JSON object with ``key``, as pass-zoo writes it."""
+    try:
+        return path.is_file() and path.stat().st_size < (64 << 20) and key in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _mark(out: Path) -> None:
+    if not (out / RUN_MARKER).is_file():
+        atomic_write_text(out / RUN_MARKER, RUN_MARKER_TEXT)
+
+
+def prepare_run_dir(out, overwrite: bool = False, resume: bool = False, inputs: Optional[dict] = None) -> Path:
     """Create and lock ``out``; refuse an existing non-empty folder unless ``overwrite`` (or ``resume``),
-    and a folder another run holds."""
+    ``overwrite`` of a folder that is not a pass-zoo run, an ``out`` that is, holds or lies inside one of
+    ``inputs`` ({what: path}), and a folder another run holds."""
+    from .validate import check_out_vs_inputs
+
     out = Path(out)
+    check_out_vs_inputs(out, inputs or {})
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a folder")
     if resume:
@@ -298,14 +352,19 @@ def prepare_run_dir(out, overwrite: bool = False, resume: bool = False) -> Path:
         return out
     not_empty = RunDirError(f"--out {out} already exists and is not empty (pass --overwrite to replace it, "
                             "or --resume to continue it)")
-    if out.is_dir() and not overwrite and not (out / LOCK_FILE).exists() and _contents(out):
-        raise not_empty  # refused without adding a lock file to the user's folder
+    not_a_run = RunDirError(f"--overwrite: {out} is not a pass-zoo run folder (it holds files no run wrote); "
+                            "--overwrite only replaces run folders, so remove it yourself or choose another --out")
+    if out.is_dir() and not (out / LOCK_FILE).exists() and _contents(out):
+        if not overwrite:
+            raise not_empty  # refused without adding a lock file to the user's folder
+        if not is_run_dir(out):
+            raise not_a_run
     _mkdir(out)
     lock_run_dir(out, "write")  # before looking inside: two runs started together cannot both pass
     if _contents(out):
-        if not overwrite:
+        if not overwrite or not is_run_dir(out):
             unlock_run_dir(out)
-            raise not_empty
+            raise not_a_run if overwrite else not_empty
         try:
             for p in _contents(out):  # the lock file stays: it is what keeps a second run out
                 if p.is_dir() and not p.is_symlink():
@@ -314,4 +373,5 @@ def prepare_run_dir(out, overwrite: bool = False, resume: bool = False) -> Path:
                     p.unlink()
         except OSError as exc:
             raise RunDirError(f"cannot remove {out} for --overwrite: {exc.strerror or exc}") from exc
+    _mark(out)
     return out

@@ -23,7 +23,8 @@ from pass_zoo.graph.slim import slim
 from conftest import write_image_folder
 
 RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors",
-             "model.onnx", "export.json", "hypernet.json", "hypernet.safetensors"}
+             "model.onnx", "export.json", "hypernet.json", "hypernet.safetensors",
+             ".pass-zoo-run"}
 X = torch.zeros(1, 3, 32, 32)
 
 
@@ -240,7 +241,10 @@ def test_imagefolder_run_with_a_new_head(tmp_path):
     assert rc != 0 and "already exists and is not empty" in _one_error_line(stderr)
     assert (out / "old.txt").exists()
 
-    rc, stdout, stderr = _run(args + ["--overwrite"])  # ... unless --overwrite
+    rc, _, stderr = _run(args + ["--overwrite"])  # ... and --overwrite replaces only run folders
+    assert rc != 0 and "is not a pass-zoo run folder" in _one_error_line(stderr)
+    (out / ".pass-zoo-run").write_text("{}")  # the marker every run folder gets
+    rc, stdout, stderr = _run(args + ["--overwrite"])
     assert rc == 0, stderr[-2000:]
     assert {p.name for p in out.iterdir()} == RUN_FILES
     m = json.loads((out / "metrics.json").read_text())

@@ -14,7 +14,8 @@ from pass_zoo.graph.costs import count_macs
 from conftest import ROOT
 
 RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors",
-             "model.onnx", "export.json", "hypernet.json", "hypernet.safetensors"}
+             "model.onnx", "export.json", "hypernet.json", "hypernet.safetensors",
+             ".pass-zoo-run"}
 
 
 def _free_port() -> int:

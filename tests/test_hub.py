@@ -27,6 +27,7 @@ from pass_zoo.publish.card import CardError, render_card
 from pass_zoo.cli import _prune_config, build_parser, explicit_prune_flags, main
 from pass_zoo.config import PRUNE_FLAGS
 from pass_zoo.publish.hub import PUBLISH_FILES
+from pass_zoo.runio import RUN_MARKER
 
 HYPERNET_FILES = {"hypernet.json", "hypernet.safetensors"}  # a PASS run publishes its hypernetwork too
 from pass_zoo.recipes import RecipeError, load_recipe
@@ -130,7 +131,7 @@ def hub(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- zoo build + card
 def test_zoo_build_writes_a_publishable_folder_with_card(zoo):
     run = zoo["run"]
-    assert {p.name for p in run.iterdir()} == set(PUBLISH_FILES) | HYPERNET_FILES  # no temporary files
+    assert {p.name for p in run.iterdir()} == set(PUBLISH_FILES) | HYPERNET_FILES | {RUN_MARKER}  # no temporaries
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["recipe"]["name"] == NAME and metrics["recipe"]["path"] == str(zoo["recipes"] / "tiny.yaml")
     assert metrics["command"].startswith("pass-zoo zoo build tiny-fmnist-pass50 --recipes-dir")

@@ -22,7 +22,8 @@ TINY = ["prune", "--model", "resnet10t", "--pretrained", "none", "--head", "new"
         "--img-size", "32", "--train-subset", "64", "--val-subset", "32", "--search-steps", "16",
         "--finetune-steps", "16", "--batch-size", "16", "--no-onnx", "--checkpoint-every", "2", "--seed", "5"]
 RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors",
-             "hypernet.json", "hypernet.safetensors"}  # a PASS run keeps its hypernetwork
+             "hypernet.json", "hypernet.safetensors",  # a PASS run keeps its hypernetwork
+             ".pass-zoo-run"}  # the marker that lets --overwrite replace the folder
 TIMING = {"search_seconds", "finetune_seconds", "total_seconds"}
 
 

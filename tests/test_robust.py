@@ -29,7 +29,8 @@ from pass_zoo.errors import PassZooError, one_line
 from conftest import write_image_folder
 
 RUN_FILES = {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors",
-             "hypernet.json", "hypernet.safetensors"}  # a PASS run keeps its hypernetwork
+             "hypernet.json", "hypernet.safetensors",  # a PASS run keeps its hypernetwork
+             ".pass-zoo-run"}  # the marker that lets --overwrite replace the folder
 
 
 def _run(argv):
@@ -414,6 +415,11 @@ def test_tampered_run_weights(tmp_path):
     (n,) = struct.unpack("<Q", data[:8])
     header = data[8:8 + n].replace(b'"data_offsets":[0,', b'"data_offsets":[8,', 1)  # same length
     (out / "model.safetensors").write_bytes(data[:8] + header + data[8 + n:])
+    line = _error(["eval", out])  # metrics.json pins the weights the run measured
+    assert f"{out / 'model.safetensors'} is not the file the run wrote" in line
+    metrics = json.loads((out / "metrics.json").read_text())
+    del metrics["file_sha256"]  # a run from before pins: the loader's own check
+    (out / "metrics.json").write_text(json.dumps(metrics))
     line = _error(["eval", out])
     assert f"cannot load {out}: model.safetensors is truncated or corrupt" in line and "invalid offset" in line
     (out / "model.safetensors").write_bytes(data[:8] + b"{!" + data[10:])  # header that is not JSON

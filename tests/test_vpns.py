@@ -304,7 +304,7 @@ def vpns_run(tmp_path_factory):
 def test_a_vpns_run_exports_its_zeros_and_measures_them(vpns_run):
     out, stdout = vpns_run
     assert {"config.json", "masks.json", "masks.safetensors", "metrics.json", "model.safetensors", "model.onnx",
-            "export.json"} == {p.name for p in out.iterdir()}
+            "export.json", ".pass-zoo-run"} == {p.name for p in out.iterdir()}
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "vpns" and m["mask_kind"] == "weight" and m["target_density"] == 0.2
     assert m["target_macs"] is None and m["macs_slim"] == m["macs_dense"]  # nothing slimmed
@@ -361,9 +361,13 @@ def test_transfer_reuses_the_weight_masks_on_another_task(vpns_run, tmp_path, ca
     shutil.copytree(source, broken)
     kept = dict(list(src.items())[1:])  # one layer's mask missing
     (broken / "masks.safetensors").write_bytes(__import__("safetensors.torch", fromlist=["save"]).save(kept))
-    line = _error_line(["transfer", str(broken), "--mode", "masks", "--dataset", "fashion-mnist@5-9",
-                        "--out", str(tmp_path / "d"), "--no-onnx"])
-    assert "weight masks do not fit this model: missing" in line
+    argv = ["transfer", str(broken), "--mode", "masks", "--dataset", "fashion-mnist@5-9", "--out", str(tmp_path / "d"),
+            "--no-onnx"]
+    assert "masks.safetensors is not the file the run wrote" in _error_line(argv)  # its pins catch it first
+    metrics = json.loads((broken / "metrics.json").read_text())
+    del metrics["file_sha256"]  # a source from before pins: the fit check
+    (broken / "metrics.json").write_text(json.dumps(metrics))
+    assert "weight masks do not fit this model: missing" in _error_line(argv)
 
 
 def test_card_and_publish_work_for_a_vpns_run(vpns_run, tmp_path, monkeypatch):

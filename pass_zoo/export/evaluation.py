@@ -15,6 +15,7 @@ import torch
 
 from ..data import DataSpec, data_spec_for, make_loader, val_split
 from ..errors import DataError, PassZooError
+from ..integrity import verify_target
 from .runinfo import RUN, run_eval_defaults
 
 _FALLBACK_BATCH = 64
@@ -78,6 +79,7 @@ def evaluate_target(target, dataset: Optional[str] = None, val_subset=RUN, seed:
     target = str(target)
     if target_kind(target) == "onnx" and not Path(target).is_file():
         raise PassZooError(f"ONNX file {target} does not exist")
+    verify_target(target)  # the run's top-1 is printed beside this one: they must be of the same files
     run = run_eval_defaults(target)
     same_task = dataset is None or dataset == run.get("dataset")
     dataset = dataset or run.get("dataset")

@@ -104,12 +104,15 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
     import timm
 
     from ..graph.costs import count_macs
-    from .onnx import export_graph
+    from ..integrity import verify_run_files
+    from .onnx import check_opset, export_graph, file_opset
     from .timm_model import load_run_model
 
+    check_opset(opset)
     if repeats < 1 or warmup < 0 or threads < 1 or not batches or min(batches) < 1:
         raise PassZooError("latency needs --repeats >= 1, --warmup >= 0, --threads >= 1 and batch sizes >= 1")
     run_dir = Path(str(run_dir).removeprefix("local-dir:"))
+    verify_run_files(run_dir)  # the timings are reported beside the run's MACs
     slim_model = load_run_model(run_dir)
     base_arch, img_size = slim_model.base_arch, int(slim_model.spec["img_size"])
     model_kwargs = dict(slim_model.spec.get("model_kwargs") or {})  # e.g. a ViT's img_size (spec /2)
@@ -130,6 +133,7 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
         for name, model in (("dense", dense_model), ("slim", slim_model)):
             paths[name] = Path(tmp) / f"{name}.onnx"
             exporters[name] = export_graph(model, paths[name], img_size, opset)
+        used_opset = file_opset(paths["slim"])  # the dynamo exporter may write a newer one than asked
         times, pool = time_onnx(paths, img_size, batches, threads, repeats, warmup)
     rows = []
     for batch in batches:
@@ -139,7 +143,7 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
                      "dense_ms_all": [round(t, 3) for t in times[batch]["dense"]],
                      "slim_ms_all": [round(t, 3) for t in times[batch]["slim"]]})
     return {"run": str(run_dir), "base_arch": base_arch, "img_size": img_size, "threads": threads,
-            "repeats": repeats, "warmup": warmup, "opset": opset, "exporter": exporters["slim"],
+            "repeats": repeats, "warmup": warmup, "opset": used_opset, "exporter": exporters["slim"],
             "runtime": runtime_name(), "thread_pool": pool, "macs_ratio": macs_ratio,
             "results": rows}
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PassZooError, one_line
+from ..integrity import ONNX_FILES, repin_onnx, verify_run_files
 from ..runio import atomic_save_with, atomic_write_json, locked_run_dir, remove_temporaries
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,29 @@ _META_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct", "crop_mo
 
 class OnnxExportError(PassZooError):
     """The model cannot be exported to ONNX, or the export does not reproduce it."""
+
+
+# Opsets each exporter writes: the TorchScript exporter up to 20 (torch's limit), dynamo from 18 (asked
+# for 17 it writes 18) up to the newest torch implements; below 17 the timm layers used here do not export.
+TORCHSCRIPT_MAX_OPSET = 20
+MAX_OPSET = 23
+
+
+def check_opset(opset: int, exporter: str = "auto") -> int:
+    """``--opset`` within what ``exporter`` writes; one line instead of the exporter's traceback."""
+    top = TORCHSCRIPT_MAX_OPSET if exporter == "torchscript" else MAX_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or not DEFAULT_OPSET <= opset <= top:
+        where = f" with --exporter {exporter}" if exporter != "auto" else ""
+        raise OnnxExportError(f"--opset must be in [{DEFAULT_OPSET}, {top}]{where}, got {opset!r}")
+    return opset
+
+
+def file_opset(path) -> int:
+    """The default-domain opset an ONNX file declares (what was used, whatever was asked)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 @contextlib.contextmanager
@@ -93,10 +117,12 @@ def export_graph(model: nn.Module, path, img_size: int, opset: int = DEFAULT_OPS
     """
     if exporter not in EXPORTERS:
         raise OnnxExportError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
+    check_opset(opset, exporter)
     model.eval()
     example = torch.zeros(2, 3, img_size, img_size)  # batch 2: batch 1 would invite specialisation
     first_error = None
-    for name in (("torchscript", "dynamo") if exporter == "auto" else (exporter,)):
+    order = ("torchscript", "dynamo") if opset <= TORCHSCRIPT_MAX_OPSET else ("dynamo",)
+    for name in (order if exporter == "auto" else (exporter,)):
         try:
             if name == "torchscript":
                 with warnings.catch_warnings(), _static_same_padding():
@@ -215,10 +241,13 @@ def export_onnx(run_dir, opset: int = DEFAULT_OPSET, *, real_inputs: Optional[to
     temporaries an export or run killed mid-write left behind.
     """
     folder = Path(str(run_dir).removeprefix("local-dir:"))
+    check_opset(opset, exporter)
     if not folder.is_dir():
         return _export_onnx(folder, opset, real_inputs, dataset, exporter, tolerance)
     with locked_run_dir(folder, "export"):
         remove_temporaries(folder)
+        # an export of edited files would be pinned as the run's own (the files it rewrites aside)
+        verify_run_files(folder, ignore=ONNX_FILES)
         return _export_onnx(folder, opset, real_inputs, dataset, exporter, tolerance)
 
 
@@ -247,8 +276,12 @@ def _export_onnx(run_dir: Path, opset: int, real_inputs: Optional[torch.Tensor],
               "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
     def build(tmp: str) -> None:
-        report["exporter"] = export_graph(model, tmp, img_size, opset, exporter)
-        proto = onnx.load(tmp)
+        try:
+            report["exporter"] = export_graph(model, tmp, img_size, opset, exporter)
+            proto = onnx.load(tmp)  # with the weights the dynamo exporter writes beside it (TMP.data)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{tmp}.data")  # the model is saved in one file below
         for key, value in onnx_metadata(model).items():
             proto.metadata_props.add(key=key, value=value)
         proto.doc_string = f"pass-zoo slim {model.base_arch} with its prompt; label mapping folded into the classifier"
@@ -316,6 +349,7 @@ def export_run_onnx(run_dir, metrics: Optional[dict] = None, **kwargs):
     elif report is not None and (run_dir / "metrics.json").is_file():  # keep prune's record in step with the files
         saved = json.loads((run_dir / "metrics.json").read_text())
         record_onnx(saved, report, error)
+        repin_onnx(run_dir, saved)  # the rewritten model.onnx and export.json are the run's now
         atomic_write_json(run_dir / "metrics.json", saved)
     return report, error
 

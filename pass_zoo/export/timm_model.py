@@ -322,6 +322,9 @@ def verify_run_weights(run_dir) -> None:
                     h.update(chunk)
             if h.hexdigest() != recorded:
                 raise PassZooError(f"{path} is not the file export.json verified (sha256 differs)")
+    from ..integrity import verify_run_files
+
+    verify_run_files(run_dir)  # config.json, masks, ONNX: every file the run's numbers depend on
     load_run_model(run_dir)
 
 

@@ -130,6 +130,7 @@ def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target,
 
     ``target`` is a ``Budget`` (MACs, parameters or latency; see ``budget.py``) or a plain MACs
     fraction: slim MACs <= target * dense. No group loses more than ``max_prune_ratio`` of its units."""
+    _check_selection_input(scores, seq, round_to)
     budget = check_reachable(seq, target, round_to, max_prune_ratio)
     totals = [g.units for g in seq.groups]
     steps = [_unit_step(round_to, g.unit_width) for g in seq.groups]
@@ -170,6 +171,22 @@ def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target,
         m[torch.argsort(s.detach().float().flatten().cpu(), descending=True, stable=True)[:k]] = True
         masks.append(m)
     return masks
+
+
+def _check_selection_input(scores, seq: LayerSequence, round_to) -> None:
+    """One score per unit of every group, all finite; a whole rounding multiple >= 1. A NaN sorts
+    anywhere and a short score tensor would leave units unranked: either gives masks nobody chose."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise BudgetError(f"round_to must be a whole number >= 1, got {round_to!r}")
+    if len(scores) != len(seq.groups):
+        raise BudgetError(f"{len(scores)} score tensors for {len(seq.groups)} channel groups; one per group")
+    for s, g in zip(scores, seq.groups):
+        if not isinstance(s, torch.Tensor) or s.numel() != g.units:
+            n = s.numel() if isinstance(s, torch.Tensor) else type(s).__name__
+            raise BudgetError(f"scores of group '{g.name}' have {n} entries, the group has {g.units} units")
+        if not bool(torch.isfinite(s.detach().float()).all()):
+            raise BudgetError(f"scores of group '{g.name}' hold NaN or infinite values, which rank nothing: the "
+                              "method's scores diverged (for a search: lower its learning rates)")
 
 
 def to_channel_masks(unit_masks: Sequence[torch.Tensor], seq: LayerSequence) -> Masks:

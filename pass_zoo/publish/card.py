@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 from ..errors import PassZooError, one_line
 from ..runio import atomic_save_with, atomic_write_text
+from ..validate import check_repo_id
 
 CARD_FILE = "README.md"
 PLOT_FILE = "kept_channels.png"
@@ -174,8 +175,11 @@ def card_data(run_dir, repo_id: Optional[str] = None) -> dict:
     if onnx_ok:
         for key in ("opset", "exporter", "tolerance", "max_abs_diff_random"):
             _need(export, key, run_dir, "export.json")
+    repo_id = repo_id or default_repo_id(run_dir)
+    if repo_id is not None:  # written into the card's Python snippets
+        check_repo_id(repo_id, "the card's repo id", CardError)
     return {"run_dir": run_dir, "metrics": metrics, "kind": kind, "config": config, "groups": groups, "export": export,
-            "onnx_ok": onnx_ok, "latency": latency, "repo_id": repo_id or default_repo_id(run_dir)}
+            "onnx_ok": onnx_ok, "latency": latency, "repo_id": repo_id}
 
 
 def mask_kind(metrics: dict) -> str:
@@ -305,7 +309,12 @@ def _recipe_section(m: dict) -> str:
     import yaml
 
     body = yaml.safe_dump(recipe.get("values") or {}, sort_keys=False).rstrip()
-    return f"\nRecipe `{recipe.get('path')}`:\n\n```yaml\n{body}\n```\n"
+    return f"\nRecipe `{recipe.get('path')}`:\n\n```yaml\n{_in_fence(body)}\n```\n"
+
+
+def _in_fence(text: str) -> str:
+    """Text that cannot close the Markdown code fence it is shown in."""
+    return text.replace("```", "``\\`")
 
 
 def _files_line(d: dict) -> str:
@@ -361,7 +370,8 @@ def render_card(run_dir, repo_id: Optional[str] = None) -> str:
         "repo_note": "" if d["repo_id"] else (f"\n`{PLACEHOLDER_REPO}` stands for the repository this folder "
                                               "is uploaded to.\n"),
         "onnx_section": _onnx_section(d, repo), "plot_file": PLOT_FILE, "groups_line": groups_line,
-        "command": m["command"], "recipe_section": _recipe_section(m), "training_line": training,
+        "command": _in_fence(str(m["command"]).replace("\n", "\\n")), "recipe_section": _recipe_section(m),
+        "training_line": training,
         "files_line": _files_line(d),
     }
     return _checked_card(_substitute(template_dir() / "model_card.md", values))

@@ -22,6 +22,8 @@ from typing import List, Optional, Tuple
 
 from ..errors import PassZooError, one_line
 from ..runio import atomic_write_json
+from ..validate import check_repo_id as check_name_of_repo
+from ..validate import check_revision
 from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def check_repo_id(repo_id: str) -> str:
         raise PublishError(f"invalid --repo-id '{repo_id}': {one_line(exc)}") from exc
     if repo_id.count("/") != 1:
         raise PublishError(f"--repo-id must be ORG/NAME (a user or organisation and a name), got '{repo_id}'")
-    return repo_id
+    return check_name_of_repo(repo_id, error=PublishError)
 
 
 def check_publishable(run_dir) -> None:
@@ -176,6 +178,8 @@ def publish(run_dir, repo_id: str, *, private: bool = False, revision: Optional[
 
     from .. import __version__
 
+    if revision is not None:  # a branch name becomes part of the Hub's URLs
+        check_revision(revision, error=PublishError)
     plan = publish_plan(run_dir, repo_id)
     if dry_run:
         return plan

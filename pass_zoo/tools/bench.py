@@ -2,8 +2,8 @@
 
 Every cell is an ordinary ``prune`` run folder under ``OUT/cells/``; ``results.json`` collects one
 record per finished cell and is rewritten atomically after each, so an interrupted grid resumes
-where it stopped (a cell with a ``metrics.json`` is never run again). Plots are redrawn from
-``results.json`` alone.
+where it stopped (a cell with a ``metrics.json`` is not run again while the configuration it recorded
+is the one the spec resolves to; otherwise it runs again). Plots are redrawn from ``results.json`` alone.
 
 Spec::
 
@@ -42,6 +42,7 @@ from typing import Dict, List
 from ..config import DEFAULT_TARGET_MACS, PruneConfig, apply_overrides
 from ..errors import PassZooError, one_line
 from ..runio import atomic_write_json, atomic_write_text
+from ..validate import check_name, check_seed, load_yaml
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
                 "top1", "top1_after_search", "top1_dense_zero_shot", "search_seconds", "finetune_seconds",
@@ -51,15 +52,10 @@ _WEIGHT_KEYS = ("target_density", "density", "weights_nonzero", "model_bytes", "
 
 
 def load_spec(path) -> dict:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise PassZooError(f"benchmark spec {path} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PassZooError(f"{path} is not valid YAML: {one_line(exc)}") from exc
+    spec = load_yaml(path, "benchmark spec")  # bounded: an alias bomb is refused, not expanded
     if not isinstance(spec, dict) or "grid" not in spec:
         raise PassZooError(f"{path}: a benchmark spec needs a 'grid' mapping")
     unknown = sorted(set(spec) - {"name", "base", "grid", "variants", "dense", "description"})
@@ -73,6 +69,7 @@ def plan_cells(spec: dict) -> List[Dict]:
     (``target_macs`` None for a density cell)."""
     from ..methods import get_method
 
+    _check_grid(spec)
     base = apply_overrides(PruneConfig(), spec.get("base") or {}, "base")
     base_density, base.target_density = base.density, None  # each cell sets the budget its method takes
     grid = spec["grid"]
@@ -112,7 +109,40 @@ def plan_cells(spec: dict) -> List[Dict]:
             cfg.search = dataclasses.replace(cfg.search, steps=0)
             cells.append({"id": f"dense-s{seed}", "label": "dense", "budget": "macs", "level": 1.0, "target_macs": 1.0,
                           "seed": int(seed), "config": cfg})
+    for cell in cells:  # a cell id is a folder name under OUT/cells
+        check_name(cell["id"], "cell")
     return cells
+
+
+MAX_CELLS = 10_000
+
+
+def _check_grid(spec: dict) -> None:
+    """Labels, levels and seeds become cell folder names: names, numbers in (0, 1] and seeds only."""
+    grid, variants = spec["grid"], spec.get("variants") or {}
+    if not isinstance(grid, dict) or not isinstance(variants, dict):
+        raise PassZooError("a benchmark spec's 'grid' and 'variants' must be mappings")
+    for key in ("method", "target_macs", "target_density"):
+        if key in grid and not isinstance(grid[key], list):
+            raise PassZooError(f"grid: '{key}' must be a list, got {grid[key]!r}")
+    for label in list(grid.get("method", [])) + list(variants):
+        check_name(label, "method or variant label")
+    for key in ("target_macs", "target_density"):
+        for level in grid.get(key, []):
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level <= 1:
+                raise PassZooError(f"grid: {key} levels must be numbers in (0, 1], got {level!r}")
+    seeds = grid.get("seed", [])
+    lists = list(seeds.values()) if isinstance(seeds, dict) else [seeds]
+    if not all(isinstance(ss, list) for ss in lists):
+        raise PassZooError(f"grid: 'seed' must be a list, or a mapping of levels to lists, got {seeds!r}")
+    seeds = [s for ss in lists for s in ss]
+    for seed in seeds:
+        check_seed(seed, "grid: seed")
+    labels = len(grid.get("method", [])) + len(variants) or 1
+    levels = max(len(grid.get("target_macs", [])), len(grid.get("target_density", [])), 1)
+    if labels * levels * max(1, len(seeds)) > MAX_CELLS:  # counted before the cells are made
+        raise PassZooError(f"the grid has up to {labels * levels * max(1, len(seeds))} cells; at most {MAX_CELLS} "
+                           "are run from one spec")
 
 
 def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs: int = 1,
@@ -157,9 +187,14 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
     todo = []
     for i, cell in enumerate(cells):
         metrics_path = out / "cells" / cell["id"] / "metrics.json"
+        stale = cell_changes(cell, out)
+        if stale:  # the spec now resolves to another run: its record and folder are replaced
+            log(f"{cell['id']}: its settings changed ({stale}); it runs again")
+            done.discard(cell["id"])
+            doc["runs"] = [r for r in doc["runs"] if r["id"] != cell["id"]]
         if cell["id"] in done:
             continue
-        if metrics_path.is_file():  # finished before an interruption, not yet collected
+        if metrics_path.is_file() and not stale:  # finished before an interruption, not yet collected
             collect(cell, json.loads(metrics_path.read_text()))
         elif dry_run:
             log(f"[{i + 1}/{len(cells)}] would run {cell['id']}")
@@ -212,6 +247,36 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
         raise PassZooError(f"{len(failed)} cell(s) failed ({', '.join(failed[:4])}{', ...' if len(failed) > 4 else ''}); "
                            "the others are in results.json, and a rerun retries only what is missing")
     return doc
+
+
+def resolved_config(cfg: PruneConfig) -> dict:
+    """What a cell's run records as its ``config`` (defaults filled in by ``validate``)."""
+    cfg = apply_overrides(cfg, {}, "cell")
+    cfg.validate()
+    return dataclasses.asdict(cfg)
+
+
+def cell_changes(cell: dict, out: Path) -> str:
+    """How a finished cell's run differs from what the spec now asks for ('' when it matches or has
+    not run): a finished cell is reused only when its whole resolved configuration is the same."""
+    from ..train.checkpoint import config_diffs
+
+    path = out / "cells" / cell["id"] / "metrics.json"
+    if not path.is_file():
+        return ""
+    try:
+        saved = json.loads(path.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if not isinstance(saved, dict):
+        return "its metrics.json records no settings"
+    try:
+        now = resolved_config(cell["config"])
+    except PassZooError as exc:  # the cell runs again and fails on its own; the others still run
+        return f"its settings no longer validate: {one_line(exc)}"
+    # settings added to pass-zoo after the cell ran are not compared: specs set them to what those runs did
+    diffs = config_diffs(saved, now, recorded_only=True)
+    return ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "")
 
 
 def _method_keys(method) -> tuple:

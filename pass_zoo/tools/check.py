@@ -27,6 +27,7 @@ all-zero weight and BatchNorm's running statistics before comparing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import io
 import json
@@ -462,7 +463,7 @@ def run_sweep(json_path, md_path=None, command: str = "", max_macs: float = SWEE
     from ..runio import atomic_write_json, atomic_write_text
 
     path = Path(json_path)
-    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc = read_sweep(path) if path.is_file() else {}
     if doc.get("max_macs") != max_macs or "selection" not in doc:
         doc = {"rule": SWEEP_RULE.format(max_macs=max_macs / 1e6), "max_macs": max_macs,
                "selection": select_sweep(max_macs, echo), "results": {}}
@@ -485,6 +486,34 @@ def run_sweep(json_path, md_path=None, command: str = "", max_macs: float = SWEE
                 + (f"Machine: {doc['machine']}." if doc.get("machine") else ""))
         atomic_write_text(md_path, markdown_table(results, command, note=note))
     return results
+
+
+def read_sweep(path: Path) -> dict:
+    """A sweep's JSON as ``run_sweep`` wrote it, or one line saying what is wrong with it (it is resumed
+    from, so a hand-edited or truncated file must not become a traceback or a wrong table)."""
+    where = f"--sweep {path}"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PassZooError(f"cannot read {where}: {exc}") from exc
+    except ValueError as exc:
+        raise PassZooError(f"{where} is not valid JSON ({exc}); fix it or remove it to start the sweep again") from exc
+    if not isinstance(doc, dict):
+        raise PassZooError(f"{where} must hold a JSON object, got {type(doc).__name__}")
+    selection, results = doc.get("selection", {}), doc.get("results", {})
+    if not isinstance(selection, dict) or not all(isinstance(v, dict) and ("model" in v or "skipped" in v)
+                                                  for v in selection.values()):
+        raise PassZooError(f"{where}: 'selection' must map each family to {{\"model\": ...}} or {{\"skipped\": ...}}")
+    if not isinstance(results, dict):
+        raise PassZooError(f"{where}: 'results' must map model names to check results")
+    fields = {f.name for f in dataclasses.fields(CheckResult)}
+    for name, r in results.items():
+        unknown = sorted(set(r) - fields) if isinstance(r, dict) else []
+        if not isinstance(r, dict) or unknown or "model" not in r or not isinstance(r.get("stages", {}), dict):
+            why = f"unknown keys {unknown[:3]}" if unknown else "it needs 'model' and a 'stages' mapping"
+            raise PassZooError(f"{where}: results['{name}'] is not a check result ({why})")
+    doc.setdefault("results", {})
+    return doc
 
 
 def markdown_table(results: List[CheckResult], command: str, note: str = "") -> str:

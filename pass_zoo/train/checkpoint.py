@@ -143,6 +143,19 @@ def resume_key(config: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in OPERATIONAL}))
 
 
+def config_diffs(saved: dict, now: dict, recorded_only: bool = False) -> List[str]:
+    """``"key old (now new)"`` for every setting that differs between two saved configs (nested keys
+    dotted); a setting added since ``saved`` was written, left at its default, is not a change
+    (``recorded_only``: no setting ``saved`` does not record is)."""
+    from ..config import PruneConfig
+
+    saved, now = _flatten(resume_key(saved)), _flatten(resume_key(now))
+    defaults = _flatten(resume_key(asdict(PruneConfig())))
+    return [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and not (k not in saved and (recorded_only or (
+                k in defaults and now.get(k) == defaults[k])))]
+
+
 def _non_finite(modules: Dict[str, nn.Module]) -> Optional[str]:
     for name, module in modules.items():
         for key, t in module.state_dict().items():
@@ -205,13 +218,13 @@ class RunCheckpoints:
         if meta.get("world_size") != self.accelerator.num_processes:
             raise CheckpointError(f"--resume: the run used {meta.get('world_size')} process(es), this one "
                                   f"{self.accelerator.num_processes}; resume with the same --num-processes")
-        saved, now = _flatten(meta.get("config", {})), _flatten(self.config)
-        from ..config import PruneConfig
-
-        # a setting added since the checkpoint was written, left at its default, is not a change
-        defaults = _flatten(asdict(PruneConfig()))
-        diffs = [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-                 if saved.get(k) != now.get(k) and not (k not in saved and k in defaults and now.get(k) == defaults[k])]
+        saved_config = meta.get("config", {})
+        now_config = {k: v for k, v in self.config.items() if k != "inputs" or "inputs" in saved_config}
+        changed = [d for d in config_diffs(saved_config, now_config) if d.startswith("inputs.")]
+        if changed:  # the data, weights or source run the run read are no longer what it read
+            raise CheckpointError(f"--resume: the inputs of {self.out} changed since it started: "
+                                  f"{', '.join(changed[:3])}; start it again with --overwrite")
+        diffs = config_diffs(saved_config, now_config)
         if diffs:
             raise CheckpointError(f"--resume: {self.out} was started with other settings: {', '.join(diffs[:4])}; "
                                   "rerun with the original flags")
