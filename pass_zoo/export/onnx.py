@@ -19,7 +19,6 @@ the comparison either way.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PassZooError, one_line
+from ..integrity import sha256_file
 from ..integrity import ONNX_FILES, repin_onnx, verify_run_files
 from ..runio import atomic_save_with, atomic_write_json, locked_run_dir, remove_temporaries
 
@@ -272,7 +272,7 @@ def _export_onnx(run_dir: Path, opset: int, real_inputs: Optional[torch.Tensor],
     report = {"format": ONNX_FORMAT, "onnx_file": "model.onnx", "opset": None, "exporter": None,
               "tolerance": tol, "max_abs_diff_random": None, "max_abs_diff_real": None,
               "real_inputs": real_source, "sha256": None, "passed": False,
-              "model_sha256": _sha256(run_dir / "model.safetensors"),  # the weights this export was made of
+              "model_sha256": sha256_file(run_dir / "model.safetensors"),  # the weights this export was made of
               "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
     def build(tmp: str) -> None:
@@ -306,7 +306,7 @@ def _export_onnx(run_dir: Path, opset: int, real_inputs: Optional[torch.Tensor],
         if not worst <= tol:  # also catches NaN
             raise OnnxExportError(f"ONNX Runtime and torch disagree: max |logit difference| {worst:.3g} "
                                   f"> {tol:g}; no model.onnx written (details in {run_dir / 'export.json'})")
-        report["sha256"], report["passed"] = _sha256(tmp), True  # the bytes the rename publishes
+        report["sha256"], report["passed"] = sha256_file(tmp), True  # the bytes the rename publishes
 
     try:
         atomic_save_with(run_dir / "model.onnx", build)
@@ -374,9 +374,3 @@ def _run_val_batch(run_dir: Path, model: nn.Module, dataset: Optional[str]):
     return torch.stack([ds[i][0] for i in range(n)]), f"{dataset} validation, first {n} images"
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
