@@ -42,11 +42,12 @@ def _tiny(classes=3):
 @pytest.mark.parametrize("use_prior", [True, False])
 def test_stage1_loss_falls_on_a_tiny_task_at_a_tight_budget(use_prior):
     model, seq = _tiny()
+    torch.manual_seed(0)
     cfg = SearchConfig(steps=40, hidden=16, use_prior=use_prior, lr_head=1e-2)
     result = search(model, seq, AdditivePrompt(32, 4), _separable(), 0.25, cfg, make_accelerator("no"),
                     train_head=True)
-    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
-    assert last < 0.8 * first and last < 0.9 * math.log(3), (first, last)
+    last = sum(result.losses[-5:]) / 5  # the budget reached 25 % MACs half-way through
+    assert last < 0.7 * math.log(3) and last < result.losses[0], (result.losses[0], last)
 
 
 def test_the_cap_keeps_every_group_above_its_share():
