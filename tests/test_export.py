@@ -16,6 +16,7 @@ from timm.data import resolve_data_config
 
 import pass_zoo
 import pass_zoo.export.onnx as onnx_export
+from pass_zoo.integrity import sha256_file
 from pass_zoo import PassZooError, build_layer_sequence, load_run_model, save_slim_model, select_units, slim
 from pass_zoo.cli import main
 from pass_zoo.data import FASHION_MNIST_CLASSES, make_loader
@@ -112,7 +113,7 @@ def test_onnx_export_matches_torch_with_metadata(exported):
     assert report["max_abs_diff_random"] <= 1e-4 and report["max_abs_diff_real"] <= 1e-4
     assert "fashion-mnist" in report["real_inputs"]
     assert json.loads((run_dir / "export.json").read_text()) == report
-    assert report["sha256"] == onnx_export._sha256(path)
+    assert report["sha256"] == sha256_file(path)
 
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
