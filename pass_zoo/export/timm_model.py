@@ -170,6 +170,9 @@ def _slim_widths(model: nn.Module, x: torch.Tensor) -> None:
             dense = getattr(model, "num_features", None)
             head = model.get_classifier()
             hidden = getattr(head, "in_features", None)
+            if (feats.ndim == 4 and hidden in (feats.shape[1], feats.shape[-1]) and width != hidden
+                    and getattr(model, "head_hidden_size", dense) == dense):
+                width = int(hidden)  # no pre-logits layer: the classifier's input is the feature width
             for attr in ("num_features", "embed_dim"):
                 if isinstance(getattr(model, attr, None), int) and getattr(model, attr) == dense:
                     setattr(model, attr, width)
