@@ -80,16 +80,53 @@ class PassPrunedModel(nn.Module):
         replay_pruning_history(self.model, spec["pruning_history"], torch.zeros(1, in_chans, img_size, img_size),
                                fixups)
         self.num_classes = num_classes
-        head = self.model.get_classifier()
-        self.num_features = getattr(head, "in_features", getattr(self.model, "num_features", None))
+        self.img_size, self.in_chans = img_size, in_chans
+        _slim_widths(self.model, torch.zeros(1, in_chans, img_size, img_size))
+        self.num_features = self.model.num_features
+        self.head_hidden_size = getattr(self.model, "head_hidden_size", self.num_features)
+        self.grad_checkpointing = False
 
-    # timm's model API, forwarded to the slim network
+    # timm's model API, delegated to the slim network (a real timm model of the base architecture:
+    # _slim_widths made its width attributes and feature_info describe the slim shape)
+    @property
+    def feature_info(self):
+        info = getattr(self.model, "feature_info", None)
+        if info is None:
+            raise AttributeError(f"'{self.base_arch}' has no feature_info in timm")
+        return info
+
     def get_classifier(self):
         return self.model.get_classifier()
 
     def reset_classifier(self, num_classes: int, *args, **kwargs):
         self.model.reset_classifier(num_classes, *args, **kwargs)
         self.num_classes = num_classes
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.model.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """The base model's parameter groups under ``model.``; the prompt joins the stem (it acts on
+        the input, before the first layer), so layer-wise lr decay gives it the stem's rate."""
+        groups = {k: _prefix_matcher(v) for k, v in self.model.group_matcher(coarse=coarse).items()}
+        stem = groups.get("stem")
+        groups["stem"] = r"^prompt" + (f"|{stem}" if isinstance(stem, str) else "")
+        return groups
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        nwd = getattr(self.model, "no_weight_decay", None)
+        return {f"model.{n}" for n in (nwd() if nwd is not None else ())}
+
+    def forward_intermediates(self, x, *args, **kwargs):
+        # the learned prompt is part of the model: intermediates (and features_only) see prompted input
+        return self.model.forward_intermediates(self.prompt(x), *args, **kwargs)
+
+    def prune_intermediate_layers(self, *args, **kwargs):
+        return self.model.prune_intermediate_layers(*args, **kwargs)
 
     def forward_features(self, x):
         return self.model.forward_features(self.prompt(x))
@@ -114,6 +151,128 @@ class PassPrunedModel(nn.Module):
                     raise SpecMismatchError(f"weights do not match the slim spec in config.json: '{k}' is "
                                             f"{tuple(state_dict[k].shape)} in the file, {tuple(v.shape)} in the spec")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _slim_widths(model: nn.Module, x: torch.Tensor) -> None:
+    """Replaying the pruning history slims the layers, not the attributes timm reads them from
+    (``num_features``, ``head_hidden_size``, ``embed_dim``, ``feature_info``): set them from the slim
+    network itself, so ``reset_classifier``, ``features_only`` and heads built on ``feature_info`` see
+    the slim widths."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feats = model.forward_features(x)
+            if isinstance(feats, (tuple, list)):
+                feats = feats[0]
+            nhwc = feats.ndim == 4 and str(getattr(model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC")
+            width = int(feats.shape[1] if feats.ndim == 4 and not nhwc else feats.shape[-1])
+            dense = getattr(model, "num_features", None)
+            head = model.get_classifier()
+            hidden = getattr(head, "in_features", None)
+            if (feats.ndim == 4 and hidden in (feats.shape[1], feats.shape[-1]) and width != hidden
+                    and getattr(model, "head_hidden_size", dense) == dense):
+                width = int(hidden)  # no pre-logits layer: the classifier's input is the feature width
+            for attr in ("num_features", "embed_dim"):
+                if isinstance(getattr(model, attr, None), int) and getattr(model, attr) == dense:
+                    setattr(model, attr, width)
+            if hasattr(model, "head_hidden_size"):
+                model.head_hidden_size = int(hidden) if hidden else width
+            # timm's ClassifierHead/NormMlpClassifierHead remember their input width for reset()
+            for mod in ([getattr(model, "head", None)] if isinstance(getattr(model, "head", None), nn.Module) else []):
+                if isinstance(getattr(mod, "in_features", None), int) and mod.in_features == dense:
+                    mod.in_features = width
+                    if hasattr(mod, "num_features") and mod.num_features == dense:
+                        mod.num_features = width
+            info = getattr(model, "feature_info", None)
+            if info is not None:
+                try:
+                    _slim_feature_info(model, info, x)
+                except Exception:  # noqa: BLE001 -- loading the classifier must not depend on it;
+                    model.feature_info = None  # features_only then refuses in one line
+    finally:
+        model.train(was_training)
+
+
+def _slim_feature_info(model: nn.Module, info, x: torch.Tensor) -> None:
+    entries = info.info if hasattr(info, "info") else info
+    if not entries:
+        return
+    chans = None
+    if hasattr(model, "forward_intermediates"):
+        try:
+            outs = model.forward_intermediates(x, indices=len(entries), intermediates_only=True)
+            if len(outs) == len(entries):
+                chans = [int(o.shape[1]) if o.ndim == 4 else int(o.shape[-1]) for o in outs]
+        except Exception:  # noqa: BLE001 -- fall back to hooks on the modules feature_info names
+            chans = None
+    if chans is None:
+        found, hooks = {}, []
+        for i, e in enumerate(entries):
+            try:
+                mod = model.get_submodule(e["module"])
+            except AttributeError:
+                return
+            hooks.append(mod.register_forward_hook(
+                lambda m, a, o, i=i: found.__setitem__(i, o[0] if isinstance(o, (tuple, list)) else o)))
+        try:
+            model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        fmt = str(getattr(model, "output_fmt", "NCHW"))
+        chans = [int(found[i].shape[-1] if found[i].ndim != 4 or "NHWC" in fmt else found[i].shape[1])
+                 if i in found else e["num_chs"] for i, e in enumerate(entries)]
+    for e, c in zip(entries, chans):
+        e["num_chs"] = c
+
+
+def _prefix_matcher(value):
+    """Re-anchor a timm group_matcher regex (or list of ``(regex, index)``) under ``model.``."""
+    if isinstance(value, str):  # timm matches with re.match: anchor every top-level alternative
+        parts, depth, start = [], 0, 0
+        for i, ch in enumerate(value):
+            escaped = i > 0 and value[i - 1] == "\\"
+            if ch in "([" and not escaped:
+                depth += 1
+            elif ch in ")]" and not escaped:
+                depth -= 1
+            elif ch == "|" and depth == 0:
+                parts.append(value[start:i])
+                start = i + 1
+        parts.append(value[start:])
+        return "|".join(r"^model\." + p.lstrip("^") for p in parts)
+    if isinstance(value, (list, tuple)):
+        return [(_prefix_matcher(v[0]),) + tuple(v[1:]) if isinstance(v, (list, tuple)) else _prefix_matcher(v)
+                for v in value]
+    return value
+
+
+class PassPrunedFeatures(nn.Module):
+    """``features_only=True``: prompt -> the slim network's feature maps (timm's own feature wrapper
+    for the base architecture: ``forward_intermediates`` where it has one, else its feature modules).
+    The learned prompt is applied first, as in the classifier, so features match the fine-tuned model."""
+
+    def __init__(self, model: PassPrunedModel, out_indices=None, **kwargs):
+        super().__init__()
+        from timm.models._features import FeatureGetterNet, FeatureListNet
+
+        inner = model.model
+        if getattr(inner, "feature_info", None) is None:
+            raise PassZooError(f"features_only: timm has no feature_info for '{model.base_arch}'")
+        n = len(inner.feature_info)
+        out_indices = tuple(range(n)) if out_indices is None else out_indices
+        feature_cls = kwargs.pop("feature_cls", None)
+        if feature_cls == "getter" or (feature_cls is None and hasattr(inner, "forward_intermediates")):
+            self.features = FeatureGetterNet(inner, out_indices, **kwargs)
+        else:
+            self.features = FeatureListNet(inner, out_indices, **kwargs)
+        self.prompt = model.prompt
+        self.feature_info = self.features.feature_info
+        self.pretrained_cfg = self.default_cfg = getattr(model, "pretrained_cfg", {})
+
+    def forward(self, x):
+        return self.features(self.prompt(x))
 
 
 def _tuples(kwargs: dict) -> dict:
@@ -171,7 +330,14 @@ def _create_pass_pruned(variant: str, pretrained: bool = False, **kwargs) -> Pas
     if isinstance(cfg, dict):  # JSON gave lists; timm's own cfgs (and resolve_data_config) use tuples
         kwargs["pretrained_cfg"] = {k: tuple(v) if k in _TUPLE_KEYS and isinstance(v, list) else v
                                     for k, v in cfg.items()}
-    return build_model_with_cfg(PassPrunedModel, variant, pretrained, pretrained_strict=True, **kwargs)
+    features_only = kwargs.pop("features_only", False)
+    feature_kwargs = {k: kwargs.pop(k) for k in ("out_indices", "feature_cls", "output_fmt", "norm")
+                      if k in kwargs}
+    feature_kwargs.update(kwargs.pop("feature_cfg", None) or {})
+    model = build_model_with_cfg(PassPrunedModel, variant, pretrained, pretrained_strict=True, **kwargs)
+    if features_only:  # built after the weights are loaded: the feature net shares the slim modules
+        return PassPrunedFeatures(model, **feature_kwargs)
+    return model
 
 
 default_cfgs = generate_default_cfgs({
