@@ -181,6 +181,9 @@ def test_card_front_matter_and_table_come_from_the_run_files(run_copy, monkeypat
     masks = json.loads((run / "masks.json").read_text())
     kept, total = sum(g["kept"] for g in masks["groups"]), sum(g["total"] for g in masks["groups"])
     assert f"{len(masks['groups'])} channel groups in forward order; {kept} of {total} channels kept" in card
+    narrow = min(masks["groups"], key=lambda g: g["kept"] / g["total"])
+    assert f"Narrowest group: `{narrow['name']}`, {narrow['kept']} of {narrow['total']} channels kept" in card
+    assert masks["narrowest_group"]["kept_fraction"] == min(g["kept_units"] / g["units"] for g in masks["groups"])
 
     # a measured latency.json replaces "not measured" with its numbers
     assert main(["latency", str(run), "--batch", "1", "--repeats", "2", "--warmup", "0", "--threads", "1",

@@ -65,6 +65,16 @@ def test_the_cap_keeps_every_group_above_its_share():
                                           for u in (g.units for g in seq.groups)]
 
 
+def test_masks_json_names_the_narrowest_group():
+    from pass_zoo.graph.masks import masks_summary, to_channel_masks
+
+    _, seq = _tiny()
+    scores = [torch.rand(g.units) + (0.0 if i == 1 else 10.0) for i, g in enumerate(seq.groups)]
+    summary = masks_summary(to_channel_masks(select_units(scores, seq, 0.5, 1, "global"), seq), seq)
+    assert summary["narrowest_group"]["name"] == seq.groups[1].name
+    assert summary["narrowest_group"]["kept"] == 1 and summary["narrowest_group"]["kept_fraction"] < 0.1
+
+
 def test_a_budget_below_what_the_cap_leaves_is_refused_in_one_line():
     _, seq = _tiny()
     scores = [torch.rand(g.units) for g in seq.groups]

@@ -222,11 +222,16 @@ def masks_summary(masks: Masks, seq: LayerSequence) -> dict:
     units = to_unit_masks(masks, seq)
     kept = [int(u.sum()) for u in units]
     macs = seq.macs(kept)
+    # the group that lost the most: where a global ranking collapses a layer (see --max-prune-ratio)
+    narrow = min(range(len(kept)), key=lambda i: kept[i] / seq.groups[i].units) if kept else None
     return {
         "format": "pass-zoo-masks/1",
         "macs_dense": int(seq.dense_macs),
         "macs_slim": int(macs),
         "macs_ratio": macs / seq.dense_macs,
+        "narrowest_group": None if narrow is None else {
+            "name": seq.groups[narrow].name, "kept": int(masks[seq.groups[narrow].name].sum()),
+            "total": seq.groups[narrow].channels, "kept_fraction": kept[narrow] / seq.groups[narrow].units},
         "groups": [
             {"name": g.name, "order": i, "kept": int(masks[g.name].sum()), "total": g.channels,
              "ch_groups": g.ch_groups, "kind": g.kind, "units": g.units, "kept_units": k}

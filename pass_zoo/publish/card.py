@@ -345,6 +345,10 @@ def render_card(run_dir, repo_id: Optional[str] = None) -> str:
     training = (f"Seed {m['seed']}; {m.get('train_images', '?')} training images; search "
                 f"{search.get('steps', '?')} steps, fine-tuning {m.get('finetune_steps', ft.get('steps', '?'))} "
                 f"steps; {rounding}{m.get('world_size', 1)} process(es), {m.get('total_seconds', '?')} s in total.")
+    if not weights and d["groups"]:  # where a global ranking cut deepest (a collapsed layer shows here)
+        narrow = min(d["groups"], key=lambda g: g["kept"] / max(1, g["total"]))
+        training += (f" Narrowest group: `{narrow['name']}`, {narrow['kept']} of {narrow['total']} channels kept"
+                     f" (cap: at most {_pct(search.get('max_prune_ratio', 1.0), 0)} % of a group removed).")
     about = {"base_arch": m["model"], "dataset_name": ds["name"], "base_weights": base_words}
     if weights:
         about.update(density_pct=_pct(m["density"], 1), target_pct=_pct(m["target_density"], 0), method=m["method"],
