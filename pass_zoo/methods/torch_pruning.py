@@ -191,7 +191,7 @@ class Taylor(TorchPruningCriterion):
         return tp.importance.GroupTaylorImportance(normalizer=normalizer)
 
     def scoring_batches(self, steps: int, new_head: bool) -> int:
-        return max(1, steps) if not new_head else max(2, steps)
+        return max(2 if new_head else 1, steps)  # with a new head: at least one probe and one gradient batch
 
     def prepare(self, model, seq, prompt, loader, steps, accelerator, lr, importance, train_head, lr_head) -> None:
         if not train_head:
@@ -199,10 +199,10 @@ class Taylor(TorchPruningCriterion):
             return
         # Gradients through a random head rank channels by noise: probe the head first, then sum the
         # gradients through the trained head.
-        probe = max(1, steps // 2)
-        _accumulate_gradients(model, prompt, loader, probe, accelerator, lr_head, only_head=True)
+        total = self.scoring_batches(steps, new_head=True)
+        _accumulate_gradients(model, prompt, loader, total // 2, accelerator, lr_head, only_head=True)
         model.zero_grad(set_to_none=True)
-        _accumulate_gradients(model, prompt, loader, max(1, max(2, steps) - probe), accelerator)
+        _accumulate_gradients(model, prompt, loader, total - total // 2, accelerator)
 
     def scoring(self):
         return torch.enable_grad()
