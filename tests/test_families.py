@@ -265,17 +265,21 @@ def test_check_setup_refuses_in_one_line_when_no_size_runs(monkeypatch):
 # ------------------------------------------------------------------------------ sweep
 def test_sweep_rule_picks_the_first_small_model_per_family(monkeypatch):
     monkeypatch.setattr(check, "timm_families", lambda: {"fam_a": ["big_a", "small_a", "small_a2"],
-                                                         "fam_b": ["big_b"], "fam_c": ["broken_c", "small_c"]})
+                                                         "fam_b": ["big_b", "bigger_b", "big_b2"],
+                                                         "fam_c": ["broken_c", "small_c"], "fam_d": ["broken_d"]})
+    macs = {"big_a": 10**9, "big_b": 2 * 10**9, "bigger_b": 3 * 10**9, "big_b2": 10**9}
 
     def sized(name):
         if name.startswith("broken"):
             raise BackboneError("cannot size")
-        return 64, (10**9 if name.startswith("big") else 10**6)
+        return 64, macs.get(name, 10**6)
 
     monkeypatch.setattr(check, "sized_macs", sized)
     chosen = check.select_sweep(echo=lambda *a: None)
     assert chosen["fam_a"] == {"model": "small_a", "img_size": 64, "macs": 10**6}
-    assert "skipped" in chosen["fam_b"] and chosen["fam_c"]["model"] == "small_c"
+    # no model under the limit: the family's smallest stands in for it, marked
+    assert chosen["fam_b"] == {"model": "big_b2", "img_size": 64, "macs": 10**9, "over_max_macs": True}
+    assert chosen["fam_c"]["model"] == "small_c" and "skipped" in chosen["fam_d"]
 
 
 def test_sweep_families_are_timm_model_modules():
@@ -295,8 +299,8 @@ def test_sized_macs_counts_at_the_check_size():
 
 def test_sweep_resumes_and_writes_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(check, "select_sweep", lambda max_macs, echo: {
-        "fam_a": {"model": "m_a", "img_size": 64, "macs": 5}, "fam_b": {"skipped": "too big"},
-        "fam_c": {"model": "m_c", "img_size": 96, "macs": 7}})
+        "fam_a": {"model": "m_a", "img_size": 64, "macs": 5}, "fam_b": {"skipped": "cannot build"},
+        "fam_c": {"model": "m_c", "img_size": 96, "macs": 7 * 10**8, "over_max_macs": True}})
     ran = []
 
     def child(name, img_size, timeout, threads):
@@ -313,7 +317,9 @@ def test_sweep_resumes_and_writes_the_table(tmp_path, monkeypatch, capsys):
     assert set(doc["results"]) == {"m_a", "m_c"} and doc["machine"] == "2-core CPU"
     table = md.read_text()
     assert "**1/2 (50 %) pass every stage**" in table and "Machine: 2-core CPU." in table
-    assert "1 of 3 modules have no such model (fam_b)" in table and "pass-zoo check --sweep" in table
+    assert "1 of 3 modules are checked on a model over 300 M MACs; 1 have no model that can be built (fam_b)" \
+        in table and "pass-zoo check --sweep" in table
+    assert "| m_c | fam (> 300 M) |" in table and "| m_a | fam |" in table
     del doc["results"]["m_c"]  # an interrupted sweep
     out.write_text(json.dumps(doc))
     ran.clear()

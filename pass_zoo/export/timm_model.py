@@ -36,7 +36,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..errors import PassZooError, one_line
-from ..graph.families import family_by_name
+from ..graph.families import family_by_name, fix_split_sizes
 from ..graph.groups import build_graph
 from ..prompt import create_prompt
 from ..runio import atomic_write_bytes, atomic_write_json, safetensors_bytes
@@ -293,6 +293,7 @@ def replay_pruning_history(model: nn.Module, history: List, example_input: torch
         # the adapter's graph: per-head parameters are left to the fixups, exactly as when slimming
         graph = build_graph(model, example_input)
         graph.load_pruning_history([[name, bool(is_out), list(idxs)] for name, is_out, idxs in history])
+        fix_split_sizes(model)
         for fix in fixups:
             _apply_fixup(model, fix)
     except AttributeError as exc:

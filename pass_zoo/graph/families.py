@@ -1,4 +1,5 @@
-"""Per-family knowledge the generic adapter cannot trace: multi-head attention.
+"""Per-family knowledge the generic adapter cannot trace: multi-head attention, norms whose
+statistics span the channels, and modules that store the sizes of the splits they make.
 
 Torch-Pruning's dependency graph couples an attention block's ``qkv`` rows with the ``proj``
 columns that read them, but it knows nothing about *heads*: after pruning, the module's
@@ -21,7 +22,7 @@ removing the head; ``head_dim`` and the softmax scale are unchanged by head prun
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Type
+from typing import Callable, Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
@@ -242,3 +243,58 @@ class GlobalResponseNormFamily(ChannelNormFamily):
         x_g = x.norm(p=2, dim=mod.spatial_dim, keepdim=True)
         mean = (x_g * keep).sum(dim=mod.channel_dim, keepdim=True) / keep.sum().clamp_min(1e-12)
         return x + torch.addcmul(mod.bias.view(mod.wb_shape), mod.weight.view(mod.wb_shape), x * (x_g / (mean + mod.eps)))
+
+
+# ---- stored split sizes
+# A module that splits its input by sizes it stored at construction (``torch.split(x, self.splits)``)
+# breaks once slimming narrows the parts: Torch-Pruning prunes the layers on either side of the split
+# and keeps its own record of the part sizes, but not the module's. Each such type registers a fix
+# that re-reads the sizes from its slimmed layers; it runs after every pruning step and after an
+# export replays the pruning history, so nothing about it needs to be stored.
+SPLIT_SIZE_FIXES: Dict[Type[nn.Module], Callable[[nn.Module], None]] = {}
+
+
+def register_split_sizes(module_type: Type[nn.Module]):
+    """Function decorator: ``fix(module)`` rewrites the split sizes a ``module_type`` stores."""
+    def wrap(fix):
+        SPLIT_SIZE_FIXES[module_type] = fix
+        return fix
+    return wrap
+
+
+def stores_split_sizes(module: nn.Module) -> bool:
+    return _lookup(SPLIT_SIZE_FIXES, module) is not None
+
+
+def fix_split_sizes(model: nn.Module) -> None:
+    """Re-read every registered module's stored split sizes from its (possibly slimmed) layers."""
+    for mod in model.modules():
+        fix = _lookup(SPLIT_SIZE_FIXES, mod)
+        if fix is not None:
+            fix(mod)
+
+
+def _mixed_conv2d():
+    from timm.layers.mixed_conv2d import MixedConv2d
+    return MixedConv2d
+
+
+@register_split_sizes(_mixed_conv2d())
+def _fix_mixed_conv2d(mod: nn.Module) -> None:
+    """MixNet's mixed-kernel conv: one conv per part of the input channels, outputs concatenated."""
+    convs = list(mod.values())
+    mod.splits = [c.in_channels for c in convs]
+    mod.in_channels, mod.out_channels = sum(mod.splits), sum(c.out_channels for c in convs)
+
+
+def _gated_conv_block():
+    from timm.models.mambaout import GatedConvBlock
+    return GatedConvBlock
+
+
+@register_split_sizes(_gated_conv_block())
+def _fix_gated_conv_block(mod: nn.Module) -> None:
+    """MambaOut's block: ``fc1`` -> (gate, identity part, conv part); the gate multiplies the
+    concatenated identity and conv parts channel by channel, so it is as wide as ``fc2``'s input."""
+    hidden, conv = mod.fc2.in_features, mod.conv.out_channels
+    mod.split_indices = (hidden, hidden - conv, conv)

@@ -19,6 +19,7 @@ pruned. Only a model with nothing prunable is refused (``AdapterError`` naming t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import signal
 import threading
@@ -28,11 +29,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ..errors import AdapterError
-from .families import attention_family, attention_modules, channel_norm_family
+from .families import attention_family, attention_modules, channel_norm_family, stores_split_sizes
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ def _reshape_mapping_or_none(update):
     which is 0 where a residual path reaches the model's input (SHViT): no mapping, as for any reshape
     it cannot size, instead of a ZeroDivisionError that stops the whole graph build."""
     def _update(graph, node):
+        if getattr(node, "pass_zoo_keeps_last_dim", False):
+            return  # merges the leading dims of a channels-last tensor: channel i stays channel i
         try:
             update(graph, node)
         except ZeroDivisionError:
@@ -173,6 +177,15 @@ _CHUNKS = (torch.chunk, torch.Tensor.chunk)
 _VIEWS = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)
 
 
+def _linear_input_views(grad_fn):
+    """The view that merges a >2-d input's leading dims in ``linear``: out = view(addmm(b, view(x), w^T))."""
+    for mm, _ in getattr(grad_fn, "next_functions", ()):
+        if mm is not None and type(mm).__name__ in ("AddmmBackward0", "MmBackward0"):
+            for view, _ in mm.next_functions:
+                if view is not None and type(view).__name__ in ("ViewBackward0", "UnsafeViewBackward0"):
+                    yield view
+
+
 class _CatSizes(TorchFunctionMode):
     """Records, per concatenation's autograd node, the sizes of its inputs along the cat dimension.
 
@@ -187,6 +200,7 @@ class _CatSizes(TorchFunctionMode):
         self.sizes: Dict[object, List[int]] = {}
         self.channel_chunks: set = set()  # autograd nodes of chunks along the last (a linear's) dim
         self.view_shapes: Dict[object, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}  # reshapes: (in, out)
+        self.linear_views: set = set()  # autograd nodes of the views inside linear layers on >2-d inputs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -199,6 +213,10 @@ class _CatSizes(TorchFunctionMode):
         if func in _VIEWS and isinstance(out, torch.Tensor) and out.grad_fn is not None and args \
                 and isinstance(args[0], torch.Tensor):
             self.view_shapes[out.grad_fn] = (tuple(args[0].shape), tuple(out.shape))
+        if func is F.linear and isinstance(out, torch.Tensor) and out.grad_fn is not None \
+                and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
+            # a linear layer on [..., C] merges the leading dims inside aten: record that view too
+            self.linear_views.update(_linear_input_views(out.grad_fn))
         if func in _CATS and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             tensors = args[0] if args else kwargs.get("tensors", ())
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -214,11 +232,14 @@ class _Graph(tp.DependencyGraph):
 
     cat_sizes: Dict[object, List[int]] = {}
     channel_chunks: set = set()
+    linear_views: set = set()
     misread_reshapes: Dict[object, Tuple[int, int]] = {}  # set by build_graph, see _misread_unflattens
 
     def get_pruning_group(self, module, pruning_fn, idxs):
-        """Torch-Pruning's group; pruning it also slices the gains of the scaled weight-standardised
-        convs whose filters it removes (Torch-Pruning's conv pruner knows only weight and bias)."""
+        """Torch-Pruning's group, mapped through splits at their current widths; pruning it also
+        slices the gains of the scaled weight-standardised convs whose filters it removes (Torch-
+        Pruning's conv pruner knows only weight and bias)."""
+        self._refresh_split_offsets()
         group = super().get_pruning_group(module, pruning_fn, idxs)
         gains = [(item.dep.target.module, list(item.idxs)) for item in group.items
                  if isinstance(item.dep.target.module, _WEIGHT_STANDARDISED)
@@ -235,6 +256,15 @@ class _Graph(tp.DependencyGraph):
             group.prune = prune_with_gains
         return group
 
+    def _refresh_split_offsets(self):
+        """Torch-Pruning narrows a split's ``split_sizes`` when it prunes through it but leaves the
+        ``offsets`` its index mapping reads at the dense widths: a later group would map its channels
+        onto the wrong part. Rebuilt from the sizes before each group is formed."""
+        for node in self.module2node.values():
+            sizes = getattr(node.module, "split_sizes", None) if node.type == tp.ops.OPTYPE.SPLIT else None
+            if sizes is not None:
+                node.module.offsets = [0] + [int(v) for v in itertools.accumulate(sizes)]
+
     def _build_dependency(self, module2node):
         super()._build_dependency(module2node)
         for node in module2node.values():
@@ -243,10 +273,28 @@ class _Graph(tp.DependencyGraph):
             # is a channel split and needs its mapping
             if node.type == tp.ops.OPTYPE.SPLIT and node.grad_fn in self.channel_chunks:
                 node.enable_index_mapping = True
+            if node.type == tp.ops.OPTYPE.SPLIT:
+                _order_split_outputs(node)
+            # a linear layer on [B, H, W, C] (MambaOut) views it as [B*H*W, C]; Torch-Pruning reads the
+            # 4-d input as NCHW and maps the view as a flatten, pairing the wrong channels
+            if node.type == tp.ops.OPTYPE.RESHAPE and node.grad_fn in self.linear_views:
+                node.pass_zoo_keeps_last_dim = True
             sizes = self.cat_sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
             # node.inputs follows the cat's argument order; a repeated input is one node (no mapping)
             if sizes is not None and len(sizes) == len(node.inputs) == len(set(node.inputs)):
                 node.module.concat_sizes = list(sizes)
+
+
+def _order_split_outputs(node) -> None:
+    """Torch-Pruning maps a split's i-th part onto ``node.outputs[i]``, but lists the outputs in the
+    order its trace met them (MixNet's mixed conv: last part first), which pairs a part's channels with
+    another part's reader. Autograd says which part each reader takes: the edge's output number."""
+    def part(out):
+        taken = [nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn]
+        return min(taken) if taken else None
+    parts = [part(out) for out in node.outputs]
+    if None not in parts and len(set(parts)) == len(parts):
+        node.outputs = [out for _, out in sorted(zip(parts, node.outputs), key=lambda po: po[0])]
 
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
@@ -258,7 +306,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     """
     per_head = [p for _, mod, fam in attention_modules(model) for p in fam.per_head_params(mod)]
     recorder, graph = _CatSizes(), _Graph()
-    graph.cat_sizes, graph.channel_chunks = recorder.sizes, recorder.channel_chunks
+    graph.cat_sizes, graph.channel_chunks, graph.linear_views = recorder.sizes, recorder.channel_chunks, recorder.linear_views
     with recorder:
         try:
             graph.build_dependency(model, example_input, ignored_params=per_head, verbose=False)
@@ -274,7 +322,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
                                + " (an input without gradient, or one tensor concatenated twice)") from exc
         finally:
             # the autograd nodes hold the traced activations
-            graph.cat_sizes, graph.channel_chunks, recorder.view_shapes = {}, set(), {}
+            graph.cat_sizes, graph.channel_chunks, graph.linear_views, recorder.view_shapes = {}, set(), set(), {}
 
 
 def _node_layer(graph: tp.DependencyGraph, node) -> str:
@@ -522,13 +570,14 @@ def _shared_position_units(channels: int, slots: List[_Slot]) -> Optional[torch.
     return index
 
 
-def _check_even_splits(tp_group, unit_index: torch.Tensor) -> None:
+def _check_even_splits(tp_group, unit_index: torch.Tensor, resized=lambda node: False) -> None:
     """Each unit must own as many channels in every part of a split its group passes (chunk(2) of a
-    GLU): pruning whole units then keeps the parts equal, as ``chunk`` recomputes them."""
+    GLU): pruning whole units then keeps the parts equal, as ``chunk`` recomputes them. A split whose
+    sizes a registered module rewrites after slimming (``resized(node)``) may come out uneven."""
     for item in tp_group.items:
         op = item.dep.target.module
         offsets = getattr(op, "offsets", None)
-        if not isinstance(op, tp.ops._SplitOp) or not offsets or len(offsets) < 3:
+        if not isinstance(op, tp.ops._SplitOp) or not offsets or len(offsets) < 3 or resized(item.dep.target):
             continue
         idxs = torch.as_tensor(item.idxs, dtype=torch.long)
         part = torch.bucketize(idxs, torch.as_tensor(offsets[1:-1]), right=True)
@@ -546,6 +595,8 @@ class GroupBuilder:
     def __init__(self, model: nn.Module, graph: tp.DependencyGraph, ignored: List[nn.Module]):
         self.model, self.graph, self.ignored = model, graph, ignored
         self.module_names = {m: n for n, m in model.named_modules()}
+        # modules whose stored split sizes are rewritten after slimming (MixNet's mixed conv, ...)
+        self._split_holders = tuple(f"{n}." for n, m in model.named_modules() if n and stores_split_sizes(m))
         self.param_names = {p: n for n, p in model.named_parameters()}
         # qkv layer -> (attention module name, module, family), for the head groups
         self._attention = {}
@@ -664,7 +715,7 @@ class GroupBuilder:
                       for visits in getattr(tp_group, "joins", {}).values()]
         unit_index = _shared_position_units(n, slots + join_slots) if ch_groups == 1 else None
         if unit_index is not None:
-            _check_even_splits(tp_group, unit_index)
+            _check_even_splits(tp_group, unit_index, self._split_resized)
         group = ChannelGroup(root_name, min(seen_orders) if seen_orders else 10**9, n, ch_groups,
                              root, tp_group[0].dep.handler, producers, consumers, norms,
                              unit_index=unit_index, channel_norms=list(channel_norms.values()))
@@ -685,6 +736,11 @@ class GroupBuilder:
         for slot in group.channel_norms:
             self._check_slot(slot, units, self._module(slot.module_name).weight.numel())
         return group
+
+    def _split_resized(self, node) -> bool:
+        """A split next to a layer inside a module that rewrites its stored split sizes."""
+        return any(self.module_names.get(n.module, "").startswith(self._split_holders)
+                   for n in list(node.inputs) + list(node.outputs)) if self._split_holders else False
 
     def _check_slot(self, slot: _Slot, units: int, size: int) -> None:
         """Positions inside the layer, and every unit the same number of times in it: the MACs model

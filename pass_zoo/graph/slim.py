@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AdapterError, one_line
-from .families import attention_family
+from .families import attention_family, fix_split_sizes
 from .masks import Masks, to_unit_masks
 from .sequence import build_layer_sequence
 
@@ -50,6 +50,7 @@ def _slim(model: nn.Module, masks: Masks, example_input: torch.Tensor, stop_afte
         drop = torch.nonzero(~masks[g.name].bool()).flatten().tolist()
         if drop:
             seq.graph.get_pruning_group(g.root, g.root_fn, drop).prune()
+            fix_split_sizes(model)
             if g.kind == "heads":
                 fixups.append(apply_head_fixup(model, g.attention, torch.nonzero(unit).flatten().tolist(),
                                                g.head_dim))

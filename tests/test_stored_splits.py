@@ -1,0 +1,125 @@
+"""Modules that store split sizes (MixNet's mixed conv, MambaOut's gated block), and the exactness
+check's tolerance on networks whose own float64 rounding passes the fixed 1e-9."""
+from __future__ import annotations
+
+import timm
+import torch
+
+from pass_zoo import build_layer_sequence, load_run_model, save_slim_model, slim
+from pass_zoo.graph.masks import to_channel_masks
+from pass_zoo.prompt import PromptedModel, create_prompt
+from pass_zoo.tools import check
+from pass_zoo.tools.check import EXACT_TOL, exact_tolerance, perturb, run_check
+
+
+def _drop_every_third(seq):
+    return [torch.arange(g.units) % 3 != 0 for g in seq.groups]
+
+
+def _slim_and_compare(model, x):
+    """Slim with every third unit of every group dropped; float64 gated == slim; the slim model."""
+    seq = build_layer_sequence(model, x[:1])
+    units = _drop_every_third(seq)
+    slim_model, history = slim(model, to_channel_masks(units, seq), x[:1])
+    model.double(), slim_model.double()
+    with torch.no_grad(), seq.gated([u.double() for u in units]):
+        gated = model(x.double())
+    with torch.no_grad():
+        slimmed = slim_model(x.double())
+    model.float(), slim_model.float()
+    assert float((gated - slimmed).abs().max()) <= 1e-9 * max(1.0, float(gated.abs().max()))
+    return seq, slim_model, history
+
+
+def _reload_matches(slim_model, history, name, tmp_path, x, num_classes):
+    prompt = create_prompt("additive", x.shape[-1], 2)
+    prompted = PromptedModel(slim_model, prompt).eval()
+    save_slim_model(prompted, tmp_path / "run", base_arch=name, history=history, num_classes=num_classes,
+                    label_names=[str(i) for i in range(num_classes)],
+                    base_pretrained_cfg=dict(slim_model.pretrained_cfg), img_size=x.shape[-1])
+    loaded = load_run_model(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.allclose(prompted(x), loaded(x), atol=1e-5)
+    return loaded
+
+
+def test_mixed_conv_split_sizes_follow_slimming(tmp_path):
+    """MixNet's MixedConv2d splits its input by stored sizes; the parts come out uneven, and Torch-Pruning
+    lists a split's readers last part first: both must still pair every channel with its reader."""
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("mixnet_s", num_classes=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seq, slim_model, history = _slim_and_compare(model, x)
+    mixed = {n: m for n, m in slim_model.named_modules() if type(m).__name__ == "MixedConv2d"}
+    resized = [n for n, m in mixed.items() if m.splits != [c.in_channels for c in dict(model.named_modules())[n].values()]]
+    assert resized, "no mixed conv was narrowed: the test prunes nothing through a stored split"
+    for m in mixed.values():
+        assert m.splits == [c.in_channels for c in m.values()] and sum(m.splits) == m.in_channels
+    loaded = _reload_matches(slim_model, history, "mixnet_s", tmp_path, x, 4)
+    reloaded = {n: m.splits for n, m in loaded.named_modules() if type(m).__name__ == "MixedConv2d"}
+    assert sorted(reloaded.values()) == sorted(m.splits for m in mixed.values())
+
+
+def test_gated_block_split_sizes_follow_slimming(tmp_path):
+    """MambaOut's block splits fc1's output into (gate, identity, conv) parts by stored sizes, and its
+    linear layers view [B, H, W, C] as [B*H*W, C], which Torch-Pruning would map as a flatten."""
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("mambaout_femto", num_classes=4)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seq, slim_model, history = _slim_and_compare(model, x)
+    block = slim_model.stages[0].blocks[0]
+    dense_block = model.stages[0].blocks[0]
+    assert "stages.0.blocks.0.conv" in [g.name for g in seq.groups]
+    assert block.conv.out_channels < dense_block.conv.out_channels
+    hidden, conv = block.fc2.in_features, block.conv.out_channels
+    assert block.split_indices == (hidden, hidden - conv, conv) and block.fc1.out_features == 2 * hidden
+    loaded = _reload_matches(slim_model, history, "mambaout_femto", tmp_path, x, 4)
+    assert loaded.model.stages[0].blocks[0].split_indices == block.split_indices
+
+
+def test_both_families_pass_every_check_stage():
+    for name in ("mixnet_s", "mambaout_femto"):
+        result = run_check(name, echo=lambda line: None, search_steps=1)
+        assert result.passed, result.reason
+
+
+def test_exact_tolerance_rises_only_with_the_networks_own_noise():
+    out64 = torch.tensor([[100.0, -3.0]], dtype=torch.float64)
+    assert exact_tolerance(out64, out64.float()) == EXACT_TOL  # float32 agrees: the fixed tolerance
+    # float32 off by 0.5 of the output scale: float64 rounding alone reaches ~1e-9 of it
+    noisy = exact_tolerance(out64, (out64 + torch.tensor([[50.0, 0.0]], dtype=torch.float64)).float())
+    assert noisy == check.EXACT_NOISE_FACTOR * 0.5 * 2.0 ** -29
+    assert EXACT_TOL < noisy < 1e-5
+
+
+def test_an_ill_conditioned_network_passes_and_a_wrong_channel_is_still_caught(monkeypatch):
+    """EfficientNet-V2 at random init: float32 differs from float64 by about half the output scale, so
+    the slim model's float64 drift (1e-8) is rounding. Yet a slim model that lost one kept channel's
+    weights is refused under the raised tolerance."""
+    result = run_check("efficientnetv2_rw_t", echo=lambda line: None, search_steps=1)
+    assert result.passed, result.reason
+    assert result.exact_tol > EXACT_TOL and result.exact_diff <= result.exact_tol
+
+    import pass_zoo.graph.slim as slim_module
+    real_slim = slim_module.slim
+
+    def wrong_channel(model, masks, x):
+        slim_model, history = real_slim(model, masks, x)
+        with torch.no_grad():
+            slim_model.conv_head.weight[0].zero_()  # a kept filter lost, as a mis-mapped index would
+        return slim_model, history
+
+    monkeypatch.setattr(slim_module, "slim", wrong_channel)
+    result = run_check("efficientnetv2_rw_t", echo=lambda line: None, search_steps=1)
+    assert result.stages["exact"] == "fail" and result.stages["export"] == "skip"
+    assert result.reason.startswith("exact: masked and slim outputs differ by") and "tolerance" in result.reason
+
+
+def test_an_error_outside_every_stage_is_not_swallowed(monkeypatch):
+    monkeypatch.setattr(check, "family_of", lambda name: (_ for _ in ()).throw(KeyError("boom")))
+    try:
+        run_check("resnet10t", img_size=32, echo=lambda line: None)
+    except KeyError as exc:
+        assert "boom" in str(exc)
+    else:
+        raise AssertionError("run_check swallowed an error raised outside its stages")
