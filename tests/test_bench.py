@@ -34,7 +34,11 @@ def test_plan_covers_the_grid_variants_and_dense(spec_file):
     mlp = next(c for c in cells if c["id"] == "pass-mlp-t0.5-s0")["config"]
     assert mlp.method == "pass" and mlp.search.core == "mlp" and mlp.search.steps == 1
     dense = next(c for c in cells if c["id"] == "dense-s0")["config"]
-    assert dense.target_macs == 1.0 and dense.search.steps == 0
+    # the fair stage 1: the ceiling's head and prompt learn as long as every method's
+    assert dense.target_macs == 1.0 and dense.search.steps == cells[0]["config"].search.steps > 0
+    legacy = dict(SPEC, base=dict(SPEC["base"], search={"steps": 1, "probe": "dense"}))  # B2's older rule
+    legacy_dense = next(c for c in bench_mod.plan_cells(legacy) if c["id"] == "dense-s0")["config"]
+    assert legacy_dense.search.steps == 0
 
 
 def test_unknown_keys_are_refused(tmp_path):

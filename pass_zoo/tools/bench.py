@@ -106,7 +106,9 @@ def plan_cells(spec: dict) -> List[Dict]:
             cfg = apply_overrides(base, {"method": "random"}, "dense")  # at 1.0 every method keeps everything
             cfg.clear_budget()  # dense whatever the base's budget kind
             cfg.target_macs, cfg.seed = 1.0, int(seed)
-            cfg.search = dataclasses.replace(cfg.search, steps=0)
+            if cfg.search.probe == "dense":  # the older rule (B2): the ceiling skips stage 1
+                cfg.search = dataclasses.replace(cfg.search, steps=0)
+            # otherwise it gets every method's stage 1: head and prompt learn for search.steps batches
             cells.append({"id": f"dense-s{seed}", "label": "dense", "budget": "macs", "level": 1.0, "target_macs": 1.0,
                           "seed": int(seed), "config": cfg})
     for cell in cells:  # a cell id is a folder name under OUT/cells
