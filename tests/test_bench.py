@@ -106,7 +106,13 @@ def test_gap_table_pairs_seeds_and_skips_other_variants_of_the_method():
     assert len(lines) == 3  # header, rule, one level
     # taylor is the best baseline on seeds 0-1; pass is averaged over the same two seeds, not three
     # gap per seed: +2 and +5 points; their std is 2.12
-    assert lines[2] == "| 25 % | 81.00 | taylor 77.50 | +3.50 | 2 | 2.12 |"
+    # paired 95 % t interval, 1 degree of freedom: 3.50 +- 12.706 x 2.12 / sqrt(2)
+    assert lines[2] == "| 25 % | 81.00 | taylor 77.50 | +3.50 | 2 | 2.12 | [-15.56, +22.56] |"
+    versus = bench_mod.gap_table(doc, "pass", against="random").splitlines()
+    # three shared seeds: gaps +10, +11, +18 points, mean 13, std 4.36, t(2) = 4.303
+    assert versus[0].startswith("| MACs | pass | random |")
+    assert versus[2] == "| 25 % | 84.00 | random 71.00 | +13.00 | 3 | 4.36 | [+2.17, +23.83] |"
+    assert bench_mod.paired_interval([0.01]) is None
 
 
 def test_parallel_jobs_collect_every_cell_with_the_serial_masks(spec_file, tmp_path):

@@ -37,7 +37,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..config import DEFAULT_TARGET_MACS, PruneConfig, apply_overrides
 from ..errors import PassZooError, one_line
@@ -356,9 +356,10 @@ def summarise(runs: List[dict]) -> List[dict]:
             "label": label, "budget": budget, "level": level, "target_macs": level if budget == "macs" else None,
             "n": len(rs), "macs_ratio": statistics.fmean(r["macs_ratio"] for r in rs),
             "density": statistics.fmean(density) if density else None,
-            "top1_mean": statistics.fmean(top1), "top1_std": statistics.pstdev(top1) if len(top1) > 1 else 0.0,
+            # sample std (n - 1): a handful of seeds estimates the spread of seeds not run
+            "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
             "top1_after_search_mean": statistics.fmean(after) if after else None,
-            "top1_after_search_std": statistics.pstdev(after) if len(after) > 1 else 0.0,
+            "top1_after_search_std": statistics.stdev(after) if len(after) > 1 else 0.0,
         })
     return rows
 
@@ -440,7 +441,7 @@ def _levels(rows: List[dict], label=None) -> List[tuple]:
 
 
 def results_table(doc: dict) -> str:
-    """Markdown table: mean +- std top-1 per label (rows) and budget level (columns)."""
+    """Markdown table: mean +- sample std top-1 per label (rows) and budget level (columns)."""
     rows = doc.get("summary") or summarise(doc["runs"])
     targets = _levels(rows)
     labels = sorted({r["label"] for r in rows})
@@ -460,13 +461,31 @@ def results_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def gap_table(doc: dict, label: str = "pass") -> str:
+# two-sided 95 % quantiles of Student's t by degrees of freedom (1-30); beyond, the normal 1.96
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def paired_interval(diffs: List[float]):
+    """The 95 % t interval of the mean of paired differences, ``(low, high)``; None under two pairs."""
+    if len(diffs) < 2:
+        return None
+    t = _T975[len(diffs) - 2] if len(diffs) - 1 <= len(_T975) else 1.96
+    half = t * statistics.stdev(diffs) / len(diffs) ** 0.5
+    mean = statistics.fmean(diffs)
+    return mean - half, mean + half
+
+
+def gap_table(doc: dict, label: str = "pass", against: Optional[str] = None) -> str:
     """Markdown: ``label`` against the best other method at each budget level (MACs, or weights kept
-    for weight-mask methods; a method is only compared with those under the same kind of budget).
+    for weight-mask methods; a method is only compared with those under the same kind of budget), or
+    against the one method ``against``.
 
     Paired by seed: both means are over the seeds the two share, so a grid stopped part-way does not
-    compare three seeds of one method with two of another; the spread is the std over those seeds of
-    the per-seed difference (the same seed draws the same data order and subset for every method).
+    compare three seeds of one method with two of another; the spread is the sample std over those
+    seeds of the per-seed difference (the same seed draws the same data order and subset for every
+    method), and the interval its paired 95 % t interval.
     """
     runs = [r for r in doc["runs"] if r["label"] != "dense"]
     by_level: Dict[tuple, Dict[str, Dict[int, float]]] = {}
@@ -475,8 +494,9 @@ def gap_table(doc: dict, label: str = "pass") -> str:
     targets = _levels(runs, label)
     budgets = {b for b, _ in targets}
     what = "budget" if len(budgets) > 1 else ("weights" if budgets == {"density"} else "MACs")
-    lines = [f"| {what} | {label} | best other method | gap (points) | seeds | gap std over seeds |",
-             "|---|---|---|---|---|---|"]
+    other_head = against or "best other method"
+    lines = [f"| {what} | {label} | {other_head} | gap (points) | seeds | gap std over seeds | paired 95 % interval |",
+             "|---|---|---|---|---|---|---|"]
     for t in targets:
         mine = by_level[t].get(label)
         if not mine:
@@ -484,7 +504,7 @@ def gap_table(doc: dict, label: str = "pass") -> str:
         best = None
         # the best *baseline*: other variants of the same method (pass-no-prior for pass) do not count
         for other, theirs in by_level[t].items():
-            if other.startswith(label.split("-")[0]):
+            if (other != against) if against else other.startswith(label.split("-")[0]):
                 continue
             seeds = sorted(set(mine) & set(theirs))
             if not seeds:
@@ -498,9 +518,11 @@ def gap_table(doc: dict, label: str = "pass") -> str:
         other_mean, other, seeds, diffs = best
         mine_mean = statistics.fmean(mine[s] for s in seeds)
         spread = f"{100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
+        interval = paired_interval(diffs)
+        interval = f"[{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]" if interval else "-"
         level = f"{100 * t[1]:g} %" if what != "budget" else budget_label(*t)
         lines.append(f"| {level} | {100 * mine_mean:.2f} | {other} {100 * other_mean:.2f} "
-                     f"| {100 * (mine_mean - other_mean):+.2f} | {len(seeds)} | {spread} |")
+                     f"| {100 * (mine_mean - other_mean):+.2f} | {len(seeds)} | {spread} | {interval} |")
     return "\n".join(lines)
 
 
@@ -511,4 +533,7 @@ def report(doc: dict) -> str:
     baselines = {r["label"] for r in doc["runs"]} - set(learned) - {"dense"}
     for label in learned if baselines else ():
         parts.append(gap_table(doc, label))
+    labels = {r["label"] for r in doc["runs"]}
+    if {"pass", "direct-logits"} <= labels:  # the hypernetwork against plain learned channel logits
+        parts.append(gap_table(doc, "pass", against="direct-logits"))
     return "\n\n".join(parts) + "\n"
