@@ -695,6 +695,12 @@ class GroupBuilder:
                     raise _Excluded(f"layer '{name}' is inside the attention module '{parent}' "
                                     f"({self._opaque_attention[parent]}), whose head layout pass-zoo does not "
                                     "know: slimming it would break the module's reshapes")
+                if not is_out and parent in self._opaque_attention:
+                    # a group reaching an inner layer's input from outside is the module's input, and the
+                    # module may reshape by its width (LambdaNet's layer: its output to its input's width)
+                    raise _Excluded(f"layer '{name}' reads the input of the attention module '{parent}' "
+                                    f"({self._opaque_attention[parent]}), whose forward may reshape by that "
+                                    "input's width: slimming it would break the module's reshapes")
                 if isinstance(mod, _WEIGHT_STANDARDISED) and not is_out and mod.groups > 1:
                     raise _Excluded(f"layer '{name}' ({type(mod).__name__}) standardises grouped filters "
                                     "over their inputs, which its search-time gate does not model")

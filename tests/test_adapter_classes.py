@@ -1,5 +1,6 @@
-"""Modules that store split sizes (MixNet's mixed conv, MambaOut's gated block), and the exactness
-check's tolerance on networks whose own float64 rounding passes the fixed 1e-9."""
+"""Adapter classes: modules that store split sizes (MixNet's mixed conv, MambaOut's gated block), attention
+modules that reshape by their input's width (LambdaNet), and the exactness check's tolerance on networks
+whose own float64 rounding passes the fixed 1e-9."""
 from __future__ import annotations
 
 import timm
@@ -123,3 +124,32 @@ def test_an_error_outside_every_stage_is_not_swallowed(monkeypatch):
         assert "boom" in str(exc)
     else:
         raise AssertionError("run_check swallowed an error raised outside its stages")
+
+
+class _LambdaNet(torch.nn.Module):
+    """A conv feeding LambdaNet's layer, whose output is reshaped to the width of its input."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.lambda_layer import LambdaLayer
+
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.mid = torch.nn.Conv2d(16, 16, 1)
+        self.attn = LambdaLayer(16, 16, num_heads=4, dim_head=4, r=3)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.attn(torch.relu(self.mid(torch.relu(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_the_input_of_an_attention_module_that_reshapes_by_it_stays_dense():
+    net = _LambdaNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seq = build_layer_sequence(net, x[:1])
+    reasons = dict(seq.excluded)
+    assert reasons["mid"].startswith("layer 'attn.qkv' reads the input of the attention module 'attn' (LambdaLayer)")
+    assert [g.name for g in seq.groups] == ["stem"]  # what lies before it still prunes
+    units = _drop_every_third(seq)
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    assert slim_model.stem.out_channels == 10 and slim_model(x).shape == (2, 3)
