@@ -29,6 +29,7 @@ class _PassAblation(Method):
     """PASS's search, ``reassign`` on its unit masks, then the fair stage 1 from the pre-search head/prompt."""
 
     baseline = False
+    metric_keys = Pass.metric_keys[1:]  # the search's, less the hypernetwork's size
 
     def stage1_batches(self, search, new_head: bool) -> int:
         return 2 * max(1, search.steps)
@@ -52,14 +53,12 @@ class _PassAblation(Method):
 class PassReprobe(_PassAblation):
     name = "pass-reprobe"
     summary = "PASS's masks, head and prompt re-probed from scratch (ablation)"
-    metric_keys = Pass.metric_keys[1:]
 
 
 @register_method
 class PassCountsRandom(_PassAblation):
     name = "pass-counts-random"
     summary = "PASS's per-layer counts, random channels inside each layer (ablation)"
-    metric_keys = Pass.metric_keys[1:]
 
     def reassign(self, units, ctx):
         gen = torch.Generator().manual_seed(ctx.config.seed)
@@ -70,7 +69,6 @@ class PassCountsRandom(_PassAblation):
 class PassCountsPrior(_PassAblation):
     name = "pass-counts-prior"
     summary = "PASS's per-layer counts, the largest-magnitude channels inside each layer (ablation)"
-    metric_keys = Pass.metric_keys[1:]
 
     def reassign(self, units, ctx):
         magnitude = criteria.group_scores(ctx.seq, get_method("l1").importance())
