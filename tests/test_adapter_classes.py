@@ -153,3 +153,35 @@ def test_the_input_of_an_attention_module_that_reshapes_by_it_stays_dense():
     units = _drop_every_third(seq)
     slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
     assert slim_model.stem.out_channels == 10 and slim_model(x).shape == (2, 3)
+
+
+class _PartialConvNet(torch.nn.Module):
+    """FasterNet's partial conv: a split by stored sizes, a conv on the first part, the second passed on."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.sizes = [4, 12]
+        self.partial = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x1, x2 = torch.split(torch.relu(self.stem(x)), self.sizes, dim=1)
+        return self.head(torch.cat((self.partial(x1), x2), 1)).mean((2, 3))
+
+
+def test_a_split_part_feeding_a_concatenation_maps_each_channel_to_its_own_input():
+    net = _PartialConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seq = build_layer_sequence(net, x[:1])
+    # the stem's channels pass the split whose sizes the model stores: dense, and said why
+    assert dict(seq.excluded)["stem"].startswith("its channels pass a split by sizes stored in the model")
+    # the partial conv's outputs reach the concatenation only, not back into the split
+    (group,) = seq.groups
+    assert group.name == "partial" and [s.module_name for s in group.consumers] == ["head"]
+    units = _drop_every_third(seq)
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    with torch.no_grad(), seq.gated([u.float() for u in units]):
+        gated = net(x)
+    with torch.no_grad():
+        assert slim_model.partial.out_channels == 2 and torch.allclose(gated, slim_model(x), atol=1e-6)

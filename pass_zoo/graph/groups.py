@@ -105,6 +105,30 @@ def _misread_unflattens(graph, view_shapes) -> Dict[object, Tuple[int, int]]:
     return misread
 
 
+def _concat_before_split(update):
+    """A split part that feeds a concatenation directly (FasterNet's ``cat(conv(x1), x2)``): the edge from
+    the concatenation back to the split carries two mappings, the split's (part -> whole) in the first
+    slot and the concatenation's (whole -> part) in the second, and Torch-Pruning applies them in slot
+    order -- the part offset is added before the concatenation's range is tested, so the first input's
+    channels leak into the split. Reading back through the concatenation comes first."""
+    def _update(graph):
+        update(graph)
+        for node in graph.module2node.values():
+            if node.type != tp.ops.OPTYPE.CONCAT:
+                continue
+            for dep in node.dependencies:
+                first, second = dep.index_mapping[0], dep.index_mapping[1]
+                if isinstance(first, tp.dependency.index_mapping._SplitIndexMapping) and first.reverse \
+                        and isinstance(second, tp.dependency.index_mapping._ConcatIndexMapping) and second.reverse:
+                    dep.index_mapping[0], dep.index_mapping[1] = second, first
+    _update.pass_zoo_guard = True
+    return _update
+
+
+if not getattr(tp.dependency.index_mapping.update_index_mapping, "pass_zoo_guard", False):
+    tp.dependency.index_mapping.update_index_mapping = _concat_before_split(
+        tp.dependency.index_mapping.update_index_mapping)
+
 if not getattr(tp.dependency.index_mapping.update_reshape_index_mapping, "pass_zoo_guard", False):
     tp.dependency.index_mapping.update_reshape_index_mapping = _reshape_mapping_or_none(
         tp.dependency.index_mapping.update_reshape_index_mapping)
@@ -570,6 +594,17 @@ def _shared_position_units(channels: int, slots: List[_Slot]) -> Optional[torch.
     return index
 
 
+def _sized_split(node) -> bool:
+    """A ``split`` by a list of sizes (``torch.split(x, [a, b])``): models keep such sizes as attributes
+    (FasterNet's partial conv, InceptionNeXt's branches), unlike ``chunk``, which recomputes its parts."""
+    return type(node.grad_fn).__name__ == "SplitWithSizesBackward0"
+
+
+def _split_readers(module_names, node) -> str:
+    names = [module_names[n.module] for n in node.outputs if n.module in module_names]
+    return f"'{names[0]}'" if names else "an unnamed operation"
+
+
 def _check_even_splits(tp_group, unit_index: torch.Tensor, resized=lambda node: False) -> None:
     """Each unit must own as many channels in every part of a split its group passes (chunk(2) of a
     GLU): pruning whole units then keeps the parts equal, as ``chunk`` recomputes them. A split whose
@@ -669,6 +704,11 @@ class GroupBuilder:
                 raise _Excluded(f"its channels are reshaped into ({parts}, {width}) with the channel axis "
                                 f"inner, which Torch-Pruning maps as ({width}, {parts}): slimming "
                                 f"'{root_name}' would pair the wrong channels")
+            if isinstance(mod, tp.ops._SplitOp) and _sized_split(item.dep.target) \
+                    and not self._split_resized(item.dep.target):
+                raise _Excluded(f"its channels pass a split by sizes stored in the model (read by "
+                                f"{_split_readers(self.module_names, item.dep.target)}): slimming '{root_name}' "
+                                "would leave them at the dense widths")
             if isinstance(mod, tp.ops._SliceOp) and _fixed_channel_slice(mod):
                 raise _Excluded("its channels are sliced with fixed bounds in the model's code (a partial "
                                 f"channel slice of a tensor the group reaches): slimming '{root_name}' "
