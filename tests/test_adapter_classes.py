@@ -3,6 +3,7 @@ modules that reshape by their input's width (LambdaNet), and the exactness check
 whose own float64 rounding passes the fixed 1e-9."""
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -185,3 +186,28 @@ def test_a_split_part_feeding_a_concatenation_maps_each_channel_to_its_own_input
         gated = net(x)
     with torch.no_grad():
         assert slim_model.partial.out_channels == 2 and torch.allclose(gated, slim_model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["RmsNorm2d", "RmsNormAct2d", "RmsNorm2dFp32"])
+def test_rms_norm_over_channels_is_gated_as_the_slim_network_computes_it(norm):
+    """MobileNetV5's norms: the mean of squares spans the channels, so a zeroed channel is not a removed one."""
+    import timm.layers.norm as norms
+    import timm.layers.norm_act as norm_acts
+
+    cls = getattr(norms, norm, None) or getattr(norm_acts, norm)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), cls(12), torch.nn.Conv2d(12, 4, 1)).eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    seq = build_layer_sequence(net, x[:1])
+    assert [g.name for g in seq.groups] == ["0"]
+    units = _drop_every_third(seq)
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    with torch.no_grad(), seq.gated([u.float() for u in units]):
+        gated = net(x)
+    with torch.no_grad():
+        slimmed = slim_model(x)
+    assert slim_model[1].weight.numel() == 8 and torch.allclose(gated, slimmed, atol=1e-5)
+    with torch.no_grad():  # zeroing the channels alone keeps them in the mean of squares: not the slim output
+        zeroed = net[2](net[1](net[0](x) * units[0].float().view(1, -1, 1, 1)))
+    assert not torch.allclose(zeroed, slimmed, atol=1e-3)

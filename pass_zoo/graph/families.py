@@ -245,6 +245,42 @@ class GlobalResponseNormFamily(ChannelNormFamily):
         return x + torch.addcmul(mod.bias.view(mod.wb_shape), mod.weight.view(mod.wb_shape), x * (x_g / (mean + mod.eps)))
 
 
+def _rms_norm2d():
+    from timm.layers.norm import RmsNorm2d
+    return RmsNorm2d
+
+
+def _rms_norm2d_fp32():
+    from timm.layers.norm import RmsNorm2dFp32
+    return RmsNorm2dFp32
+
+
+@register_channel_norm(_rms_norm2d())
+class RmsNorm2dFamily(ChannelNormFamily):
+    """RMS norm over the channels of an NCHW map (MobileNetV5), with or without an activation after it
+    (``RmsNormAct2d``): the mean of squares the slimmed module takes over fewer channels."""
+
+    compute_dtype = None  # the input's
+
+    def per_channel_params(self, mod):
+        return [mod.weight]
+
+    def gated_forward(self, mod, x, keep):
+        dtype = x.dtype
+        x = x.to(self.compute_dtype or dtype)
+        keep = keep.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+        mean_square = (x.pow(2) * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1e-12)
+        y = (x * torch.rsqrt(mean_square + mod.eps) * mod.weight.to(x.dtype).view_as(keep)).to(dtype)
+        return mod.act(mod.drop(y)) if hasattr(mod, "act") else y
+
+
+@register_channel_norm(_rms_norm2d_fp32())
+class RmsNorm2dFp32Family(RmsNorm2dFamily):
+    """The same, computed in float32 whatever the input's dtype."""
+
+    compute_dtype = torch.float32
+
+
 # ---- stored split sizes
 # A module that splits its input by sizes it stored at construction (``torch.split(x, self.splits)``)
 # breaks once slimming narrows the parts: Torch-Pruning prunes the layers on either side of the split
