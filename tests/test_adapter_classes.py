@@ -211,3 +211,30 @@ def test_rms_norm_over_channels_is_gated_as_the_slim_network_computes_it(norm):
     with torch.no_grad():  # zeroing the channels alone keeps them in the mean of squares: not the slim output
         zeroed = net[2](net[1](net[0](x) * units[0].float().view(1, -1, 1, 1)))
     assert not torch.allclose(zeroed, slimmed, atol=1e-3)
+
+
+class _SharedPartNet(torch.nn.Module):
+    """One part of a split read by two layers: Torch-Pruning's split has more readers than parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.b = torch.nn.Conv2d(8, 6, 1), torch.nn.Conv2d(8, 6, 1)
+        self.c = torch.nn.Conv2d(8, 6, 1)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x1, x2 = torch.relu(self.stem(x)).chunk(2, dim=1)
+        y = self.a(x1) + self.b(x1) + self.c(x2)
+        return self.head(torch.relu(y).mean((2, 3)))
+
+
+def test_a_split_with_more_readers_than_parts_keeps_its_groups_dense():
+    net = _SharedPartNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seq = build_layer_sequence(net, x[:1])  # no IndexError from Torch-Pruning's size inference
+    assert dict(seq.excluded)["stem"].startswith("its channels pass a split whose parts Torch-Pruning cannot pair")
+    units = _drop_every_third(seq)
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    with torch.no_grad(), seq.gated([u.float() for u in units]):
+        assert torch.allclose(net(x), slim_model(x), atol=1e-6)

@@ -112,6 +112,9 @@ def _concat_before_split(update):
     order -- the part offset is added before the concatenation's range is tested, so the first input's
     channels leak into the split. Reading back through the concatenation comes first."""
     def _update(graph):
+        for node in graph.module2node.values():
+            if getattr(node, "pass_zoo_unpaired", False):  # see _order_split_outputs: no mapping through it
+                node.module.split_sizes, node.module.offsets = None, None
         update(graph)
         for node in graph.module2node.values():
             if node.type != tp.ops.OPTYPE.CONCAT:
@@ -319,6 +322,10 @@ def _order_split_outputs(node) -> None:
     parts = [part(out) for out in node.outputs]
     if None not in parts and len(set(parts)) == len(parts):
         node.outputs = [out for _, out in sorted(zip(parts, node.outputs), key=lambda po: po[0])]
+    if None in parts or len(set(parts)) != len(parts) or sorted(parts) != list(range(len(parts))):
+        # one part read by two layers, or a part nobody reads: outputs and parts do not pair up, and
+        # Torch-Pruning's size inference indexes past its part sizes; groups through it stay dense
+        node.pass_zoo_unpaired = True
 
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
@@ -704,6 +711,9 @@ class GroupBuilder:
                 raise _Excluded(f"its channels are reshaped into ({parts}, {width}) with the channel axis "
                                 f"inner, which Torch-Pruning maps as ({width}, {parts}): slimming "
                                 f"'{root_name}' would pair the wrong channels")
+            if isinstance(mod, tp.ops._SplitOp) and getattr(item.dep.target, "pass_zoo_unpaired", False):
+                raise _Excluded("its channels pass a split whose parts Torch-Pruning cannot pair with the layers "
+                                f"reading them ({_split_readers(self.module_names, item.dep.target)} and others)")
             if isinstance(mod, tp.ops._SplitOp) and _sized_split(item.dep.target) \
                     and not self._split_resized(item.dep.target):
                 raise _Excluded(f"its channels pass a split by sizes stored in the model (read by "
