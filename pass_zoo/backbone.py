@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .errors import BackboneError, one_line
+from .errors import BackboneError, NotAClassifierError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,18 @@ def create_backbone(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     """``timm.create_model`` plus the weight sources of ``PRETRAINED_HELP``; the input size must be
     a whole number of patches (``check_patch_grid``)."""
     model = _create_backbone(name, pretrained, **kwargs)
+    check_classifier(model, name)
     check_patch_grid(model, name)
     return model
+
+
+def check_classifier(model: nn.Module, name: str) -> None:
+    """pass-zoo prunes image classifiers: the task head is replaced or mapped, and timm's classifier
+    interface (``get_classifier``/``reset_classifier``) is how it finds it. Encoders without one
+    (Gemma 4's vision tower) are refused in one line."""
+    if not (callable(getattr(model, "get_classifier", None)) and callable(getattr(model, "reset_classifier", None))):
+        raise NotAClassifierError(f"'{name}' ({type(model).__name__}) is not an image classifier: it has no "
+                            "get_classifier/reset_classifier, and pass-zoo prunes classification backbones")
 
 
 PROBE_TIMEOUT_S = 3.0

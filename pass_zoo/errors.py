@@ -24,6 +24,10 @@ class BackboneError(PassZooError):
     """A model name or pretrained-weights source cannot be used."""
 
 
+class NotAClassifierError(BackboneError):
+    """The timm model has no classifier interface to find the task head by (an encoder)."""
+
+
 class RunDirError(PassZooError):
     """The output folder cannot be used (or written: disk full, permissions)."""
 

@@ -238,3 +238,13 @@ def test_a_split_with_more_readers_than_parts_keeps_its_groups_dense():
     slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
     with torch.no_grad(), seq.gated([u.float() for u in units]):
         assert torch.allclose(net(x), slim_model(x), atol=1e-6)
+
+
+def test_an_encoder_without_a_classifier_is_refused_in_one_line(capsys):
+    from pass_zoo.backbone import create_backbone
+    from pass_zoo.errors import NotAClassifierError
+
+    with pytest.raises(NotAClassifierError, match="'gemma4_vit_167m_enc' .* is not an image classifier"):
+        create_backbone("gemma4_vit_167m_enc", depth=1)
+    result = run_check("gemma4_vit_167m_enc", echo=lambda line: None)
+    assert result.stages["adapter"] == "fail" and "is not an image classifier" in result.reason

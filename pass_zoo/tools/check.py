@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..errors import BackboneError, PassZooError, one_line
+from ..errors import BackboneError, NotAClassifierError, PassZooError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def check_setup(name: str, img_size: Optional[int] = None, seed: int = 0):
     """
     import timm
 
-    from ..backbone import fixed_size_kwargs
+    from ..backbone import check_classifier, fixed_size_kwargs
 
     cfg = timm.get_pretrained_cfg(name)
     fixed = cfg is not None and getattr(cfg, "fixed_input_size", False)
@@ -149,9 +149,13 @@ def check_setup(name: str, img_size: Optional[int] = None, seed: int = 0):
             if model is None or fixed:
                 model = None
                 torch.manual_seed(seed)
-                model = perturb(timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval(), seed)
+                model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+                check_classifier(model, name)
+                model = perturb(model, seed)
             _runs_at(model, size, stride_floor=not img_size)  # a size asked for only has to run
             return size, kwargs, model
+        except NotAClassifierError:
+            raise  # no size makes it one
         except Exception as exc:  # try the next size
             errors.append(f"{size} px: {one_line(exc)}")
     if len(sizes) == 1:
