@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from pass_zoo import build_layer_sequence, select_units, slim
 from pass_zoo.cli import main
-from pass_zoo.errors import AdapterError, BackboneError
+from pass_zoo.errors import AdapterError, BackboneError, NotAClassifierError
 from pass_zoo.graph.masks import to_channel_masks, to_unit_masks
 from pass_zoo.tools import check
 from pass_zoo.tools.check import STAGES, CheckResult, check_setup, perturb
@@ -266,12 +266,15 @@ def test_check_setup_refuses_in_one_line_when_no_size_runs(monkeypatch):
 def test_sweep_rule_picks_the_first_small_model_per_family(monkeypatch):
     monkeypatch.setattr(check, "timm_families", lambda: {"fam_a": ["big_a", "small_a", "small_a2"],
                                                          "fam_b": ["big_b", "bigger_b", "big_b2"],
-                                                         "fam_c": ["broken_c", "small_c"], "fam_d": ["broken_d"]})
+                                                         "fam_c": ["broken_c", "small_c"], "fam_d": ["broken_d"],
+                                                         "fam_e": ["encoder_e"]})
     macs = {"big_a": 10**9, "big_b": 2 * 10**9, "bigger_b": 3 * 10**9, "big_b2": 10**9}
 
     def sized(name):
         if name.startswith("broken"):
             raise BackboneError("cannot size")
+        if name.startswith("encoder"):
+            raise NotAClassifierError("not an image classifier")
         return 64, macs.get(name, 10**6)
 
     monkeypatch.setattr(check, "sized_macs", sized)
@@ -280,6 +283,7 @@ def test_sweep_rule_picks_the_first_small_model_per_family(monkeypatch):
     # no model under the limit: the family's smallest stands in for it, marked
     assert chosen["fam_b"] == {"model": "big_b2", "img_size": 64, "macs": 10**9, "over_max_macs": True}
     assert chosen["fam_c"]["model"] == "small_c" and "skipped" in chosen["fam_d"]
+    assert chosen["fam_e"] == {"skipped": "its models are encoders, not image classifiers"}
 
 
 def test_sweep_families_are_timm_model_modules():
@@ -317,7 +321,7 @@ def test_sweep_resumes_and_writes_the_table(tmp_path, monkeypatch, capsys):
     assert set(doc["results"]) == {"m_a", "m_c"} and doc["machine"] == "2-core CPU"
     table = md.read_text()
     assert "**1/2 (50 %) pass every stage**" in table and "Machine: 2-core CPU." in table
-    assert "1 of 3 modules are checked on a model over 300 M MACs; 1 have no model that can be built (fam_b)" \
+    assert "1 of 3 modules are checked on a model over 300 M MACs; 1 are left out: fam_b (cannot build)" \
         in table and "pass-zoo check --sweep" in table
     assert "| m_c | fam (> 300 M) |" in table and "| m_a | fam |" in table
     del doc["results"]["m_c"]  # an interrupted sweep

@@ -411,7 +411,8 @@ SWEEP_RULE = ("one architecture per timm model module (family): the first model 
               "`timm.list_models` order (timm's `test_*` stand-ins left out), that runs at <= {max_macs:.0f} M MACs "
               "at the smallest input size `check` accepts for it (64 px, or the model's `min_input_size`, "
               "upwards to its default size); a module with no such model is checked on its smallest "
-              "(fewest MACs at that size), marked `> {max_macs:.0f} M` in the table")
+              "(fewest MACs at that size), marked `> {max_macs:.0f} M` in the table; a module of encoders "
+              "without a classifier is out of scope")
 
 
 def timm_families() -> Dict[str, List[str]]:
@@ -432,7 +433,7 @@ def sized_macs(name: str):
     memory, no compute), or on the CPU when an op has no meta kernel and the model is small."""
     import timm
 
-    from ..backbone import fixed_size_kwargs
+    from ..backbone import check_classifier, fixed_size_kwargs
     from ..graph.costs import count_macs
 
     cfg = timm.get_pretrained_cfg(name)
@@ -448,6 +449,7 @@ def sized_macs(name: str):
                     model = None
                     with torch.device(device):
                         model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+                        check_classifier(model, name)  # an encoder is out of scope, not a failure
                 with torch.device(device):
                     x = torch.zeros(1, 3, size, size)
                 macs = count_macs(model, x)
@@ -457,6 +459,8 @@ def sized_macs(name: str):
                 if isinstance(reduction, (int, float)) and reduction > 0 and size < 2 * reduction:
                     raise BackboneError("last feature map under 2x2")
                 return size, macs
+            except NotAClassifierError:
+                raise
             except Exception as exc:
                 errors.append(f"{device} {size} px: {one_line(exc)[:120]}")
         if model is None or sum(p.numel() for p in model.parameters()) > 30e6:
@@ -469,10 +473,13 @@ def select_sweep(max_macs: float = SWEEP_MAX_MACS, echo=print) -> Dict[str, dict
     smallest model when none fits), or {"skipped": why} when no model of the family can be sized."""
     chosen: Dict[str, dict] = {}
     for family, names in timm_families().items():
-        smallest = None
+        smallest, encoders = None, 0
         for name in names:
             try:
                 size, macs = sized_macs(name)
+            except NotAClassifierError:
+                encoders += 1
+                continue
             except Exception as exc:
                 log.info("sweep: %s: %s", name, exc)
                 continue
@@ -482,7 +489,9 @@ def select_sweep(max_macs: float = SWEEP_MAX_MACS, echo=print) -> Dict[str, dict
             if smallest is None or macs < smallest["macs"]:
                 smallest = {"model": name, "img_size": size, "macs": int(macs), "over_max_macs": True}
         else:
-            chosen[family] = smallest or {"skipped": f"none of its {len(names)} models can be built and sized"}
+            why = ("its models are encoders, not image classifiers" if encoders == len(names)
+                   else f"none of its {len(names)} models can be built and sized")
+            chosen[family] = smallest or {"skipped": why}
         echo(f"{family:28s} {chosen[family].get('model') or chosen[family]['skipped']}")
     return chosen
 
@@ -515,7 +524,8 @@ def run_sweep(json_path, md_path=None, command: str = "", max_macs: float = SWEE
         over = {v["model"] for v in doc["selection"].values() if v.get("over_max_macs")}
         note = (f"Architectures: {doc['rule']}. {len(over)} of {len(doc['selection'])} modules are checked on a model "
                 f"over {max_macs / 1e6:.0f} M MACs"
-                + (f"; {len(skipped)} have no model that can be built ({', '.join(sorted(skipped))})" if skipped else "")
+                + (f"; {len(skipped)} are left out: " + ", ".join(f"{f} ({why})" for f, why in sorted(skipped.items()))
+                   if skipped else "")
                 + ". " + (f"Machine: {doc['machine']}." if doc.get("machine") else ""))
         atomic_write_text(md_path, markdown_table(results, command, note=note,
                                                   over_max_macs={n: max_macs for n in over}))
