@@ -248,3 +248,34 @@ def test_an_encoder_without_a_classifier_is_refused_in_one_line(capsys):
         create_backbone("gemma4_vit_167m_enc", depth=1)
     result = run_check("gemma4_vit_167m_enc", echo=lambda line: None)
     assert result.stages["adapter"] == "fail" and "is not an image classifier" in result.reason
+
+
+class _SelectiveKernelSplitNet(torch.nn.Module):
+    """SKNet's selective kernel with a split input: ``split(x, in_channels // paths)``, a conv per part."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.selective_kernel import SelectiveKernel
+
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.sk = SelectiveKernel(16, 12, kernel_size=[3, 5], split_input=True)
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.sk(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_a_split_into_equal_parts_prunes_the_same_place_in_every_part(tmp_path):
+    net = perturb(_SelectiveKernelSplitNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    seq = build_layer_sequence(net, x[:1])
+    stem = next(g for g in seq.groups if g.name == "stem")
+    assert stem.units == 8  # channel j and 8 + j: the same input of both paths
+    assert stem.unit_of_channel().tolist() == list(range(8)) * 2
+    units = _drop_every_third(seq)
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    assert slim_model.sk.in_channels == 10 and [p.conv.in_channels for p in slim_model.sk.paths] == [5, 5]
+    with torch.no_grad(), seq.gated([u.float() for u in units]):
+        gated = net(x)
+    with torch.no_grad():
+        assert torch.allclose(gated, slim_model(x), atol=1e-5)

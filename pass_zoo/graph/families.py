@@ -288,18 +288,27 @@ class RmsNorm2dFp32Family(RmsNorm2dFamily):
 # that re-reads the sizes from its slimmed layers; it runs after every pruning step and after an
 # export replays the pruning history, so nothing about it needs to be stored.
 SPLIT_SIZE_FIXES: Dict[Type[nn.Module], Callable[[nn.Module], None]] = {}
+# types whose split makes equal parts from one stored size: a channel is pruned at the same place in
+# every part (SKNet's paths), so the parts stay equal
+EQUAL_PARTS: set = set()
 
 
-def register_split_sizes(module_type: Type[nn.Module]):
+def register_split_sizes(module_type: Type[nn.Module], equal_parts: bool = False):
     """Function decorator: ``fix(module)`` rewrites the split sizes a ``module_type`` stores."""
     def wrap(fix):
         SPLIT_SIZE_FIXES[module_type] = fix
+        if equal_parts:
+            EQUAL_PARTS.add(module_type)
         return fix
     return wrap
 
 
 def stores_split_sizes(module: nn.Module) -> bool:
     return _lookup(SPLIT_SIZE_FIXES, module) is not None
+
+
+def splits_equal_parts(module: nn.Module) -> bool:
+    return any(isinstance(module, t) for t in EQUAL_PARTS)
 
 
 def fix_split_sizes(model: nn.Module) -> None:
@@ -334,3 +343,15 @@ def _fix_gated_conv_block(mod: nn.Module) -> None:
     concatenated identity and conv parts channel by channel, so it is as wide as ``fc2``'s input."""
     hidden, conv = mod.fc2.in_features, mod.conv.out_channels
     mod.split_indices = (hidden, hidden - conv, conv)
+
+
+def _selective_kernel():
+    from timm.layers.selective_kernel import SelectiveKernel
+    return SelectiveKernel
+
+
+@register_split_sizes(_selective_kernel(), equal_parts=True)
+def _fix_selective_kernel(mod: nn.Module) -> None:
+    """SKNet's selective kernel: ``split(x, in_channels // paths)``, one conv path per part."""
+    if mod.split_input:
+        mod.in_channels = sum(path.conv.in_channels for path in mod.paths)

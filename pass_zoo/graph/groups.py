@@ -34,7 +34,8 @@ import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ..errors import AdapterError
-from .families import attention_family, attention_modules, channel_norm_family, stores_split_sizes
+from .families import (attention_family, attention_modules, channel_norm_family, splits_equal_parts,
+                       stores_split_sizes)
 
 log = logging.getLogger(__name__)
 
@@ -639,6 +640,7 @@ class GroupBuilder:
         self.module_names = {m: n for n, m in model.named_modules()}
         # modules whose stored split sizes are rewritten after slimming (MixNet's mixed conv, ...)
         self._split_holders = tuple(f"{n}." for n, m in model.named_modules() if n and stores_split_sizes(m))
+        self._equal_parts = [f"{n}." for n, m in model.named_modules() if n and splits_equal_parts(m)]
         self.param_names = {p: n for n, p in model.named_parameters()}
         # qkv layer -> (attention module name, module, family), for the head groups
         self._attention = {}
@@ -769,6 +771,10 @@ class GroupBuilder:
         join_slots = [_Slot("", torch.tensor([p for p, _ in visits], dtype=torch.long),
                             torch.tensor([r for _, r in visits], dtype=torch.long))
                       for visits in getattr(tp_group, "joins", {}).values()]
+        for holder in self._equal_parts:  # the same position of every part is one unit
+            parts = [c for c in consumers if c.module_name.startswith(holder)]
+            if len(parts) > 1:
+                join_slots.append(_Slot("", torch.cat([c.positions for c in parts]), torch.cat([c.units for c in parts])))
         unit_index = _shared_position_units(n, slots + join_slots) if ch_groups == 1 else None
         if unit_index is not None:
             _check_even_splits(tp_group, unit_index, self._split_resized)
