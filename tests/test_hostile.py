@@ -1,6 +1,6 @@
 """Hostile input, second round: each case through the real CLI ends in one ``pass-zoo: error:`` line
 and exit code 2 (or, where the input is handled, with the right result), and leaves no partial or
-misleading run folder. Cases are listed in the README's Robustness section.
+misleading run folder. Cases are listed in docs/robustness.md.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 would replace inputs, names that become paths or code, edited run files, budgets a transfer must keep,
 changed bench specs and resume inputs, and values of the wrong sign or type. Each case is one
 ``pass-zoo: error:`` line with exit code 2 (or the right result) and nothing outside ``--out`` changes.
-The README's Robustness section lists the cases.
+docs/robustness.md lists the cases.
 """
 from __future__ import annotations
 
@@ -397,7 +397,7 @@ def test_a_malformed_sweep_file(text, expected, tmp_path):
 
 
 def test_the_soak_script_runs_clean(tmp_path):
-    """A short run of ``scripts/soak_hostile.py`` (the README's has 100 cases): every check holds."""
+    """A short run of ``scripts/soak_hostile.py`` (docs/robustness.md's has 100 cases): every check holds."""
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak_hostile.py"), "--cases", "12", "--seed", "3",
                            "--work", str(tmp_path / "soak")], env=env, capture_output=True, text=True, timeout=900)

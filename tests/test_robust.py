@@ -2,7 +2,7 @@
 
 Each case runs the real CLI in this process (``main(argv)``), so monkeypatched failures (disk full,
 permissions, NaN) hit the real code paths. Cases already covered elsewhere are listed in the
-README's Robustness section with the test that covers them.
+docs/robustness.md with the test that covers them.
 """
 from __future__ import annotations
 
