@@ -206,6 +206,14 @@ class SearchConfig:
                              help="Torch-Pruning criteria: each group's scores divided by their mean or max, or "
                                   "LAMP scores, before the global ranking (default: %(default)s)")
 
+    # Torch-Pruning's iterative pruning for its criteria: the budget tightens from dense to the target in
+    # this many rounds, each re-scoring the network slimmed so far; their scoring batches split over them
+    iterative_steps: int = option(1, flag="--iterative-steps", group=SEARCH, metavar="N",
+                                  help="Torch-Pruning criteria: prune in N rounds, the budget tightening linearly "
+                                       "to the target and each round re-scoring the network slimmed so far "
+                                       "(Torch-Pruning's iterative_steps; the criterion's batches are split over "
+                                       "the rounds); 1: one shot (default: %(default)s)")
+
     def validate(self) -> None:
         check_choices(self)
         if self.hidden < 1:
@@ -214,6 +222,9 @@ class SearchConfig:
             raise PassZooError("batch size must be positive and step counts non-negative")
         if self.round_to < 1:
             raise PassZooError(f"--round-to must be >= 1, got {self.round_to}")
+        if isinstance(self.iterative_steps, bool) or not isinstance(self.iterative_steps, int) \
+                or not 1 <= self.iterative_steps <= 100:
+            raise PassZooError(f"--iterative-steps must be a whole number from 1 to 100, got {self.iterative_steps!r}")
         if not 0.0 < self.max_prune_ratio <= 1.0:
             raise PassZooError(f"--max-prune-ratio must be in (0, 1], got {self.max_prune_ratio}")
         if not 0.0 <= self.budget_warmup <= 1.0:

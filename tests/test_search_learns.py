@@ -145,3 +145,42 @@ def test_a_search_at_chance_says_so(caplog):
         record = chance_check([2.30] * 20, 10)
     assert record["search_at_chance"] is True and "did not learn" in caplog.text
     assert chance_check([2.3] * 10 + [1.0] * 10, 10)["search_at_chance"] is False
+
+
+@pytest.mark.parametrize("method", ["l1", "taylor"])
+def test_iterative_pruning_tightens_in_rounds_and_never_restores_a_unit(method, monkeypatch):
+    """Torch-Pruning's iterative_steps: N selections at budgets falling linearly to the target, each scoring
+    a copy slimmed by the one before; the criterion's batches are split over the rounds."""
+    import pass_zoo.methods.torch_pruning as tpm
+
+    model, seq = _tiny()
+    selections, batches = [], []
+    real_select, real_scores = tpm.select_units, tpm.TorchPruningCriterion.scores
+
+    def select(scores, seq_, target, *args, **kwargs):
+        units = real_select(scores, seq_, target, *args, **kwargs)
+        selections.append((target.fraction, [u.clone() for u in units]))
+        return units
+
+    def scores(self, model_, seq_, prompt, loader, steps, *args, **kwargs):
+        batches.append(steps)
+        return real_scores(self, model_, seq_, prompt, loader, steps, *args, **kwargs)
+
+    monkeypatch.setattr(tpm, "select_units", select)
+    monkeypatch.setattr(tpm.TorchPruningCriterion, "scores", scores)
+    cfg = PruneConfig(method=method, target_macs=0.4, search=SearchConfig(steps=6, iterative_steps=3))
+    cfg.validate()
+    ctx = MethodContext(model, seq, AdditivePrompt(32, 4), _separable(), cfg, make_accelerator("no"), head="new")
+    result = get_method(method).produce(ctx)
+    assert [round(f, 3) for f, _ in selections] == [0.8, 0.6, 0.4]
+    assert batches == [2, 2, 2]  # 6 batches over 3 rounds
+    for (_, before), (_, after) in zip(selections, selections[1:]):
+        assert all(not bool((a & ~b).any()) for b, a in zip(before, after))  # nothing comes back
+    final = [result.masks[g.name][g.first_channels()] for g in seq.groups]
+    assert [torch.equal(f, u) for f, u in zip(final, selections[-1][1])] == [True] * len(seq.groups)
+    assert seq.macs([int(u.sum()) for u in final]) <= 0.4 * seq.dense_macs
+
+
+def test_iterative_steps_is_checked():
+    with pytest.raises(PassZooError, match="--iterative-steps must be a whole number from 1 to 100"):
+        SearchConfig(iterative_steps=0).validate()

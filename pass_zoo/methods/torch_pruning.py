@@ -26,6 +26,7 @@ weaker stage 1: a linear probe on the dense network and no prompt training.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, List
 
 import torch
@@ -34,7 +35,10 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from ..errors import PassZooError
+from ..graph.budget import as_budget
 from ..graph.masks import select_units, to_channel_masks
+from ..graph.sequence import build_layer_sequence
+from ..graph.slim import slim
 from ..train.loop import check_same_across_processes, cosine_lambda, cycle, progress
 from .frozen_bn import KeepRunningStats, batch_norms
 from .registry import Method, MethodContext, MethodResult, get_method, register_method
@@ -100,16 +104,49 @@ class TorchPruningCriterion(Method):
         on_masks = cfg.search.probe == "masked"
         # a one-shot criterion probes no head before scoring when its head learns on its masks anyway
         probe = ctx.new_head and not (on_masks and self.one_shot)
-        scores = self.scores(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.search.steps, ctx.accelerator,
-                             train_head=probe, lr_head=cfg.search.lr_head, normalizer=cfg.search.normalizer)
-        units = select_units(scores, ctx.seq, ctx.selection_budget(), cfg.search.round_to, cfg.search.selection,
-                             cfg.search.max_prune_ratio)
+        if cfg.search.iterative_steps > 1:
+            units = self.iterative_units(ctx, probe)
+        else:
+            scores = self.scores(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, cfg.search.steps,
+                                 ctx.accelerator, train_head=probe, lr_head=cfg.search.lr_head,
+                                 normalizer=cfg.search.normalizer)
+            units = select_units(scores, ctx.seq, ctx.selection_budget(), cfg.search.round_to, cfg.search.selection,
+                                 cfg.search.max_prune_ratio)
         if on_masks:
             train_on_masks(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, units, cfg.search, ctx.accelerator,
                            train_head=ctx.new_head)
         masks = to_channel_masks(units, ctx.seq)
         check_same_across_processes(ctx.accelerator, f"{self.name} masks", list(masks.values()))
         return MethodResult(masks)
+
+
+    def iterative_units(self, ctx: MethodContext, probe: bool) -> List[torch.Tensor]:
+        """Torch-Pruning's iterative pruning: round r of N selects under the budget at 1 - (1 - target) r / N
+        of the dense cost, scoring a copy slimmed by the previous round (what Torch-Pruning re-reads after
+        each of its steps); removed units stay removed. The criterion's batches are split over the rounds."""
+        cfg, seq = ctx.config.search, ctx.seq
+        budget = as_budget(seq, ctx.selection_budget())
+        rounds = cfg.iterative_steps
+        steps = max(1, cfg.steps // rounds) if cfg.steps else 0
+        units = [torch.ones(g.units, dtype=torch.bool) for g in seq.groups]
+        example = next(iter(ctx.train_loader))[0][:1].to(ctx.accelerator.device)
+        for r in range(1, rounds + 1):
+            model, prompt = copy.deepcopy(ctx.backbone), copy.deepcopy(ctx.prompt)
+            if not all(bool(u.all()) for u in units):
+                model, _ = slim(model, to_channel_masks(units, seq), example)
+            slim_seq = build_layer_sequence(model, example)
+            slim_scores = dict(zip(slim_seq.names, self.scores(
+                model, slim_seq, prompt, ctx.train_loader, steps, ctx.accelerator, train_head=probe,
+                lr_head=cfg.lr_head, normalizer=cfg.normalizer)))
+            scores = []
+            for g, kept in zip(seq.groups, units):  # the slim group's units are the kept ones, in order
+                score = torch.full((g.units,), -1e30)  # removed units stay removed
+                mine = slim_scores.get(g.name)
+                score[kept] = mine.to(score.dtype) if mine is not None and len(mine) == int(kept.sum()) else 0.0
+                scores.append(score)
+            units = select_units(scores, seq, budget.at(1 - (1 - budget.fraction) * r / rounds), cfg.round_to,
+                                 cfg.selection, cfg.max_prune_ratio)
+        return units
 
 
 @register_method
