@@ -279,3 +279,19 @@ def test_a_split_into_equal_parts_prunes_the_same_place_in_every_part(tmp_path):
         gated = net(x)
     with torch.no_grad():
         assert torch.allclose(gated, slim_model(x), atol=1e-5)
+
+
+def test_an_anti_aliased_downsample_takes_the_width_of_its_input(tmp_path):
+    """TResNet's blur pool stores its filter once per channel; slimmed, it follows its input's width."""
+    from timm.layers.blur_pool import BlurPool2d
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), BlurPool2d(12, stride=2),
+                              torch.nn.Conv2d(12, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    seq = build_layer_sequence(net, x[:1])
+    units = _drop_every_third(seq)
+    slim_model, _ = slim(net, to_channel_masks(units, seq), x[:1])
+    with torch.no_grad(), seq.gated([u.float() for u in units]):
+        gated = net(x)
+    with torch.no_grad():
+        assert slim_model[1].channels is None and torch.allclose(gated, slim_model(x), atol=1e-6)

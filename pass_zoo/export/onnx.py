@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -106,6 +107,34 @@ def _static_same_padding():
             m.pad_same = original
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print their progress, the IR graph of a failed TorchScript export (from C++, to the
+    process's stdout: torch turns its ONNX log on whatever it was), and (dynamo) a logged traceback when
+    the ONNX version converter falls back. A failure is reported in one line by ``export_graph``, so none
+    of that reaches the terminal: Python's streams and the file descriptors behind them are silenced."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [null]:
+            os.close(fd)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_graph(model: nn.Module, path, img_size: int, opset: int = DEFAULT_OPSET,
                  exporter: str = "auto") -> str:
     """Write ``model`` (eval mode, batch axis dynamic) as ONNX to ``path``; returns the exporter used.
@@ -125,7 +154,7 @@ def export_graph(model: nn.Module, path, img_size: int, opset: int = DEFAULT_OPS
     for name in (order if exporter == "auto" else (exporter,)):
         try:
             if name == "torchscript":
-                with warnings.catch_warnings(), _static_same_padding():
+                with warnings.catch_warnings(), _static_same_padding(), _quiet():
                     warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
                     warnings.filterwarnings("ignore", message=".*feature will be removed.*")
                     warnings.filterwarnings("ignore", message=".*Converting a tensor to a Python.*")
@@ -136,7 +165,7 @@ def export_graph(model: nn.Module, path, img_size: int, opset: int = DEFAULT_OPS
                                       do_constant_folding=True,
                                       dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
             else:
-                with contextlib.redirect_stdout(io.StringIO()):  # progress lines
+                with _quiet():  # progress lines, and the version converter's logged traceback on a fallback
                     torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
                                       output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)

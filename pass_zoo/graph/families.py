@@ -355,3 +355,17 @@ def _fix_selective_kernel(mod: nn.Module) -> None:
     """SKNet's selective kernel: ``split(x, in_channels // paths)``, one conv path per part."""
     if mod.split_input:
         mod.in_channels = sum(path.conv.in_channels for path in mod.paths)
+
+
+def _blur_pool2d():
+    from timm.layers.blur_pool import BlurPool2d
+    return BlurPool2d
+
+
+@register_split_sizes(_blur_pool2d())
+def _fix_blur_pool2d(mod: nn.Module) -> None:
+    """Anti-aliased downsampling (TResNet, and ``aa_layer=`` in many timm CNNs): a depthwise blur whose
+    filter is stored once per channel. Every channel has the same filter, so the module takes the width
+    of its input instead (timm's own ``channels=None`` mode)."""
+    if mod.channels is not None:
+        mod.channels, mod.filt = None, mod.filt[:1].clone()
