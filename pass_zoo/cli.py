@@ -109,7 +109,7 @@ def _is_main_process() -> bool:
 def _remove_empty_tree(path, keep_folder: bool = False) -> None:
     """Remove ``path`` if it holds nothing but empty folders (a run that failed before writing anything);
     ``keep_folder``: it was there before, only the run's marker goes."""
-    from .runio import remove_empty_run_dir
+    from .fileio import remove_empty_run_dir
 
     remove_empty_run_dir(path, keep_folder)
 
@@ -249,7 +249,7 @@ def _val_subset(text: str):
 
 def _write_json(path: Optional[str], obj) -> None:
     if path:
-        from .runio import atomic_write_json
+        from .fileio import atomic_write_json
 
         atomic_write_json(path, obj)
 
@@ -317,7 +317,7 @@ def cmd_latency(args) -> int:
 def cmd_costs(args) -> int:
     from pathlib import Path
 
-    from .tools.costs import latency_points, measure_costs, plot_costs
+    from .tools.measure_costs import latency_points, measure_costs, plot_costs
     from .validate import check_seed
 
     for flag, value in (("--img-size", args.img_size), ("--batch", args.batch)):
@@ -403,7 +403,7 @@ def cmd_check(args) -> int:
     passed = sum(r.passed for r in results)
     print(f"{passed}/{len(results)} architectures pass every stage")
     if args.md:
-        from .runio import atomic_write_text
+        from .fileio import atomic_write_text
 
         command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
         atomic_write_text(args.md, markdown_table(results, command))
@@ -602,7 +602,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pass-zoo: error: {internal_error_line(exc, args)}", file=sys.stderr)
         return 2
     finally:
-        from .runio import unlock_all_run_dirs
+        from .fileio import unlock_all_run_dirs
 
         unlock_all_run_dirs()
 
@@ -615,7 +615,7 @@ def internal_error_line(exc: BaseException, args) -> str:
     from pathlib import Path
 
     from .errors import stage_of
-    from .runio import atomic_write_text
+    from .fileio import atomic_write_text
 
     text = "".join(traceback.format_exception(exc))
     stage = stage_of(exc) or args.command
