@@ -208,7 +208,7 @@ def main(argv=None) -> int:
 
     from pass_zoo.config import _round_to
     from pass_zoo.export.latency import nchwc_block_size
-    from pass_zoo.runio import atomic_write_json
+    from pass_zoo.fileio import atomic_write_json
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="speed-per-mac-") as tmp:

@@ -5,11 +5,11 @@ checkpoints load with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``.
 """
 from .errors import PassZooError
 from .export.timm_model import PassPrunedModel, load_run_model, save_slim_model
-from .graph.costs import count_macs, count_params
+from .graph.cost_model import count_macs, count_params
 from .graph.masks import Masks, select_units
 from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import slim
-from .graph.weights import WeightMasks, apply_weight_masks, prunable_weights, select_weights
+from .methods.weight_masks import WeightMasks, apply_weight_masks, prunable_weights, select_weights
 from .pipeline import PruneConfig, prune
 
 __version__ = "0.1.0"

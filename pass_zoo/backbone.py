@@ -156,7 +156,7 @@ def fast_layout(model: nn.Module) -> nn.Module:
     output, which costs more than the convolution itself in a depthwise-separable network
     (EfficientNet-Lite0 at 64 px trains ~1.7x and evaluates ~1.5-2.4x faster on a 2-core CPU). The
     function is the same; only float rounding differs. Saved tensors are made contiguous on write
-    (``runio.safetensors_bytes``), so files do not depend on the layout.
+    (``fileio.safetensors_bytes``), so files do not depend on the layout.
     """
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):

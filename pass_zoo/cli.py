@@ -109,7 +109,7 @@ def _is_main_process() -> bool:
 def _remove_empty_tree(path, keep_folder: bool = False) -> None:
     """Remove ``path`` if it holds nothing but empty folders (a run that failed before writing anything);
     ``keep_folder``: it was there before, only the run's marker goes."""
-    from .runio import remove_empty_run_dir
+    from .fileio import remove_empty_run_dir
 
     remove_empty_run_dir(path, keep_folder)
 
@@ -127,6 +127,15 @@ def _tidy_on_failure(out, enabled: bool = True):
         if enabled:
             _remove_empty_tree(out, keep_folder=existed)
         raise
+
+
+def add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="search masks (PASS, VPNs or a baseline), slim, fine-tune and write a run folder",
+                       description="Load a timm backbone, learn channel masks with PASS under a MACs budget and "
+                       "physically slim the network -- or weight masks with VPNs under a density budget, the "
+                       "masked weights zeroed -- then fine-tune it with its prompt and write the run folder.")
+    _add_prune_args(p)
+    p.set_defaults(func=cmd_prune)
 
 
 def cmd_prune(args) -> int:
@@ -179,6 +188,16 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def add_card(sub) -> None:
+    p = sub.add_parser("card", help="write a run's model card (README.md) and kept_channels.png",
+                       description="Render RUN_DIR's Hub model card from its metrics.json, masks.json, "
+                       "export.json and latency.json (if measured), plus a per-layer kept-channel plot.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--repo-id", default=None, metavar="ORG/NAME",
+                   help="the Hub repo the card's snippets load (default: hub.json's or the recipe's, else ORG/NAME)")
+    p.set_defaults(func=cmd_card)
+
+
 def cmd_card(args) -> int:
     from .publish.card import LATENCY_FILE, write_card
     from .validate import check_repo_id
@@ -192,6 +211,19 @@ def cmd_card(args) -> int:
         print(f"note: latency not measured (pass-zoo latency {args.run_dir} --json "
               f"{path.parent / LATENCY_FILE} adds it to the card)")
     return 0
+
+
+def add_publish(sub) -> None:
+    p = sub.add_parser("publish", help="upload a verified run folder to the Hugging Face Hub",
+                       description="Check that RUN_DIR is complete and its ONNX export passed, render the card "
+                       "if needed, create the repo and upload the publishable files in one commit.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="Hub model repo to create or update")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default: main)")
+    p.add_argument("--dry-run", action="store_true", help="print the files and the card; change nothing")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN, then the stored login)")
+    p.set_defaults(func=cmd_publish)
 
 
 def cmd_publish(args) -> int:
@@ -210,6 +242,23 @@ def cmd_publish(args) -> int:
     print(f"published {args.run_dir} to {args.repo_id}@{record['revision']}\n{listing}\n"
           f"commit {record['commit_url']}")
     return 0
+
+
+def add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="the model zoo: recipes/*.yaml and their runs",
+                       description="Zoo entries are recipes (recipes/*.yaml); 'build' runs one end to end "
+                       "into RUNS_DIR/NAME, a folder ready for 'pass-zoo publish'.")
+    zoo = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zoo.required = True
+    for name, help_ in (("list", "every entry, whether it was built locally, its top-1 and MACs"),
+                        ("build", "prune + export + card for one entry into RUNS_DIR/NAME")):
+        q = zoo.add_parser(name, help=help_, description=help_)
+        if name == "build":
+            q.add_argument("name", metavar="NAME")
+            q.add_argument("--overwrite", action="store_true", help="replace an existing RUNS_DIR/NAME")
+        q.add_argument("--runs-dir", default="runs", help="where runs live (default: %(default)s)")
+        q.add_argument("--recipes-dir", default=None, help="recipe folder (default: this checkout's recipes/)")
+        q.set_defaults(func=cmd_zoo_list if name == "list" else cmd_zoo_build)
 
 
 def cmd_zoo_list(args) -> int:
@@ -249,9 +298,22 @@ def _val_subset(text: str):
 
 def _write_json(path: Optional[str], obj) -> None:
     if path:
-        from .runio import atomic_write_json
+        from .fileio import atomic_write_json
 
         atomic_write_json(path, obj)
+
+
+def add_export(sub) -> None:
+    from .export.onnx import EXPORTERS
+
+    p = sub.add_parser("export", help="(re-)write a run's verified model.onnx and export.json",
+                       description="Export RUN_DIR's slim model with its prompt to ONNX, compare ONNX Runtime "
+                       "with torch on random and validation images, and keep model.onnx only if they agree.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 17 (default: %(default)s)")
+    p.add_argument("--exporter", default="auto", choices=list(EXPORTERS),
+                   help="torch.onnx exporter; auto: TorchScript, dynamo if that fails (default: %(default)s)")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
@@ -278,6 +340,21 @@ def _check_json(args, inputs, allowed=()) -> None:
         check_output_file(args.json, "--json", inputs, allowed)
 
 
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="top-1 of a run folder, local-dir:/hf-hub: model or .onnx file",
+                       description="Evaluate TARGET on a validation split. Defaults repeat the run's own "
+                       "evaluation (dataset, --val-subset, --seed, batch size from its metrics.json).")
+    p.add_argument("target", metavar="TARGET", help="RUN_DIR | local-dir:PATH | hf-hub:ORG/NAME | FILE.onnx")
+    p.add_argument("--dataset", default=None, help="dataset (default: the run's)")
+    p.add_argument("--val-subset", type=_val_subset, default="run",
+                   help="N images or 'all' (default: the run's subset for the run's dataset, else all)")
+    p.add_argument("--seed", type=int, default=None, help="subset seed (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's eval batch)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: ORT's choice)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
 def cmd_eval(args) -> int:
     from .export.evaluation import evaluate_target
     from .validate import check_seed, dataset_folder
@@ -301,6 +378,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def add_latency(sub) -> None:
+    p = sub.add_parser("latency", help="dense vs slim latency with ONNX Runtime on the CPU",
+                       description="Export the dense base model (random init) and the run's slim model to "
+                       "ONNX and time them interleaved with ONNX Runtime on the CPU.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=cmd_latency)
+
+
 def cmd_latency(args) -> int:
     from .export.latency import format_latency, measure_latency
     from .export.onnx import check_opset
@@ -314,10 +405,31 @@ def cmd_latency(args) -> int:
     return 0
 
 
+def add_costs(sub) -> None:
+    p = sub.add_parser("costs", help="measure search overhead, peak memory and speedup vs MACs",
+                       description="Step time of a PASS search step with the hypernetwork vs the same step with "
+                       "fixed masks, peak memory of search vs fine-tuning at the same batch (each in a fresh "
+                       "process), and optionally ORT speedup vs MACs ratio of finished run folders.")
+    p.add_argument("--model", default="tf_efficientnet_lite0")
+    p.add_argument("--pretrained", default="bundled")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per kind (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency", nargs="+", default=[], metavar="RUN_DIR",
+                   help="also measure ORT speedup of these run folders (batch 1 and 32)")
+    p.add_argument("--latency-threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
+    p.add_argument("--out", required=True, help="folder for costs.json and costs.png")
+    p.set_defaults(func=cmd_costs)
+
+
 def cmd_costs(args) -> int:
     from pathlib import Path
 
-    from .tools.costs import latency_points, measure_costs, plot_costs
+    from .tools.measure_costs import latency_points, measure_costs, plot_costs
     from .validate import check_seed
 
     for flag, value in (("--img-size", args.img_size), ("--batch", args.batch)):
@@ -345,6 +457,28 @@ def cmd_costs(args) -> int:
     return 0
 
 
+def add_transfer(sub) -> None:
+    from .config import choices_of
+
+    p = sub.add_parser("transfer", help="reuse a run's masks (PASS, VPNs, ...) or PASS's hypernetwork on another task",
+                       description="(a) --mode masks: the source run's masks, fine-tuned on the new dataset; "
+                       "(b) --mode hypernet: the source run's hypernetwork, frozen, applied to a prompt learned "
+                       "on the new dataset. Everything else comes from the source run's configuration.")
+    p.add_argument("source", metavar="SOURCE_RUN",
+                   help="a finished run folder (task A): any method for --mode masks, PASS for --mode hypernet")
+    p.add_argument("--mode", choices=choices_of("transfer_mode"), default="hypernet", help="what to transfer")
+    p.add_argument("--dataset", required=True, help="task B (e.g. fashion-mnist@5-9 or sklearn-digits)")
+    p.add_argument("--out", required=True, help="run folder for task B")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--val-subset", type=int, default=None)
+    p.add_argument("--search-steps", type=int, default=None, help="prompt-learning steps for --mode hypernet")
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--no-onnx", action="store_true")
+    p.set_defaults(func=cmd_transfer)
+
+
 def cmd_transfer(args) -> int:
     from .pipeline import prune
     from .tools.transfer import transfer_config
@@ -362,6 +496,22 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run (or resume) a grid of prune runs from a YAML spec",
+                       description="Methods x MACs levels x seeds, each an ordinary prune run under OUT/cells/; "
+                       "results.json after every cell (a finished cell reruns only when its settings changed) "
+                       "and PNG plots.")
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("--out", required=True, help="results folder (results.json, plots, cells/)")
+    p.add_argument("--only", nargs="+", default=[], metavar="ID", help="run only cells whose id starts with ID")
+    p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N cells at once, each in its own process (default: 1)")
+    p.add_argument("--threads", type=int, default=0, metavar="T",
+                   help="torch threads per cell (default: CPU cores / N); set it when other jobs share the CPU")
+    p.set_defaults(func=cmd_bench)
+
+
 def cmd_bench(args) -> int:
     from .tools.bench import report, run_bench
 
@@ -370,6 +520,29 @@ def cmd_bench(args) -> int:
     if doc["runs"]:
         print(report(doc), end="")
     return 0
+
+
+def add_check(sub) -> None:
+    p = sub.add_parser("check", help="run every stage on a random-init timm model (or --all: a curated sweep)",
+                       description="adapter -> 2-step PASS search -> slim (exact MACs) -> masked == slim -> "
+                       "export -> strict timm reload -> ONNX parity, on a random-init model at a small input "
+                       "size; one line per stage. --all checks a curated list, each model in its own process.")
+    p.add_argument("--model", default=None, help="timm model name")
+    p.add_argument("--all", action="store_true", help="check the curated list of architectures")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size (default: 64; fixed-size models such as ViT/Swin are created at it)")
+    p.add_argument("--sweep", default=None, metavar="JSON",
+                   help="check one model per timm family (the first under --max-macs), results in JSON; "
+                   "resumes: models already in it are skipped")
+    p.add_argument("--max-macs", type=float, default=300, metavar="M",
+                   help="with --sweep: the MACs limit (millions) of a family's chosen model (default: %(default)s)")
+    p.add_argument("--machine", default="", help="with --sweep: the machine, as the table should name it")
+    p.add_argument("--md", default=None, metavar="PATH",
+                   help="with --all or --sweep: write the Markdown compatibility table")
+    p.add_argument("--timeout", type=float, default=900, help="with --all: seconds per model (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="with --all: torch threads per model (default: %(default)s)")
+    p.set_defaults(func=cmd_check)
+
 
 def cmd_check(args) -> int:
     from .tools.check import CURATED, markdown_table, run_all, run_check
@@ -403,7 +576,7 @@ def cmd_check(args) -> int:
     passed = sum(r.passed for r in results)
     print(f"{passed}/{len(results)} architectures pass every stage")
     if args.md:
-        from .runio import atomic_write_text
+        from .fileio import atomic_write_text
 
         command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
         atomic_write_text(args.md, markdown_table(results, command))
@@ -412,9 +585,6 @@ def cmd_check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import choices_of
-    from .export.onnx import EXPORTERS
-
     parser = argparse.ArgumentParser(
         prog="pass-zoo", description="Visual-prompt pruning for timm models: PASS (channel masks from a visual "
         "prompt and a recurrent hypernetwork, physically slimmed) or VPNs (weight masks learned with a visual "
@@ -423,150 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (e.g. how weights were loaded)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("prune", help="search masks (PASS, VPNs or a baseline), slim, fine-tune and write a run folder",
-                       description="Load a timm backbone, learn channel masks with PASS under a MACs budget and "
-                       "physically slim the network -- or weight masks with VPNs under a density budget, the "
-                       "masked weights zeroed -- then fine-tune it with its prompt and write the run folder.")
-    _add_prune_args(p)
-    p.set_defaults(func=cmd_prune)
-
-    p = sub.add_parser("export", help="(re-)write a run's verified model.onnx and export.json",
-                       description="Export RUN_DIR's slim model with its prompt to ONNX, compare ONNX Runtime "
-                       "with torch on random and validation images, and keep model.onnx only if they agree.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 17 (default: %(default)s)")
-    p.add_argument("--exporter", default="auto", choices=list(EXPORTERS),
-                   help="torch.onnx exporter; auto: TorchScript, dynamo if that fails (default: %(default)s)")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("eval", help="top-1 of a run folder, local-dir:/hf-hub: model or .onnx file",
-                       description="Evaluate TARGET on a validation split. Defaults repeat the run's own "
-                       "evaluation (dataset, --val-subset, --seed, batch size from its metrics.json).")
-    p.add_argument("target", metavar="TARGET", help="RUN_DIR | local-dir:PATH | hf-hub:ORG/NAME | FILE.onnx")
-    p.add_argument("--dataset", default=None, help="dataset (default: the run's)")
-    p.add_argument("--val-subset", type=_val_subset, default="run",
-                   help="N images or 'all' (default: the run's subset for the run's dataset, else all)")
-    p.add_argument("--seed", type=int, default=None, help="subset seed (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's eval batch)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: ORT's choice)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("latency", help="dense vs slim latency with ONNX Runtime on the CPU",
-                       description="Export the dense base model (random init) and the run's slim model to "
-                       "ONNX and time them interleaved with ONNX Runtime on the CPU.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    p.set_defaults(func=cmd_latency)
-
-    p = sub.add_parser("costs", help="measure search overhead, peak memory and speedup vs MACs",
-                       description="Step time of a PASS search step with the hypernetwork vs the same step with "
-                       "fixed masks, peak memory of search vs fine-tuning at the same batch (each in a fresh "
-                       "process), and optionally ORT speedup vs MACs ratio of finished run folders.")
-    p.add_argument("--model", default="tf_efficientnet_lite0")
-    p.add_argument("--pretrained", default="bundled")
-    p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--target-macs", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per kind (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--latency", nargs="+", default=[], metavar="RUN_DIR",
-                   help="also measure ORT speedup of these run folders (batch 1 and 32)")
-    p.add_argument("--latency-threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
-    p.add_argument("--out", required=True, help="folder for costs.json and costs.png")
-    p.set_defaults(func=cmd_costs)
-
-    p = sub.add_parser("transfer", help="reuse a run's masks (PASS, VPNs, ...) or PASS's hypernetwork on another task",
-                       description="(a) --mode masks: the source run's masks, fine-tuned on the new dataset; "
-                       "(b) --mode hypernet: the source run's hypernetwork, frozen, applied to a prompt learned "
-                       "on the new dataset. Everything else comes from the source run's configuration.")
-    p.add_argument("source", metavar="SOURCE_RUN",
-                   help="a finished run folder (task A): any method for --mode masks, PASS for --mode hypernet")
-    p.add_argument("--mode", choices=choices_of("transfer_mode"), default="hypernet", help="what to transfer")
-    p.add_argument("--dataset", required=True, help="task B (e.g. fashion-mnist@5-9 or sklearn-digits)")
-    p.add_argument("--out", required=True, help="run folder for task B")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--train-subset", type=int, default=None)
-    p.add_argument("--val-subset", type=int, default=None)
-    p.add_argument("--search-steps", type=int, default=None, help="prompt-learning steps for --mode hypernet")
-    p.add_argument("--finetune-steps", type=int, default=None)
-    p.add_argument("--no-onnx", action="store_true")
-    p.set_defaults(func=cmd_transfer)
-
-    p = sub.add_parser("bench", help="run (or resume) a grid of prune runs from a YAML spec",
-                       description="Methods x MACs levels x seeds, each an ordinary prune run under OUT/cells/; "
-                       "results.json after every cell (a finished cell reruns only when its settings changed) "
-                       "and PNG plots.")
-    p.add_argument("spec", metavar="SPEC.yaml")
-    p.add_argument("--out", required=True, help="results folder (results.json, plots, cells/)")
-    p.add_argument("--only", nargs="+", default=[], metavar="ID", help="run only cells whose id starts with ID")
-    p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="run N cells at once, each in its own process (default: 1)")
-    p.add_argument("--threads", type=int, default=0, metavar="T",
-                   help="torch threads per cell (default: CPU cores / N); set it when other jobs share the CPU")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("card", help="write a run's model card (README.md) and kept_channels.png",
-                       description="Render RUN_DIR's Hub model card from its metrics.json, masks.json, "
-                       "export.json and latency.json (if measured), plus a per-layer kept-channel plot.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--repo-id", default=None, metavar="ORG/NAME",
-                   help="the Hub repo the card's snippets load (default: hub.json's or the recipe's, else ORG/NAME)")
-    p.set_defaults(func=cmd_card)
-
-    p = sub.add_parser("publish", help="upload a verified run folder to the Hugging Face Hub",
-                       description="Check that RUN_DIR is complete and its ONNX export passed, render the card "
-                       "if needed, create the repo and upload the publishable files in one commit.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="Hub model repo to create or update")
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
-    p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default: main)")
-    p.add_argument("--dry-run", action="store_true", help="print the files and the card; change nothing")
-    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN, then the stored login)")
-    p.set_defaults(func=cmd_publish)
-
-    p = sub.add_parser("zoo", help="the model zoo: recipes/*.yaml and their runs",
-                       description="Zoo entries are recipes (recipes/*.yaml); 'build' runs one end to end "
-                       "into RUNS_DIR/NAME, a folder ready for 'pass-zoo publish'.")
-    zoo = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
-    zoo.required = True
-    for name, help_ in (("list", "every entry, whether it was built locally, its top-1 and MACs"),
-                        ("build", "prune + export + card for one entry into RUNS_DIR/NAME")):
-        q = zoo.add_parser(name, help=help_, description=help_)
-        if name == "build":
-            q.add_argument("name", metavar="NAME")
-            q.add_argument("--overwrite", action="store_true", help="replace an existing RUNS_DIR/NAME")
-        q.add_argument("--runs-dir", default="runs", help="where runs live (default: %(default)s)")
-        q.add_argument("--recipes-dir", default=None, help="recipe folder (default: this checkout's recipes/)")
-        q.set_defaults(func=cmd_zoo_list if name == "list" else cmd_zoo_build)
-    p = sub.add_parser("check", help="run every stage on a random-init timm model (or --all: a curated sweep)",
-                       description="adapter -> 2-step PASS search -> slim (exact MACs) -> masked == slim -> "
-                       "export -> strict timm reload -> ONNX parity, on a random-init model at a small input "
-                       "size; one line per stage. --all checks a curated list, each model in its own process.")
-    p.add_argument("--model", default=None, help="timm model name")
-    p.add_argument("--all", action="store_true", help="check the curated list of architectures")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="input size (default: 64; fixed-size models such as ViT/Swin are created at it)")
-    p.add_argument("--sweep", default=None, metavar="JSON",
-                   help="check one model per timm family (the first under --max-macs), results in JSON; "
-                   "resumes: models already in it are skipped")
-    p.add_argument("--max-macs", type=float, default=300, metavar="M",
-                   help="with --sweep: the MACs limit (millions) of a family's chosen model (default: %(default)s)")
-    p.add_argument("--machine", default="", help="with --sweep: the machine, as the table should name it")
-    p.add_argument("--md", default=None, metavar="PATH",
-                   help="with --all or --sweep: write the Markdown compatibility table")
-    p.add_argument("--timeout", type=float, default=900, help="with --all: seconds per model (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="with --all: torch threads per model (default: %(default)s)")
-    p.set_defaults(func=cmd_check)
+    # each command registers its parser beside its handler; this order is pass-zoo --help's
+    for add in (add_prune, add_export, add_eval, add_latency, add_costs, add_transfer, add_bench, add_card,
+                add_publish, add_zoo, add_check):
+        add(sub)
     return parser
 
 
@@ -602,7 +632,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pass-zoo: error: {internal_error_line(exc, args)}", file=sys.stderr)
         return 2
     finally:
-        from .runio import unlock_all_run_dirs
+        from .fileio import unlock_all_run_dirs
 
         unlock_all_run_dirs()
 
@@ -615,7 +645,7 @@ def internal_error_line(exc: BaseException, args) -> str:
     from pathlib import Path
 
     from .errors import stage_of
-    from .runio import atomic_write_text
+    from .fileio import atomic_write_text
 
     text = "".join(traceback.format_exception(exc))
     stage = stage_of(exc) or args.command

@@ -72,7 +72,7 @@ def check_choices(obj) -> None:
 
 
 def _cores():
-    from .methods.pass_hypernet import CORES
+    from .methods.pass_.hypernet import CORES
 
     return CORES
 
@@ -152,12 +152,12 @@ class SearchConfig:
                               help="ablation: the hypernetwork does not see the prompt")
     use_weights: bool = option(True, flag="--no-weight-input", negate=True, group=SEARCH,
                                help="ablation: the hypernetwork does not see weights")
-    # add the hand-made log-magnitude ranking to the scores (see methods/pass_hypernet.py)
+    # add the hand-made log-magnitude ranking to the scores (see methods/pass_/hypernet.py)
     use_prior: bool = option(True, flag="--no-prior", negate=True, group=SEARCH,
                              help="every part of the scores is learned (the paper's PASS): no hand-made log-magnitude "
                                   "ranking added to them")
     # How PASS's scores of different groups are put on one scale for the global selection (see
-    # methods/pass_hypernet.py): the raw sum, or per-group standardised plus a learned offset.
+    # methods/pass_/hypernet.py): the raw sum, or per-group standardised plus a learned offset.
     scores: str = option("raw", flag="--hypernet-scores", group=SEARCH, choices=("group", "raw"),
                          help="PASS: raw = the hypernetwork's scores ranked as they are; group = each group's "
                               "scores standardised, plus a learned per-group offset that sets how many units it "

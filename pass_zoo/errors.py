@@ -62,19 +62,19 @@ def one_line(exc: BaseException) -> str:
 
 
 # Modules that only wire stages together; the stage is the first pass_zoo module they called.
-_ORCHESTRATORS = {"cli", "pipeline", "publish.zoo", "tools.transfer", "tools.bench", "train.launch", "errors", "runio",
-                  "methods.registry", "methods.pass_method"}
+_ORCHESTRATORS = {"cli", "pipeline", "publish.zoo", "tools.transfer", "tools.bench", "train.launch", "errors", "fileio",
+                  "methods.registry", "methods.pass_.method"}
 _STAGE_NAMES = {"backbone": "backbone", "data": "data", "label_mapping": "label-mapping", "config": "config",
-                "graph.groups": "adapter", "graph.sequence": "adapter", "graph.costs": "adapter",
-                "graph.gates": "adapter", "graph.families": "adapter", "graph.masks": "mask-selection",
-                "graph.weights": "mask-selection", "methods.vpns": "search", "methods.weight_masks": "baseline",
-                "export.sparsity": "export",
-                "methods.pass_search": "search", "methods.pass_hypernet": "search", "methods.pass_stats": "search",
+                "graph.groups": "adapter", "graph.tp_compat": "adapter", "graph.sequence": "adapter",
+                "graph.cost_model": "adapter", "graph.gates": "adapter", "graph.families": "adapter",
+                "graph.masks": "mask-selection", "methods.weight_masks": "mask-selection", "methods.vpns": "search",
+                "methods.weight_baselines": "baseline", "export.sparsity": "export",
+                "methods.pass_.search": "search", "methods.pass_.hypernet": "search", "methods.pass_.stats": "search",
                 "methods.torch_pruning": "baseline", "graph.slim": "slim", "train.finetune": "fine-tune",
                 "train.loop": "training", "export.timm_model": "export", "export.onnx": "ONNX-export",
-                "train.checkpoint": "checkpoint", "export.evaluation": "eval", "export.runinfo": "eval",
-                "export.latency": "latency", "publish.card": "card", "publish.hub": "publish", "tools.costs": "costs",
-                "tools.check": "check", "prompt": "prompt", "recipes": "recipe"}
+                "train.checkpoint": "checkpoint", "export.evaluation": "eval", "export.run_metrics": "eval",
+                "export.latency": "latency", "publish.card": "card", "publish.hub": "publish",
+                "tools.measure_costs": "costs", "tools.check": "check", "prompt": "prompt", "recipes": "recipe"}
 
 
 def stage_of(exc: BaseException):

@@ -26,18 +26,18 @@ from .config import PruneConfig
 from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, make_loader, subset
 from .errors import PassZooError
 from .export.timm_model import check_rebuild
-from .graph.costs import count_macs, count_params
+from .fileio import atomic_write_bytes, atomic_write_json, prepare_run_dir, unlock_run_dir
 from .graph.budget import Budget, achieved, latency_budget, macs_budget, params_budget
+from .graph.cost_model import count_macs, count_params
 from .graph.masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
 from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import PruningHistory, slim
-from .graph.weights import (apply_weight_masks, check_weight_masks, hold_weight_masks, prunable_weights,
-                            save_weight_masks, weight_masks_summary)
 from .integrity import PINS, fingerprint, pin_files
 from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
 from .methods import Method, MethodContext, get_method
+from .methods.weight_masks import (apply_weight_masks, check_weight_masks, hold_weight_masks, prunable_weights,
+                                   save_weight_masks, weight_masks_summary)
 from .prompt import PromptedModel, create_prompt, default_prompt_width
-from .runio import atomic_write_bytes, atomic_write_json, prepare_run_dir, unlock_run_dir
 from .tools.transfer import check_transfer_budget, check_transfer_source
 from .train.checkpoint import RunCheckpoints
 from .train.finetune import evaluate, finetune, recalibrate_bn

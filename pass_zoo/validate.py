@@ -126,7 +126,7 @@ def run_inputs(cfg) -> Dict[str, Optional[str]]:
 def run_file_names() -> set:
     """Every file name a run folder holds for itself (what an output may never replace)."""
     from .methods import get_method, list_methods
-    from .runio import LOCK_FILE, RUN_MARKER
+    from .fileio import LOCK_FILE, RUN_MARKER
 
     names = {"config.json", "model.safetensors", "metrics.json", "masks.json", "masks.safetensors", "model.onnx",
              "export.json", "README.md", "kept_channels.png", "hub.json", "error.log", LOCK_FILE, RUN_MARKER}
@@ -139,7 +139,7 @@ def check_output_file(path, flag: str, inputs: Iterable = (), allowed: Iterable[
     """An output file that replaces nothing it should not: not an input (or inside an input folder), not
     an existing folder, and not one of a run folder's own files (``allowed``: names this command may
     write into a run, e.g. ``latency.json``)."""
-    from .runio import is_run_dir
+    from .fileio import is_run_dir
 
     where = real(path)
     if os.path.isdir(where):

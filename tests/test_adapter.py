@@ -8,7 +8,7 @@ import torch.nn as nn
 from pass_zoo.graph.sequence import build_layer_sequence
 from pass_zoo.errors import AdapterError
 from pass_zoo.graph.masks import select_units, to_channel_masks
-from pass_zoo.graph.costs import count_macs, count_params
+from pass_zoo.graph.cost_model import count_macs, count_params
 from pass_zoo.graph.slim import slim
 
 from conftest import NUM_CLASSES

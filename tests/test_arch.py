@@ -26,7 +26,7 @@ from pass_zoo.export.timm_model import SPEC_FORMAT, SpecMismatchError
 from pass_zoo.graph.families import attention_modules
 from pass_zoo.graph.masks import masks_summary, to_channel_masks, to_unit_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
-from pass_zoo.graph.costs import count_macs
+from pass_zoo.graph.cost_model import count_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -566,7 +566,7 @@ def test_check_cli_runs_every_stage(capsys, monkeypatch):
 def test_check_reports_the_failing_stage(monkeypatch):
     import importlib
 
-    slim_module = importlib.import_module("pass_zoo.graph.costs")  # where count_macs lives
+    slim_module = importlib.import_module("pass_zoo.graph.cost_model")  # where count_macs lives
     monkeypatch.setattr(slim_module, "count_macs", lambda model, x: 7)  # a MACs model that disagrees
     lines = []
     result = run_check("resnet10t", img_size=32, echo=lines.append, search_steps=1)

@@ -182,7 +182,7 @@ def test_fast_layout_keeps_the_function_and_the_saved_bytes():
     from safetensors.torch import load
 
     from pass_zoo.backbone import fast_layout
-    from pass_zoo.runio import safetensors_bytes
+    from pass_zoo.fileio import safetensors_bytes
 
     torch.manual_seed(0)
     model = make_model("resnet10t", num_classes=5).eval()

@@ -21,7 +21,7 @@ from pass_zoo.errors import BudgetError
 from pass_zoo.export import latency as latency_mod
 from pass_zoo.export import latency_table as lt
 from pass_zoo.graph.budget import latency_budget, macs_budget, params_budget
-from pass_zoo.graph.costs import LATENCY_FEATURES, count_macs
+from pass_zoo.graph.cost_model import LATENCY_FEATURES, count_macs
 from pass_zoo.graph.masks import to_channel_masks
 
 X = torch.zeros(1, 3, 32, 32)

@@ -17,7 +17,7 @@ from pass_zoo.cli import main
 from pass_zoo.data import FASHION_MNIST_CLASSES
 from pass_zoo.graph.masks import load_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
-from pass_zoo.graph.costs import count_macs, count_params
+from pass_zoo.graph.cost_model import count_macs, count_params
 from pass_zoo.graph.slim import slim
 
 from conftest import write_image_folder

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from pass_zoo.graph.costs import count_macs
+from pass_zoo.graph.cost_model import count_macs
 
 from conftest import ROOT
 

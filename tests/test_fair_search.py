@@ -11,14 +11,14 @@ import torch
 
 from pass_zoo.graph.sequence import build_layer_sequence
 from pass_zoo.data import TaskData, hold_out
-from pass_zoo.methods.pass_hypernet import PassHyperNetwork
+from pass_zoo.methods.pass_.hypernet import PassHyperNetwork
 from pass_zoo.graph.masks import select_units
 from pass_zoo.pipeline import PruneConfig, prune
 from pass_zoo.prompt import AdditivePrompt
 from pass_zoo.config import FinetuneConfig
 from pass_zoo.config import SearchConfig
-from pass_zoo.methods.pass_search import MaskedSearchModel, build_hypernet
-from pass_zoo.graph.costs import count_params
+from pass_zoo.methods.pass_.search import MaskedSearchModel, build_hypernet
+from pass_zoo.graph.cost_model import count_params
 
 from conftest import make_model, randomise_bn, write_image_folder
 

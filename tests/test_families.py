@@ -295,7 +295,7 @@ def test_sweep_families_are_timm_model_modules():
 
 def test_sized_macs_counts_at_the_check_size():
     size, macs = check.sized_macs("resnet10t")
-    from pass_zoo.graph.costs import count_macs
+    from pass_zoo.graph.cost_model import count_macs
 
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
     assert size == 64 and macs == count_macs(model, torch.zeros(1, 3, 64, 64))

@@ -121,7 +121,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that has started a run in ``folder`` (holds its lock) and keeps running."""
     code = textwrap.dedent(f"""
         import time
-        from pass_zoo.runio import prepare_run_dir
+        from pass_zoo.fileio import prepare_run_dir
         prepare_run_dir({str(folder)!r})
         print("locked", flush=True)
         time.sleep(120)
@@ -150,7 +150,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
 
 
 def test_the_lock_goes_with_the_run(tmp_path):
-    from pass_zoo.runio import LOCK_FILE, prepare_run_dir, unlock_run_dir
+    from pass_zoo.fileio import LOCK_FILE, prepare_run_dir, unlock_run_dir
 
     out = tmp_path / "run"
     assert _run(_tiny(out, steps=1))[0] == 0

@@ -24,7 +24,7 @@ from test_robust import _error, _run, _tiny
 
 from pass_zoo.graph.masks import select_units, to_channel_masks
 from pass_zoo.methods import Method, MethodResult, register_method
-from pass_zoo.runio import LOCK_FILE, RUN_MARKER
+from pass_zoo.fileio import LOCK_FILE, RUN_MARKER
 
 
 def _tree(folder: Path) -> dict:

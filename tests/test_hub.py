@@ -27,7 +27,7 @@ from pass_zoo.publish.card import CardError, render_card
 from pass_zoo.cli import _prune_config, build_parser, explicit_prune_flags, main
 from pass_zoo.config import PRUNE_FLAGS
 from pass_zoo.publish.hub import PUBLISH_FILES
-from pass_zoo.runio import RUN_MARKER
+from pass_zoo.fileio import RUN_MARKER
 
 HYPERNET_FILES = {"hypernet.json", "hypernet.safetensors"}  # a PASS run publishes its hypernetwork too
 from pass_zoo.recipes import RecipeError, load_recipe

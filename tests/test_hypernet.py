@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from pass_zoo.graph.sequence import build_layer_sequence
-from pass_zoo.methods.pass_stats import WeightStats
-from pass_zoo.methods.pass_hypernet import PassHyperNetwork
+from pass_zoo.methods.pass_.stats import WeightStats
+from pass_zoo.methods.pass_.hypernet import PassHyperNetwork
 from pass_zoo.prompt import AdditivePrompt
 from pass_zoo.config import SearchConfig
-from pass_zoo.methods.pass_search import MaskedSearchModel, search
+from pass_zoo.methods.pass_.search import MaskedSearchModel, search
 
 from conftest import NUM_CLASSES, make_model, randomise_bn
 
@@ -241,7 +241,7 @@ def test_search_with_new_head_trains_only_the_head():
 
 
 def test_budget_warmup_tightens_from_dense_to_the_target():
-    from pass_zoo.methods.pass_search import budget_at
+    from pass_zoo.methods.pass_.search import budget_at
 
     cfg = SearchConfig(steps=10, budget_warmup=0.5)
     budgets = [budget_at(step, cfg, 0.1) for step in range(10)]

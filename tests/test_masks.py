@@ -11,7 +11,7 @@ import torch
 from pass_zoo.errors import BudgetError
 from pass_zoo.graph.masks import (load_masks, masks_summary, save_masks, select_units, to_channel_masks,
                                   to_unit_masks)
-from pass_zoo.graph.costs import count_macs
+from pass_zoo.graph.cost_model import count_macs
 from pass_zoo.graph.slim import slim
 
 TARGETS = (0.25, 0.5, 0.75)

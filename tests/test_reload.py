@@ -13,7 +13,7 @@ from pass_zoo.errors import PassZooError
 from pass_zoo.export.timm_model import PassPrunedModel, SpecMismatchError, load_run_model, save_slim_model
 from pass_zoo.graph.masks import select_units, to_channel_masks
 from pass_zoo.prompt import PromptedModel, create_prompt
-from pass_zoo.graph.costs import count_params
+from pass_zoo.graph.cost_model import count_params
 from pass_zoo.graph.slim import slim
 
 from conftest import NUM_CLASSES

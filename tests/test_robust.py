@@ -314,10 +314,10 @@ def nan_run(tmp_path_factory):
         loss = real(logits, target, *a, **kw)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    import pass_zoo.methods.pass_search
+    import pass_zoo.methods.pass_.search
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(pass_zoo.methods.pass_search, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+        m.setattr(pass_zoo.methods.pass_.search, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
         code, _, stderr = _run(_tiny(out, "--checkpoint-every", "2", steps=6))
     return out, code, stderr
 

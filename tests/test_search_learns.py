@@ -14,8 +14,8 @@ from pass_zoo.errors import BudgetError, PassZooError
 from pass_zoo.graph.masks import select_units, smallest_kept
 from pass_zoo.graph.sequence import build_layer_sequence
 from pass_zoo.methods import MethodContext, get_method
-from pass_zoo.methods.pass_method import chance_check
-from pass_zoo.methods.pass_search import search
+from pass_zoo.methods.pass_.method import chance_check
+from pass_zoo.methods.pass_.search import search
 from pass_zoo.prompt import AdditivePrompt, PromptedModel
 from pass_zoo.train.finetune import evaluate
 from pass_zoo.train.loop import make_accelerator

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from pass_zoo.cli import main
 from pass_zoo.data import DataSpec, load_task_data
 from pass_zoo.errors import DataError, PassZooError
-from pass_zoo.methods.pass_hypernet import load_hypernet
+from pass_zoo.methods.pass_.hypernet import load_hypernet
 from pass_zoo.tools.transfer import transfer_config
 
 SPEC = DataSpec(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

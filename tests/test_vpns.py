@@ -28,8 +28,8 @@ from pass_zoo import PruneConfig, load_run_model, save_slim_model
 from pass_zoo.cli import main
 from pass_zoo.errors import BudgetError
 from pass_zoo.graph.slim import PruningHistory
-from pass_zoo.graph.weights import (apply_weight_masks, hold_weight_masks, kaiming_scores, prunable_weights,
-                                    select_weights, top_fraction)
+from pass_zoo.methods.weight_masks import (apply_weight_masks, hold_weight_masks, kaiming_scores, prunable_weights,
+                                           select_weights, top_fraction)
 from pass_zoo.methods import get_method
 from pass_zoo.methods.vpns import MaskedWeightsModel, WeightScores
 from pass_zoo.prompt import PromptedModel, create_prompt

@@ -16,7 +16,7 @@ import torch
 from ..data import DataSpec, data_spec_for, make_loader, val_split
 from ..errors import DataError, PassZooError
 from ..integrity import verify_target
-from .runinfo import RUN, run_eval_defaults
+from .run_metrics import RUN, run_eval_defaults
 
 _FALLBACK_BATCH = 64
 

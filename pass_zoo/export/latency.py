@@ -103,7 +103,7 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
     """Median ms per batch for the dense base model and the slim run model, and their ratio."""
     import timm
 
-    from ..graph.costs import count_macs
+    from ..graph.cost_model import count_macs
     from ..integrity import verify_run_files
     from .onnx import check_opset, export_graph, file_opset
     from .timm_model import load_run_model

@@ -8,7 +8,7 @@ group its own, so the fit sees each layer type at many widths). The model is
 
     ms = sum_f coef_f * feature_f(kept units)
 
-over ``graph.costs.LATENCY_FEATURES``: a constant, GEMM-like MACs (convs, linears), depthwise MACs,
+over ``graph.cost_model.LATENCY_FEATURES``: a constant, GEMM-like MACs (convs, linears), depthwise MACs,
 attention matmul MACs and the activations the layers write and read (what BatchNorm, activations and
 residual adds cost). Every feature is exact and non-decreasing in the kept units and the fit is
 non-negative least squares, so the prediction is monotone -- what the budgeted selection's binary
@@ -33,9 +33,9 @@ from typing import List, Optional
 import torch
 
 from ..errors import BudgetError
+from ..fileio import atomic_write_json
 from ..graph import masks as graph_masks
-from ..graph.costs import LATENCY_FEATURES
-from ..runio import atomic_write_json
+from ..graph.cost_model import LATENCY_FEATURES
 from . import latency as latency_mod
 
 log = logging.getLogger(__name__)

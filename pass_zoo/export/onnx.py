@@ -33,9 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PassZooError, one_line
+from ..fileio import atomic_save_with, atomic_write_json, locked_run_dir, remove_temporaries
 from ..integrity import sha256_file
 from ..integrity import ONNX_FILES, repin_onnx, verify_run_files
-from ..runio import atomic_save_with, atomic_write_json, locked_run_dir, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def _run_val_batch(run_dir: Path, model: nn.Module, dataset: Optional[str]):
     """The first images of the run's validation subset, or ``(None, reason)`` when not available."""
     from ..data import data_spec_for, val_split
     from ..errors import DataError
-    from .runinfo import run_eval_defaults
+    from .run_metrics import run_eval_defaults
 
     defaults = run_eval_defaults(run_dir)
     dataset = dataset or defaults.get("dataset")

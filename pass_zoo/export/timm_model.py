@@ -36,10 +36,10 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..errors import PassZooError, one_line
+from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes
 from ..graph.families import family_by_name, fix_split_sizes
 from ..graph.groups import build_graph
 from ..prompt import create_prompt
-from ..runio import atomic_write_bytes, atomic_write_json, safetensors_bytes
 
 SPEC_FORMAT_V1 = "pass-zoo-slim/1"
 SPEC_FORMAT = "pass-zoo-slim/2"

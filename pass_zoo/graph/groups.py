@@ -18,12 +18,10 @@ pruned. Only a model with nothing prunable is refused (``AdapterError`` naming t
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import signal
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -34,6 +32,7 @@ import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ..errors import AdapterError
+from . import tp_compat
 from .families import (attention_family, attention_modules, channel_norm_family, splits_equal_parts,
                        stores_split_sizes)
 
@@ -62,13 +61,14 @@ def _fixed_channel_slice(op) -> bool:
     """A tensor slice that keeps only part of the channel dimension (DPN's ``x[:, :num_1x1_c]``):
     its bounds are integers in the model's code, so once channels are removed the slice cuts in the
     wrong place. Channels sit where Torch-Pruning expects them: dim 1 (NCHW, NC), or the last of three."""
-    sizes = tuple(getattr(op.grad_fn, "_saved_self_sym_sizes", ()) or ())
-    if not sizes:
+    bounds = tp_compat.slice_bounds(op)
+    if bounds is None:
         return False
-    dim = op.dim % len(sizes)
+    dim, start, end, step, sizes = bounds
+    dim %= len(sizes)
     if dim != (2 if len(sizes) == 3 else 1):
         return False
-    return op.start > 0 or op.step != 1 or op.end < int(sizes[dim])
+    return start > 0 or step != 1 or end < int(sizes[dim])
 
 def _reshape_mapping_or_none(update):
     """Torch-Pruning's reshape index mapping divides by the channel count it infers past the reshape,
@@ -81,7 +81,6 @@ def _reshape_mapping_or_none(update):
             update(graph, node)
         except ZeroDivisionError:
             pass  # raised before any mapping is set: the node keeps its identity mapping
-    _update.pass_zoo_guard = True
     return _update
 
 
@@ -94,52 +93,37 @@ def _misread_unflattens(graph, view_shapes) -> Dict[object, Tuple[int, int]]:
     ``view_shapes``: each traced reshape's (input, output) shape, by autograd node."""
     misread = {}
     for node in graph.module2node.values():
-        shapes = view_shapes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.RESHAPE else None
+        shapes = view_shapes.get(node.grad_fn) if tp_compat.is_reshape(node) else None
         if shapes is None:
             continue
-        mapping = next((d.index_mapping[0] for d in node.dependencies
-                        if isinstance(d.index_mapping[0], tp.dependency.index_mapping._FlattenIndexMapping)), None)
+        stride = next((s for s in map(tp_compat.flatten_stride, node.dependencies) if s is not None), None)
         (before, after), channels = shapes, shapes[0][1] if len(shapes[0]) > 1 else 0
-        if mapping is not None and len(after) > len(before) >= 2 and after[1] * after[2] == channels \
-                and mapping._stride > 1 and channels // mapping._stride != after[1]:
+        if stride is not None and len(after) > len(before) >= 2 and after[1] * after[2] == channels \
+                and stride > 1 and channels // stride != after[1]:
             misread[node.module] = (int(after[1]), int(after[2]))
     return misread
 
 
 def _concat_before_split(update):
-    """A split part that feeds a concatenation directly (FasterNet's ``cat(conv(x1), x2)``): the edge from
-    the concatenation back to the split carries two mappings, the split's (part -> whole) in the first
-    slot and the concatenation's (whole -> part) in the second, and Torch-Pruning applies them in slot
-    order -- the part offset is added before the concatenation's range is tested, so the first input's
-    channels leak into the split. Reading back through the concatenation comes first."""
+    """A split part that feeds a concatenation directly (FasterNet's ``cat(conv(x1), x2)``): Torch-Pruning
+    maps the edge from the concatenation back to the split through the split first, so the first
+    input's channels leak into the split; it now reads through the concatenation first. A split whose
+    readers do not pair with its parts (``_order_split_outputs``) gets no mapping at all."""
     def _update(graph):
         for node in graph.module2node.values():
-            if getattr(node, "pass_zoo_unpaired", False):  # see _order_split_outputs: no mapping through it
-                node.module.split_sizes, node.module.offsets = None, None
+            if getattr(node, "pass_zoo_unpaired", False):
+                tp_compat.drop_split_mapping(node.module)
         update(graph)
         for node in graph.module2node.values():
-            if node.type != tp.ops.OPTYPE.CONCAT:
-                continue
-            for dep in node.dependencies:
-                first, second = dep.index_mapping[0], dep.index_mapping[1]
-                if isinstance(first, tp.dependency.index_mapping._SplitIndexMapping) and first.reverse \
-                        and isinstance(second, tp.dependency.index_mapping._ConcatIndexMapping) and second.reverse:
-                    dep.index_mapping[0], dep.index_mapping[1] = second, first
-    _update.pass_zoo_guard = True
+            if tp_compat.is_concat(node):
+                for dep in node.dependencies:
+                    tp_compat.read_concat_before_split(dep)
     return _update
 
 
-if not getattr(tp.dependency.index_mapping.update_index_mapping, "pass_zoo_guard", False):
-    tp.dependency.index_mapping.update_index_mapping = _concat_before_split(
-        tp.dependency.index_mapping.update_index_mapping)
-
-if not getattr(tp.dependency.index_mapping.update_reshape_index_mapping, "pass_zoo_guard", False):
-    tp.dependency.index_mapping.update_reshape_index_mapping = _reshape_mapping_or_none(
-        tp.dependency.index_mapping.update_reshape_index_mapping)
-
-# Torch-Pruning's shape inference warns when a walk through splits and concatenations runs long; the
-# traced concatenation widths (``_CatSizes``) make its answer there unneeded.
-warnings.filterwarnings("ignore", message="Maximum recursive depth reached", module="torch_pruning")
+tp_compat.wrap_index_mapping(_concat_before_split)
+tp_compat.wrap_reshape_index_mapping(_reshape_mapping_or_none)
+tp_compat.quiet_shape_inference()  # the traced concatenation widths (``_CatSizes``) replace its answer
 
 
 @dataclass
@@ -254,7 +238,7 @@ class _CatSizes(TorchFunctionMode):
         return out
 
 
-class _Graph(tp.DependencyGraph):
+class _Graph(tp_compat.DependencyGraph):
     """``DependencyGraph`` whose concatenations carry their traced input widths (see ``_CatSizes``)
     and whose groups slice weight-standardised convs' gains."""
 
@@ -266,7 +250,8 @@ class _Graph(tp.DependencyGraph):
     def get_pruning_group(self, module, pruning_fn, idxs):
         """Torch-Pruning's group, mapped through splits at their current widths; pruning it also
         slices the gains of the scaled weight-standardised convs whose filters it removes (Torch-
-        Pruning's conv pruner knows only weight and bias)."""
+        Pruning's conv pruner knows only weight and bias). Not a customised pruner registered with
+        ``register_customized_layer``: Torch-Pruning's criteria would skip such convs (see ``tp_compat``)."""
         self._refresh_split_offsets()
         group = super().get_pruning_group(module, pruning_fn, idxs)
         gains = [(item.dep.target.module, list(item.idxs)) for item in group.items
@@ -289,28 +274,27 @@ class _Graph(tp.DependencyGraph):
         ``offsets`` its index mapping reads at the dense widths: a later group would map its channels
         onto the wrong part. Rebuilt from the sizes before each group is formed."""
         for node in self.module2node.values():
-            sizes = getattr(node.module, "split_sizes", None) if node.type == tp.ops.OPTYPE.SPLIT else None
+            sizes = tp_compat.split_sizes(node.module) if tp_compat.is_split(node) else None
             if sizes is not None:
-                node.module.offsets = [0] + [int(v) for v in itertools.accumulate(sizes)]
+                tp_compat.set_split_offsets(node.module, [0] + [int(v) for v in itertools.accumulate(sizes)])
 
-    def _build_dependency(self, module2node):
-        super()._build_dependency(module2node)
-        for node in module2node.values():
+    def dependencies_built(self, nodes):
+        for node in nodes:
             # Torch-Pruning turns off the index mapping of every split below a 3-d parameter (a ViT's
             # position embedding), meant for the token concatenation; a GLU's chunk of fc1's features
             # is a channel split and needs its mapping
-            if node.type == tp.ops.OPTYPE.SPLIT and node.grad_fn in self.channel_chunks:
+            if tp_compat.is_split(node) and node.grad_fn in self.channel_chunks:
                 node.enable_index_mapping = True
-            if node.type == tp.ops.OPTYPE.SPLIT:
+            if tp_compat.is_split(node):
                 _order_split_outputs(node)
             # a linear layer on [B, H, W, C] (MambaOut) views it as [B*H*W, C]; Torch-Pruning reads the
             # 4-d input as NCHW and maps the view as a flatten, pairing the wrong channels
-            if node.type == tp.ops.OPTYPE.RESHAPE and node.grad_fn in self.linear_views:
+            if tp_compat.is_reshape(node) and node.grad_fn in self.linear_views:
                 node.pass_zoo_keeps_last_dim = True
-            sizes = self.cat_sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
+            sizes = self.cat_sizes.get(node.grad_fn) if tp_compat.is_concat(node) else None
             # node.inputs follows the cat's argument order; a repeated input is one node (no mapping)
             if sizes is not None and len(sizes) == len(node.inputs) == len(set(node.inputs)):
-                node.module.concat_sizes = list(sizes)
+                tp_compat.set_concat_widths(node.module, sizes)
 
 
 def _order_split_outputs(node) -> None:
@@ -347,8 +331,8 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         except TypeError as exc:
             if "NoneType" not in str(exc):
                 raise
-            cats = [n for n in graph.__dict__.get("module2node", {}).values() if n.type == tp.ops.OPTYPE.CONCAT
-                    and n.module.concat_sizes is None]
+            cats = [n for n in graph.__dict__.get("module2node", {}).values() if tp_compat.is_concat(n)
+                    and tp_compat.concat_widths(n.module) is None]
             raise AdapterError("Torch-Pruning cannot tell the widths of a concatenation"
                                + (f" reading {_node_layer(graph, cats[0])}" if cats else "")
                                + " (an input without gradient, or one tensor concatenated twice)") from exc
@@ -357,7 +341,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
             graph.cat_sizes, graph.channel_chunks, graph.linear_views, recorder.view_shapes = {}, set(), set(), {}
 
 
-def _node_layer(graph: tp.DependencyGraph, node) -> str:
+def _node_layer(graph: tp_compat.DependencyGraph, node) -> str:
     """'layer NAME': the nearest named layer feeding a Torch-Pruning graph node."""
     seen, stack = set(), [node]
     while stack:
@@ -365,7 +349,7 @@ def _node_layer(graph: tp.DependencyGraph, node) -> str:
         if n in seen:
             continue
         seen.add(n)
-        name = graph._module2name.get(n.module)
+        name = graph.layer_name(n.module)
         if isinstance(n.module, nn.Module) and name:
             return f"layer '{name}'"
         stack.extend(n.inputs)
@@ -454,7 +438,7 @@ _LOOPED = "Torch-Pruning's walk of its coupled channels loops (an index mapping 
 _JOINING_OPS = {"MulBackward0", "AddBackward0", "SubBackward0", "DivBackward0"}
 
 
-class _BoundedGroup(tp.dependency.Group):
+class _BoundedGroup(tp.Group):
     """A ``Group`` that stops a walk which follows one dependency more than ``MAX_DEP_REPEATS`` times,
     or whose indices outgrow every layer of the model (``max_indices``: a reshape mapped channels onto
     channels x positions, and each later step is that much slower)."""
@@ -471,27 +455,14 @@ class _BoundedGroup(tp.dependency.Group):
         counts[key] = counts.get(key, 0) + 1
         if counts[key] > MAX_DEP_REPEATS or (self.max_indices and len(idxs) > self.max_indices):
             raise _WalkLooped()
-        if isinstance(dep.target.module, tp.ops._ElementWiseOp) and dep.target.module._grad_fn in _JOINING_OPS:
-            type(self).joins.setdefault(dep.target.module, []).extend((int(i.idx), int(i.root_idx)) for i in idxs)
+        if tp_compat.elementwise_name(dep.target.module) in _JOINING_OPS:
+            type(self).joins.setdefault(dep.target.module, []).extend(tp_compat.index_pairs(idxs))
         super().add_dep(dep, idxs)
 
 
 def _widest(model: nn.Module) -> int:
     """The largest channel / feature count of any conv or linear layer (a flatten's input included)."""
     return max([max(_dims(m)) for m in model.modules() if isinstance(m, _GATEABLE)] or [0])
-
-
-@contextlib.contextmanager
-def _bounded_walks(bounded: type):
-    # get_pruning_group builds its group from its module's ``Group``: swap in the bounded one for one
-    # call (not across the generator's yields, where other code may walk groups)
-    import torch_pruning.dependency.graph as tp_graph
-
-    saved, tp_graph.Group = tp_graph.Group, bounded
-    try:
-        yield
-    finally:
-        tp_graph.Group = saved
 
 
 def _coupled_groups(graph: tp.DependencyGraph, ignored: List[nn.Module], root_types):
@@ -509,7 +480,8 @@ def _coupled_groups(graph: tp.DependencyGraph, ignored: List[nn.Module], root_ty
             continue
         try:
             bounded.joins = {}
-            with _bounded_walks(bounded):
+            # the bounded group for one call (not across the generator's yields, where other code may walk groups)
+            with tp_compat.group_class(bounded):
                 group = graph.get_pruning_group(module, pruner.prune_out_channels,
                                                 list(range(pruner.get_out_channels(module))))
             group.joins, bounded.joins = bounded.joins, {}
@@ -619,8 +591,8 @@ def _check_even_splits(tp_group, unit_index: torch.Tensor, resized=lambda node: 
     sizes a registered module rewrites after slimming (``resized(node)``) may come out uneven."""
     for item in tp_group.items:
         op = item.dep.target.module
-        offsets = getattr(op, "offsets", None)
-        if not isinstance(op, tp.ops._SplitOp) or not offsets or len(offsets) < 3 or resized(item.dep.target):
+        offsets = tp_compat.split_offsets(op)
+        if not tp_compat.is_split_op(op) or not offsets or len(offsets) < 3 or resized(item.dep.target):
             continue
         idxs = torch.as_tensor(item.idxs, dtype=torch.long)
         part = torch.bucketize(idxs, torch.as_tensor(offsets[1:-1]), right=True)
@@ -713,15 +685,15 @@ class GroupBuilder:
                 raise _Excluded(f"its channels are reshaped into ({parts}, {width}) with the channel axis "
                                 f"inner, which Torch-Pruning maps as ({width}, {parts}): slimming "
                                 f"'{root_name}' would pair the wrong channels")
-            if isinstance(mod, tp.ops._SplitOp) and getattr(item.dep.target, "pass_zoo_unpaired", False):
+            if tp_compat.is_split_op(mod) and getattr(item.dep.target, "pass_zoo_unpaired", False):
                 raise _Excluded("its channels pass a split whose parts Torch-Pruning cannot pair with the layers "
                                 f"reading them ({_split_readers(self.module_names, item.dep.target)} and others)")
-            if isinstance(mod, tp.ops._SplitOp) and _sized_split(item.dep.target) \
+            if tp_compat.is_split_op(mod) and _sized_split(item.dep.target) \
                     and not self._split_resized(item.dep.target):
                 raise _Excluded(f"its channels pass a split by sizes stored in the model (read by "
                                 f"{_split_readers(self.module_names, item.dep.target)}): slimming '{root_name}' "
                                 "would leave them at the dense widths")
-            if isinstance(mod, tp.ops._SliceOp) and _fixed_channel_slice(mod):
+            if tp_compat.is_slice_op(mod) and _fixed_channel_slice(mod):
                 raise _Excluded("its channels are sliced with fixed bounds in the model's code (a partial "
                                 f"channel slice of a tensor the group reaches): slimming '{root_name}' "
                                 "would shift the slice")

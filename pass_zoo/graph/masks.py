@@ -242,7 +242,7 @@ def masks_summary(masks: Masks, seq: LayerSequence) -> dict:
 
 def save_masks(masks: Masks, summary: dict, folder) -> None:
     """``masks.safetensors`` (uint8 per group) + ``masks.json``, both written atomically."""
-    from ..runio import atomic_write_bytes, atomic_write_text, safetensors_bytes
+    from ..fileio import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
     tensors = {name: m.to(torch.uint8).contiguous() for name, m in masks.items()}
     atomic_write_bytes(folder / "masks.safetensors", safetensors_bytes(tensors, {"format": "pass-zoo-masks/1"}))

@@ -1,7 +1,7 @@
 """Layer sequence: any timm model as an ordered list of prunable channel groups.
 
 The one object the rest of the pipeline reads: the groups (``groups.py``, walk order = first
-execution in the forward pass), their exact MACs (``costs.py``) and the search-time gates
+execution in the forward pass), their exact MACs (``cost_model.py``) and the search-time gates
 (``gates.py``) over one traced model.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AdapterError
-from .costs import CostModel, LatencyFeatures, ParamModel, attention_costs, layer_costs
+from .cost_model import CostModel, LatencyFeatures, ParamModel, attention_costs, layer_costs
 from .gates import Gates
 from .groups import ChannelGroup, GroupBuilder, _module_positions, build_graph
 

@@ -21,7 +21,7 @@ import torch
 
 from ..graph.masks import to_channel_masks, to_unit_masks
 from . import torch_pruning as criteria
-from .pass_method import Pass
+from .pass_.method import Pass
 from .registry import Method, MethodContext, MethodResult, get_method, register_method
 
 

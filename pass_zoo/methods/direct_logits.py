@@ -3,7 +3,7 @@
 A learned logit per unit replaces the prompt-conditioned recurrent walk; everything else is PASS's:
 the same log-magnitude prior (with a learned gain per group), the same scale across groups
 (``--hypernet-scores``: raw, or standardised per group with a learned offset), the prompt and the new head trained with it, the straight-through
-global selection and the budget warm-up (``pass_search.search`` runs it). If this matches PASS, the
+global selection and the budget warm-up (``pass_.search.search`` runs it). If this matches PASS, the
 hypernetwork adds nothing over learning the scores directly.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..graph.costs import count_params
-from .pass_hypernet import _log_ratio, _standardise
-from .pass_method import chance_check
-from .pass_search import search
+from ..graph.cost_model import count_params
+from .pass_.hypernet import _log_ratio, _standardise
+from .pass_.method import chance_check
+from .pass_.search import search
 from .registry import Method, MethodContext, MethodResult, register_method
 
 

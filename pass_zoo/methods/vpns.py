@@ -2,7 +2,7 @@
 a visual prompt and per-weight scores learned jointly with the backbone frozen.
 
 Stage 1, every step: one global threshold over |scores| of all prunable weights keeps the top
-``density`` fraction (``graph.weights.top_fraction``); the frozen network runs with ``W * mask``,
+``density`` fraction (``weight_masks.top_fraction``); the frozen network runs with ``W * mask``,
 the mask's gradient passing straight through to the scores; cross-entropy of the prompted, masked
 network trains the scores and the prompt with Adam (cosine). The final masks are the top
 ``density`` of the trained scores. Stage 2 (shared with every method) fine-tunes weights and
@@ -22,11 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..graph.weights import WeightMasks, kaiming_scores, prunable_weights, top_fraction
 from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
 from .frozen_bn import KeepRunningStats, batch_norms
 from .registry import MethodContext, MethodResult, register_method
-from .weight_masks import WeightMaskMethod
+from .weight_masks import WeightMaskMethod, WeightMasks, kaiming_scores, prunable_weights, top_fraction
 
 
 class WeightScores(nn.Module):

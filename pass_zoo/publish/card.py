@@ -19,7 +19,7 @@ from string import Template
 from typing import Optional, Tuple
 
 from ..errors import PassZooError, one_line
-from ..runio import atomic_save_with, atomic_write_text
+from ..fileio import atomic_save_with, atomic_write_text
 from ..validate import check_repo_id
 
 CARD_FILE = "README.md"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..errors import PassZooError, one_line
-from ..runio import atomic_write_json
+from ..fileio import atomic_write_json
 from ..validate import check_repo_id as check_name_of_repo
 from ..validate import check_revision
 from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card

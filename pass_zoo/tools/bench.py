@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 
 from ..config import DEFAULT_TARGET_MACS, PruneConfig, apply_overrides
 from ..errors import PassZooError, one_line
-from ..runio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text
 from ..validate import check_name, check_seed, load_yaml
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",

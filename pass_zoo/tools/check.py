@@ -256,11 +256,11 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
     from ..data import make_loader
     from ..export.onnx import export_onnx
     from ..export.timm_model import save_slim_model
-    from ..graph.costs import count_macs
+    from ..graph.cost_model import count_macs
     from ..graph.masks import smallest_macs, to_unit_masks
     from ..graph.sequence import build_layer_sequence
     from ..graph.slim import slim
-    from ..methods.pass_search import search
+    from ..methods.pass_.search import search
     from ..pipeline import make_prompt
     from ..prompt import PromptedModel
     from ..train.loop import make_accelerator
@@ -434,7 +434,7 @@ def sized_macs(name: str):
     import timm
 
     from ..backbone import check_classifier, fixed_size_kwargs
-    from ..graph.costs import count_macs
+    from ..graph.cost_model import count_macs
 
     cfg = timm.get_pretrained_cfg(name)
     fixed = cfg is not None and getattr(cfg, "fixed_input_size", False)
@@ -500,7 +500,7 @@ def run_sweep(json_path, md_path=None, command: str = "", max_macs: float = SWEE
               threads: int = 1, machine: str = "", echo=print) -> List[CheckResult]:
     """Select by ``SWEEP_RULE`` (once), check each model in its own process, write JSON after every model
     and the Markdown table at the end. Resumable: models already in the JSON are not checked again."""
-    from ..runio import atomic_write_json, atomic_write_text
+    from ..fileio import atomic_write_json, atomic_write_text
 
     path = Path(json_path)
     doc = read_sweep(path) if path.is_file() else {}
@@ -612,7 +612,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     result = run_check(args.model, args.img_size)
     if args.json:
-        from ..runio import atomic_write_json
+        from ..fileio import atomic_write_json
 
         atomic_write_json(args.json, asdict(result))
     return 0 if result.passed else 1

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, Interrupted, PassZooError, one_line
-from ..runio import atomic_write_dir, remove_temporaries, safetensors_bytes
+from ..fileio import atomic_write_dir, remove_temporaries, safetensors_bytes
 from .loop import Batches, StopRequest
 
 FORMAT = "pass-zoo-checkpoint/1"

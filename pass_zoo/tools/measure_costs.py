@@ -53,7 +53,7 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     from ..graph.masks import to_channel_masks
     from ..graph.slim import slim
     from ..methods.frozen_bn import KeepRunningStats
-    from ..methods.pass_search import MaskedSearchModel, build_hypernet
+    from ..methods.pass_.search import MaskedSearchModel, build_hypernet
     from ..pipeline import layer_sequence, make_prompt
     from ..prompt import PromptedModel
 

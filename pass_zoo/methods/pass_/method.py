@@ -1,13 +1,13 @@
-"""PASS as a mask producer: the prompt + hypernetwork search (``pass_search.py``), its hypernetwork the artefact."""
+"""PASS as a mask producer: the prompt + hypernetwork search (``search.py``), its hypernetwork the artefact."""
 from __future__ import annotations
 
 import logging
 import math
 
-from ..graph.costs import count_params
-from .pass_hypernet import hypernet_files, load_hypernet
-from .pass_search import search
-from .registry import Method, MethodContext, MethodResult, register_method
+from ...graph.cost_model import count_params
+from ..registry import Method, MethodContext, MethodResult, register_method
+from .hypernet import hypernet_files, load_hypernet
+from .search import search
 
 
 @register_method

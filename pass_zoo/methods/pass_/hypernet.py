@@ -221,7 +221,7 @@ def hypernet_files(hypernet: PassHyperNetwork) -> dict:
     """``{"hypernet.safetensors", "hypernet.json"}`` contents: the weights and what rebuilds them."""
     from safetensors.torch import save as st_save
 
-    from ..runio import json_bytes
+    from ...fileio import json_bytes
 
     state = {k: v.detach().contiguous().cpu() for k, v in hypernet.state_dict().items()}
     return {"hypernet.safetensors": st_save(state), "hypernet.json": json_bytes(hypernet.config())}
@@ -244,7 +244,7 @@ def load_hypernet(folder) -> PassHyperNetwork:
     """Rebuild a saved hypernetwork (strict; no pickle)."""
     from pathlib import Path
 
-    from ..errors import PassZooError, one_line
+    from ...errors import PassZooError, one_line
 
     folder = Path(folder)
     cfg_path, weights = folder / "hypernet.json", folder / "hypernet.safetensors"

@@ -6,7 +6,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..graph.groups import ChannelGroup, _is_depthwise
+from ...graph.groups import ChannelGroup, _is_depthwise
 
 
 class WeightStats:

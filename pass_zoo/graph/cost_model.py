@@ -1,8 +1,10 @@
-"""The MACs model: exact MACs of any masks without building the slim model, and ``count_macs``.
+"""The cost models: exact MACs (and parameters, latency features) of any masks without building the
+slim model, and ``count_macs``.
 
 ``LayerCost`` -- every conv/linear layer with the groups that own its input/output channels -- and
 ``AttentionCost`` -- every attention module's matmuls, owned by its head group. ``count_macs``
 counts the same MACs on a real (dense or slim) model with hooks; the two must agree exactly.
+``ParamModel`` and ``LatencyFeatures`` are built from the same layer costs.
 """
 from __future__ import annotations
 
