@@ -481,7 +481,7 @@ def add_transfer(sub) -> None:
 
 def cmd_transfer(args) -> int:
     from .pipeline import prune
-    from .tools.transfer import transfer_config
+    from .transfer import transfer_config
 
     cfg = transfer_config(args.source, args.mode, dataset=args.dataset, out=args.out, overwrite=args.overwrite,
                           seed=args.seed, train_subset=args.train_subset, val_subset=args.val_subset,

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 from .backbone import BUNDLED_ARCH, PRETRAINED_HELP
 from .errors import BudgetError, PassZooError
+from .method_registry import get_method, list_methods, methods_of_budget
 from .validate import check_rate, check_seed
 
 DEFAULT_TARGET_MACS = 0.5  # the budget of a channel-mask run that names none
@@ -71,10 +72,14 @@ def check_choices(obj) -> None:
             raise PassZooError(f"{f.metadata['what'] or f.name} must be {_one_of(allowed)}, got '{value}'")
 
 
-def _cores():
-    from .methods.pass_.hypernet import CORES
+# PASS's hypernetwork cores (methods/pass_/hypernet.py builds one per name) and the mixed precisions
+# train/loop.py hands accelerate: names only, so that the settings need nothing above them
+HYPERNET_CORES = ("lstm", "mlp", "cnn")
+PRECISIONS = ("no", "fp16", "bf16")
 
-    return CORES
+
+def _cores():
+    return HYPERNET_CORES
 
 
 def _prompts():
@@ -84,14 +89,10 @@ def _prompts():
 
 
 def _methods():
-    from .methods import list_methods
-
     return list_methods()
 
 
 def _method_help() -> str:
-    from .methods import methods_of_budget
-
     return (f"how masks are chosen. Channel masks under --target-macs, --target-params or --target-latency, "
             f"physically slimmed: "
             f"{', '.join(methods_of_budget('macs'))}. Weight masks under --target-density, zeros in the dense "
@@ -104,18 +105,25 @@ def _prompt_choices():
 
 
 def _precisions():
-    from .train.loop import PRECISIONS
-
     return PRECISIONS
+
+
+# ``--round-to auto`` is read off ONNX Runtime by the latency module, which sits above the settings and
+# registers its resolver here when imported (``import pass_zoo`` imports it)
+_ROUND_TO_AUTO: List[Callable[[], int]] = []
+
+
+def resolve_round_to_auto_with(resolver: Callable[[], int]) -> None:
+    _ROUND_TO_AUTO[:] = [resolver]
 
 
 def _round_to(text: str) -> int:
     """``--round-to N`` or ``auto``: the multiple that keeps every conv on ONNX Runtime's blocked (NCHWc)
     path on this CPU, read off ORT (resolved here, so the run records the number it used)."""
     if text.strip().lower() == "auto":
-        from .export.latency import latency_round_to
-
-        return latency_round_to()
+        if not _ROUND_TO_AUTO:
+            raise argparse.ArgumentTypeError("--round-to auto needs pass_zoo.export.latency (import pass_zoo)")
+        return _ROUND_TO_AUTO[0]()
     try:
         return int(text)
     except ValueError:
@@ -427,7 +435,6 @@ class PruneConfig:
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(_methods())})")
         check_choices(self)
         if self.prompt == "auto":  # resolved here, so a run records (and a resume compares) the prompt it used
-            from .methods import get_method
 
             self.prompt = get_method(self.method).prompt
         for flag, value, least in (("--img-size", self.img_size, 1), ("--prompt-size", self.prompt_size, 0),
@@ -452,7 +459,6 @@ class PruneConfig:
         return DEFAULT_DENSITY if self.target_density is None else self.target_density
 
     def default_out(self) -> str:
-        from .methods import get_method
 
         data = _folder_part(self.dataset.split(":")[0])
         tag = get_method(self.method).run_tag
@@ -475,7 +481,6 @@ def _folder_part(text: str) -> str:
 
 def _default_kind(method: str) -> str:
     """The budget kind a method gets when none is given: density for weight-mask methods, else macs."""
-    from .methods import get_method
 
     return "density" if get_method(method).budget == "density" else "macs"
 
@@ -483,7 +488,6 @@ def _default_kind(method: str) -> str:
 def check_budget(cfg: PruneConfig) -> None:
     """Each kind of method takes its own budgets: a weight-mask method only --target-density, a
     channel-mask one only --target-macs, --target-params or --target-latency (one line each)."""
-    from .methods import get_method, methods_of_budget
 
     method = get_method(cfg.method)
     given = [k for k, v in cfg._budgets().items() if v is not None]

@@ -62,8 +62,8 @@ def one_line(exc: BaseException) -> str:
 
 
 # Modules that only wire stages together; the stage is the first pass_zoo module they called.
-_ORCHESTRATORS = {"cli", "pipeline", "publish.zoo", "tools.transfer", "tools.bench", "train.launch", "errors", "fileio",
-                  "methods.registry", "methods.pass_.method"}
+_ORCHESTRATORS = {"cli", "pipeline", "publish.zoo", "transfer", "tools.bench", "train.launch", "errors", "fileio",
+                  "method_registry", "methods.pass_.method"}
 _STAGE_NAMES = {"backbone": "backbone", "data": "data", "label_mapping": "label-mapping", "config": "config",
                 "graph.groups": "adapter", "graph.tp_compat": "adapter", "graph.sequence": "adapter",
                 "graph.cost_model": "adapter", "graph.gates": "adapter", "graph.families": "adapter",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import PassZooError, RunDirError
+from .method_registry import get_method, list_methods
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -309,7 +310,6 @@ def is_run_dir(folder) -> bool:
         return True
     if not folder.is_dir():
         return False
-    from .methods import get_method, list_methods
 
     known = set(_LEGACY_NAMES).union(*(get_method(m).artefacts for m in list_methods()))
     try:

@@ -159,8 +159,7 @@ def _source_run(folder: Optional[str]) -> Optional[str]:
 
 def fingerprint(cfg) -> dict:
     """What the run reads from disk, as a resume must find it again."""
-    from .data import FASHION_MNIST_DIR
-    from .validate import dataset_folder, weights_file
+    from .validate import FASHION_MNIST_DIR, dataset_folder, weights_file
 
     folder = dataset_folder(cfg.dataset)
     if cfg.dataset.partition("@")[0].partition(":")[0] == "fashion-mnist" and not folder:

@@ -27,6 +27,7 @@ from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, m
 from .errors import PassZooError
 from .export.timm_model import check_rebuild
 from .fileio import atomic_write_bytes, atomic_write_json, prepare_run_dir, unlock_run_dir
+from .export import latency as latency_mod
 from .graph.budget import Budget, achieved, latency_budget, macs_budget, params_budget
 from .graph.cost_model import count_macs, count_params
 from .graph.masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
@@ -38,7 +39,7 @@ from .methods import Method, MethodContext, get_method
 from .methods.weight_masks import (apply_weight_masks, check_weight_masks, hold_weight_masks, prunable_weights,
                                    save_weight_masks, weight_masks_summary)
 from .prompt import PromptedModel, create_prompt, default_prompt_width
-from .tools.transfer import check_transfer_budget, check_transfer_source
+from .transfer import check_transfer_budget, check_transfer_source
 from .train.checkpoint import RunCheckpoints
 from .train.finetune import evaluate, finetune, recalibrate_bn
 from .validate import run_inputs
@@ -221,7 +222,6 @@ def budget_record(cfg: PruneConfig, budget: Budget, masks: Masks, seq: LayerSequ
     kept = [int(u.sum()) for u in to_unit_masks(masks, seq)]
     if budget.kind != "latency":
         return achieved(budget, kept)
-    from .export import latency as latency_mod
 
     ms = latency_mod.measure_model_ms(slim_model, img_size, cfg.latency_batch, cfg.latency_threads)
     record = achieved(budget, kept, round(ms, 4))

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 from .errors import PassZooError
+from .method_registry import get_method, list_methods
+
+# Where Debian's dataset-fashion-mnist puts its files (PASS_ZOO_FASHION_MNIST overrides it)
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name and a Hub repo name
 MAX_NAME = 96
@@ -125,7 +129,6 @@ def run_inputs(cfg) -> Dict[str, Optional[str]]:
 
 def run_file_names() -> set:
     """Every file name a run folder holds for itself (what an output may never replace)."""
-    from .methods import get_method, list_methods
     from .fileio import LOCK_FILE, RUN_MARKER
 
     names = {"config.json", "model.safetensors", "metrics.json", "masks.json", "masks.safetensors", "model.onnx",

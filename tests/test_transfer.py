@@ -9,7 +9,7 @@ from pass_zoo.cli import main
 from pass_zoo.data import DataSpec, load_task_data
 from pass_zoo.errors import DataError, PassZooError
 from pass_zoo.methods.pass_.hypernet import load_hypernet
-from pass_zoo.tools.transfer import transfer_config
+from pass_zoo.transfer import transfer_config
 
 SPEC = DataSpec(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 TINY = ["--model", "mobilenetv3_small_050", "--pretrained", "none", "--head", "new", "--img-size", "32",

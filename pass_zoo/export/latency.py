@@ -19,6 +19,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..config import resolve_round_to_auto_with
 from ..errors import PassZooError
 
 
@@ -206,3 +207,6 @@ def latency_round_to() -> int:
     the MACs ratio against 0.74-0.91 at 8 for 50 %-MACs ResNet-50 and Lite0, batch 1 and 32
     (``benchmarks/speed_per_mac.py``), although both put every conv on the blocked path."""
     return max(16, nchwc_block_size())
+
+
+resolve_round_to_auto_with(latency_round_to)

@@ -1,6 +1,6 @@
 """Mask producers: PASS and Torch-Pruning's criteria (channel masks), VPNs and the unstructured
 baselines (weight masks), one class each, behind one registry."""
-from .registry import (Method, MethodContext, MethodResult, get_method, list_methods, methods_of_budget,
+from ..method_registry import (Method, MethodContext, MethodResult, get_method, list_methods, methods_of_budget,
                        register_method)
 from . import pass_, torch_pruning, weight_baselines, vpns, direct_logits, ablations  # noqa: F401  (registers the built-in methods, PASS first)
 

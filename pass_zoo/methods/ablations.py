@@ -22,7 +22,7 @@ import torch
 from ..graph.masks import to_channel_masks, to_unit_masks
 from . import torch_pruning as criteria
 from .pass_.method import Pass
-from .registry import Method, MethodContext, MethodResult, get_method, register_method
+from ..method_registry import Method, MethodContext, MethodResult, get_method, register_method
 
 
 class _PassAblation(Method):

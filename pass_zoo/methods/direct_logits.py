@@ -17,7 +17,7 @@ from ..graph.cost_model import count_params
 from .pass_.hypernet import _log_ratio, _standardise
 from .pass_.method import chance_check
 from .pass_.search import search
-from .registry import Method, MethodContext, MethodResult, register_method
+from ..method_registry import Method, MethodContext, MethodResult, register_method
 
 
 class DirectLogits(nn.Module):

@@ -41,7 +41,7 @@ from ..graph.sequence import build_layer_sequence
 from ..graph.slim import slim
 from ..train.loop import check_same_across_processes, cosine_lambda, cycle, progress
 from .frozen_bn import KeepRunningStats, batch_norms
-from .registry import Method, MethodContext, MethodResult, get_method, register_method
+from ..method_registry import Method, MethodContext, MethodResult, get_method, register_method
 
 
 def group_scores(seq, importance: Callable) -> List[torch.Tensor]:

@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
 from .frozen_bn import KeepRunningStats, batch_norms
-from .registry import MethodContext, MethodResult, register_method
+from ..method_registry import MethodContext, MethodResult, register_method
 from .weight_masks import WeightMaskMethod, WeightMasks, kaiming_scores, prunable_weights, top_fraction
 
 

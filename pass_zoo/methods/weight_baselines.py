@@ -14,7 +14,7 @@ from typing import Dict
 
 import torch
 
-from .registry import MethodContext, MethodResult, register_method
+from ..method_registry import MethodContext, MethodResult, register_method
 from .weight_masks import WeightMaskMethod, prunable_weights
 
 

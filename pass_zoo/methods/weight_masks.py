@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BudgetError
-from .registry import Method
+from ..method_registry import Method
 
 WeightMasks = Dict[str, torch.Tensor]
 FORMAT = "pass-zoo-weight-masks/1"

@@ -11,9 +11,9 @@ from typing import Iterable, Optional
 
 from tqdm.auto import tqdm
 
+from ..config import PRECISIONS
 from ..errors import DataError, PassZooError
 
-PRECISIONS = ("no", "fp16", "bf16")
 
 
 def make_accelerator(mixed_precision: str = "no"):

@@ -44,6 +44,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ...config import HYPERNET_CORES
+
 QUANTILES = 16
 SCORE_SCALES = ("group", "raw")  # see "Scales across groups" above
 
@@ -106,7 +108,7 @@ class _ConvCore(nn.Module):
         return torch.tanh(self.proj(self.conv(x.view(1, 1, -1)).flatten())), state
 
 
-CORES = {"lstm": _LSTMCore, "mlp": _MLPCore, "cnn": _ConvCore}
+CORES = dict(zip(HYPERNET_CORES, (_LSTMCore, _MLPCore, _ConvCore)))  # the settings name them, in this order
 
 
 class _UnitHead(nn.Module):

@@ -5,7 +5,7 @@ import logging
 import math
 
 from ...graph.cost_model import count_params
-from ..registry import Method, MethodContext, MethodResult, register_method
+from ...method_registry import Method, MethodContext, MethodResult, register_method
 from .hypernet import hypernet_files, load_hypernet
 from .search import search
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch.nn as nn
 
-from ..errors import PassZooError
+from .errors import PassZooError
 
 _METHODS: Dict[str, Type["Method"]] = {}
 # (mask kind, budget) pairs the pipeline knows how to apply

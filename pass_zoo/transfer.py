@@ -13,11 +13,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..config import PruneConfig, apply_overrides
-from ..errors import BudgetError, PassZooError, one_line
-from ..graph.masks import to_unit_masks
-from ..integrity import verify_run_files
-from ..methods import get_method, list_methods
+from .config import PruneConfig, apply_overrides
+from .errors import BudgetError, PassZooError, one_line
+from .graph.masks import to_unit_masks
+from .integrity import verify_run_files
+from .methods import get_method, list_methods
 
 
 def transfer_config(source_run, mode: str, **overrides) -> PruneConfig:
