@@ -10,7 +10,27 @@ import shlex
 import sys
 from typing import List, Optional
 
-from .errors import PassZooError, one_line
+from .backbone import _check_name
+from .config import GROUPS, PruneConfig, RUN, WHAT, add_flags, choices_of, from_args
+from .errors import PassZooError, one_line, stage_of
+from .fileio import atomic_write_json, atomic_write_text, remove_empty_run_dir, unlock_all_run_dirs
+from .pipeline import prune
+from .recipes import load_recipe, recipe_record
+from .transfer import transfer_config
+from .validate import (check_name, check_out_vs_inputs, check_output_file, check_repo_id, check_seed,
+                       dataset_folder)
+from .export.evaluation import evaluate_target
+from .export.latency import format_latency, measure_latency
+from .export.onnx import EXPORTERS, check_opset, export_run_onnx
+from .publish.card import LATENCY_FILE, write_card
+from .publish.hub import format_size, publish
+from .publish.zoo import build_entry, format_zoo, zoo_entries
+from .tools.bench import report, run_bench
+from .tools import check as check_tool  # check_tool.run_check: callers may substitute it
+from .tools.check import CURATED, markdown_table, run_all, run_sweep
+from .tools.measure_costs import latency_points, measure_costs, plot_costs
+from .train.launch import relaunch, without_num_processes
+from .train.loop import PROGRESS
 
 EPILOG = """examples (offline):
   pass-zoo prune --model tf_efficientnet_lite0 --pretrained bundled --dataset fashion-mnist \\
@@ -22,7 +42,6 @@ EPILOG = """examples (offline):
 
 def _add_prune_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     """``prune``'s options: every config flag (see config.py) plus how to read and launch the run."""
-    from .config import GROUPS, WHAT, RUN, add_flags
 
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     add_flags(groups, defaults)
@@ -37,7 +56,6 @@ def _add_prune_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 def _prune_config(args, base=None, given=None):
     """``base`` (a recipe's PruneConfig; default: PruneConfig()) with the flags in ``given`` applied
     (default: every flag, i.e. the parser's defaults, which are PruneConfig's own)."""
-    from .config import from_args
 
     return from_args(args, base, given)
 
@@ -109,7 +127,6 @@ def _is_main_process() -> bool:
 def _remove_empty_tree(path, keep_folder: bool = False) -> None:
     """Remove ``path`` if it holds nothing but empty folders (a run that failed before writing anything);
     ``keep_folder``: it was there before, only the run's marker goes."""
-    from .fileio import remove_empty_run_dir
 
     remove_empty_run_dir(path, keep_folder)
 
@@ -141,11 +158,9 @@ def add_prune(sub) -> None:
 def cmd_prune(args) -> int:
     from pathlib import Path
 
-    from .pipeline import prune
 
     recipe = None
     if args.recipe:
-        from .recipes import load_recipe, recipe_record
 
         name, base, extras = load_recipe(args.recipe)
         given = explicit_prune_flags(args._argv)
@@ -169,14 +184,12 @@ def cmd_prune(args) -> int:
     if args.num_processes > 1:
         if distributed:
             raise PassZooError("--num-processes starts its own processes; do not combine it with accelerate launch")
-        from .train.launch import relaunch, without_num_processes
 
         rc = relaunch(without_num_processes(args._argv), args.num_processes, args.mixed_precision)
         if rc != 0 and not existed:
             _remove_empty_tree(out)
         return rc
     if args.recipe:
-        from .validate import check_out_vs_inputs
 
         check_out_vs_inputs(out, {f"--recipe {args.recipe}": args.recipe})
     command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
@@ -199,9 +212,6 @@ def add_card(sub) -> None:
 
 
 def cmd_card(args) -> int:
-    from .publish.card import LATENCY_FILE, write_card
-    from .validate import check_repo_id
-
     if args.repo_id is not None:
         check_repo_id(args.repo_id)
 
@@ -227,8 +237,6 @@ def add_publish(sub) -> None:
 
 
 def cmd_publish(args) -> int:
-    from .publish.hub import format_size, publish
-
     result = publish(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
                      token=args.token, dry_run=args.dry_run)
     listing = "\n".join(f"  {name:<20} {format_size(size):>22}" for name, size in result["files"])
@@ -262,8 +270,6 @@ def add_zoo(sub) -> None:
 
 
 def cmd_zoo_list(args) -> int:
-    from .publish.zoo import format_zoo, zoo_entries
-
     print(format_zoo(zoo_entries(args.recipes_dir, args.runs_dir)))
     return 0
 
@@ -271,8 +277,6 @@ def cmd_zoo_list(args) -> int:
 def cmd_zoo_build(args) -> int:
     from pathlib import Path
 
-    from .publish.zoo import build_entry
-    from .validate import check_name
 
     check_name(args.name, "zoo entry")  # a folder under --runs-dir
     with _tidy_on_failure(Path(args.runs_dir) / args.name):
@@ -298,14 +302,11 @@ def _val_subset(text: str):
 
 def _write_json(path: Optional[str], obj) -> None:
     if path:
-        from .fileio import atomic_write_json
 
         atomic_write_json(path, obj)
 
 
 def add_export(sub) -> None:
-    from .export.onnx import EXPORTERS
-
     p = sub.add_parser("export", help="(re-)write a run's verified model.onnx and export.json",
                        description="Export RUN_DIR's slim model with its prompt to ONNX, compare ONNX Runtime "
                        "with torch on random and validation images, and keep model.onnx only if they agree.")
@@ -319,7 +320,6 @@ def add_export(sub) -> None:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .export.onnx import check_opset, export_run_onnx
 
     run_dir = Path(args.run_dir.removeprefix("local-dir:"))
     check_opset(args.opset, args.exporter)
@@ -335,7 +335,6 @@ def cmd_export(args) -> int:
 
 def _check_json(args, inputs, allowed=()) -> None:
     if args.json:
-        from .validate import check_output_file
 
         check_output_file(args.json, "--json", inputs, allowed)
 
@@ -356,9 +355,6 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .export.evaluation import evaluate_target
-    from .validate import check_seed, dataset_folder
-
     if args.seed is not None:
         check_seed(args.seed)
     for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
@@ -393,9 +389,6 @@ def add_latency(sub) -> None:
 
 
 def cmd_latency(args) -> int:
-    from .export.latency import format_latency, measure_latency
-    from .export.onnx import check_opset
-
     check_opset(args.opset)
     _check_json(args, [args.run_dir.removeprefix("local-dir:")], allowed=("latency.json",))
     report = measure_latency(args.run_dir, batches=args.batch, threads=args.threads, repeats=args.repeats,
@@ -429,8 +422,6 @@ def add_costs(sub) -> None:
 def cmd_costs(args) -> int:
     from pathlib import Path
 
-    from .tools.measure_costs import latency_points, measure_costs, plot_costs
-    from .validate import check_seed
 
     for flag, value in (("--img-size", args.img_size), ("--batch", args.batch)):
         if value < 1:
@@ -458,8 +449,6 @@ def cmd_costs(args) -> int:
 
 
 def add_transfer(sub) -> None:
-    from .config import choices_of
-
     p = sub.add_parser("transfer", help="reuse a run's masks (PASS, VPNs, ...) or PASS's hypernetwork on another task",
                        description="(a) --mode masks: the source run's masks, fine-tuned on the new dataset; "
                        "(b) --mode hypernet: the source run's hypernetwork, frozen, applied to a prompt learned "
@@ -480,9 +469,6 @@ def add_transfer(sub) -> None:
 
 
 def cmd_transfer(args) -> int:
-    from .pipeline import prune
-    from .transfer import transfer_config
-
     cfg = transfer_config(args.source, args.mode, dataset=args.dataset, out=args.out, overwrite=args.overwrite,
                           seed=args.seed, train_subset=args.train_subset, val_subset=args.val_subset,
                           onnx=False if args.no_onnx else None,
@@ -513,8 +499,6 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .tools.bench import report, run_bench
-
     doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads,
                     log=lambda msg: print(msg, file=sys.stderr))
     if doc["runs"]:
@@ -545,26 +529,21 @@ def add_check(sub) -> None:
 
 
 def cmd_check(args) -> int:
-    from .tools.check import CURATED, markdown_table, run_all, run_check
-
     if sum((args.all, args.sweep is not None, args.model is not None)) != 1:
         raise PassZooError("check needs exactly one of --model NAME, --all or --sweep JSON")
     if args.img_size is not None and args.img_size < 1:
         raise PassZooError(f"--img-size must be at least 1, got {args.img_size}")
-    from .validate import check_output_file
 
     for flag, path in (("--md", args.md), ("--sweep", args.sweep)):
         if path:
             check_output_file(path, flag)
     if args.model:
-        from .backbone import _check_name
 
         _check_name(args.model)
-        return 0 if run_check(args.model, args.img_size).passed else 1
+        return 0 if check_tool.run_check(args.model, args.img_size).passed else 1
     if args.sweep is not None:
         if args.img_size is not None:
             raise PassZooError("--sweep picks each model's input size; leave out --img-size")
-        from .tools.check import run_sweep
 
         command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
         results = run_sweep(args.sweep, args.md, command, max_macs=args.max_macs * 1e6, timeout=args.timeout,
@@ -576,7 +555,6 @@ def cmd_check(args) -> int:
     passed = sum(r.passed for r in results)
     print(f"{passed}/{len(results)} architectures pass every stage")
     if args.md:
-        from .fileio import atomic_write_text
 
         command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
         atomic_write_text(args.md, markdown_table(results, command))
@@ -602,8 +580,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _set_progress(args) -> None:
     """Progress display for this command (prune's flags; the defaults elsewhere; checked by PruneConfig)."""
-    from .config import PruneConfig
-    from .train.loop import PROGRESS
 
     d = PruneConfig()
     PROGRESS.update(quiet=getattr(args, "quiet", d.quiet), log_every=max(1, getattr(args, "log_every", d.log_every)))
@@ -632,7 +608,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pass-zoo: error: {internal_error_line(exc, args)}", file=sys.stderr)
         return 2
     finally:
-        from .fileio import unlock_all_run_dirs
 
         unlock_all_run_dirs()
 
@@ -644,8 +619,6 @@ def internal_error_line(exc: BaseException, args) -> str:
     import traceback
     from pathlib import Path
 
-    from .errors import stage_of
-    from .fileio import atomic_write_text
 
     text = "".join(traceback.format_exception(exc))
     stage = stage_of(exc) or args.command

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from .backbone import BUNDLED_ARCH, PRETRAINED_HELP
+from .data import DATASET_HELP
 from .errors import BudgetError, PassZooError
 from .method_registry import get_method, list_methods, methods_of_budget
+from .prompt import PROMPTS
 from .validate import check_rate, check_seed
 
 DEFAULT_TARGET_MACS = 0.5  # the budget of a channel-mask run that names none
@@ -83,8 +85,6 @@ def _cores():
 
 
 def _prompts():
-    from .prompt import PROMPTS
-
     return PROMPTS
 
 
@@ -131,8 +131,6 @@ def _round_to(text: str) -> int:
 
 
 def _dataset_help() -> str:
-    from .data import DATASET_HELP
-
     return f"{DATASET_HELP} (default: fashion-mnist)"
 
 
@@ -459,7 +457,6 @@ class PruneConfig:
         return DEFAULT_DENSITY if self.target_density is None else self.target_density
 
     def default_out(self) -> str:
-
         data = _folder_part(self.dataset.split(":")[0])
         tag = get_method(self.method).run_tag
         kind = self.budget_kind() if any(v is not None for v in self._budgets().values()) else _default_kind(self.method)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from .backbone import _probe
 from .errors import DataError, one_line
 from .validate import FASHION_MNIST_DIR
 
@@ -324,7 +325,6 @@ def _hub_reachable_or_offline(name: str) -> None:
     cache, in one try instead of a minute of retries."""
     import huggingface_hub.constants as hf_constants
 
-    from .backbone import _probe
 
     if hf_constants.HF_HUB_OFFLINE:
         os.environ["HF_DATASETS_OFFLINE"] = "1"

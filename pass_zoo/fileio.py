@@ -335,14 +335,11 @@ def _mark(out: Path) -> None:
         atomic_write_text(out / RUN_MARKER, RUN_MARKER_TEXT)
 
 
-def prepare_run_dir(out, overwrite: bool = False, resume: bool = False, inputs: Optional[dict] = None) -> Path:
+def prepare_run_dir(out, overwrite: bool = False, resume: bool = False) -> Path:
     """Create and lock ``out``; refuse an existing non-empty folder unless ``overwrite`` (or ``resume``),
-    ``overwrite`` of a folder that is not a pass-zoo run, an ``out`` that is, holds or lies inside one of
-    ``inputs`` ({what: path}), and a folder another run holds."""
-    from .validate import check_out_vs_inputs
-
+    ``overwrite`` of a folder that is not a pass-zoo run, and a folder another run holds. (The caller
+    checks ``out`` against the run's inputs first: ``validate.check_out_vs_inputs``.)"""
     out = Path(out)
-    check_out_vs_inputs(out, inputs or {})
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a folder")
     if resume:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 from .errors import PassZooError
+from .validate import FASHION_MNIST_DIR, check_name, dataset_folder, weights_file
 
 PINS = "file_sha256"  # the metrics.json key
 # What a run's numbers depend on (the method's files are added by name); metrics.json itself is the record.
@@ -71,7 +72,6 @@ def verify_run_files(run_dir, names: Optional[Iterable[str]] = None, ignore: Ite
     """Every file ``metrics.json`` pins (of ``names``, when given; but ``ignore``) is there and unchanged;
     one line naming the first that is not. A folder without metrics.json (not a finished run) or without
     pins (an older run) passes."""
-    from .validate import check_name
 
     run_dir = Path(str(run_dir).removeprefix("local-dir:"))
     metrics = _read_metrics(run_dir)
@@ -159,7 +159,6 @@ def _source_run(folder: Optional[str]) -> Optional[str]:
 
 def fingerprint(cfg) -> dict:
     """What the run reads from disk, as a resume must find it again."""
-    from .validate import FASHION_MNIST_DIR, dataset_folder, weights_file
 
     folder = dataset_folder(cfg.dataset)
     if cfg.dataset.partition("@")[0].partition(":")[0] == "fashion-mnist" and not folder:

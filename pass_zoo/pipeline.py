@@ -25,24 +25,28 @@ from .backbone import BUNDLED, create_backbone, fast_layout, fixed_size_kwargs
 from .config import PruneConfig
 from .data import DataSpec, TaskData, data_spec_for, hold_out, load_task_data, make_loader, subset
 from .errors import PassZooError
-from .export.timm_model import check_rebuild
-from .fileio import atomic_write_bytes, atomic_write_json, prepare_run_dir, unlock_run_dir
 from .export import latency as latency_mod
+from .fileio import atomic_write_bytes, atomic_write_json, prepare_run_dir, unlock_run_dir
+from .integrity import PINS, fingerprint, pin_files
+from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
+from .methods import Method, MethodContext, get_method
+from .prompt import PromptedModel, create_prompt, default_prompt_width
+from .transfer import check_transfer_budget, check_transfer_source
+from .validate import check_out_vs_inputs, run_inputs
+from .export.latency_table import latency_table, table_key
+from .export.onnx import export_run_onnx
+from .export.sparsity import sparsity_report
+from .export.timm_model import check_rebuild, save_slim_model, verify_reload
 from .graph.budget import Budget, achieved, latency_budget, macs_budget, params_budget
 from .graph.cost_model import count_macs, count_params
 from .graph.masks import Masks, load_masks, masks_summary, save_masks, select_units, to_unit_masks
 from .graph.sequence import LayerSequence, build_layer_sequence
 from .graph.slim import PruningHistory, slim
-from .integrity import PINS, fingerprint, pin_files
-from .label_mapping import fold_label_mapping, frequency_label_mapping, prediction_counts
-from .methods import Method, MethodContext, get_method
-from .methods.weight_masks import (apply_weight_masks, check_weight_masks, hold_weight_masks, prunable_weights,
-                                   save_weight_masks, weight_masks_summary)
-from .prompt import PromptedModel, create_prompt, default_prompt_width
-from .transfer import check_transfer_budget, check_transfer_source
+from .methods.weight_masks import (apply_weight_masks, check_weight_masks, hold_weight_masks,
+                                   prunable_weights, save_weight_masks, weight_masks_summary)
 from .train.checkpoint import RunCheckpoints
 from .train.finetune import evaluate, finetune, recalibrate_bn
-from .validate import run_inputs
+from .train.loop import PROGRESS, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,9 @@ log = logging.getLogger(__name__)
 def open_run(cfg: PruneConfig, accelerator) -> Tuple[Path, RunCheckpoints]:
     """The run folder (new, replaced, or resumed) and its checkpoints."""
     out = Path(cfg.out or cfg.default_out())
+    check_out_vs_inputs(out, run_inputs(cfg))  # never write into (or over) what the run reads
     if accelerator.is_main_process:
-        prepare_run_dir(out, cfg.overwrite, cfg.resume, run_inputs(cfg))
+        prepare_run_dir(out, cfg.overwrite, cfg.resume)
     accelerator.wait_for_everyone()
     # a resume compares its inputs (dataset listing, weights file, source run) as well as its settings
     return out, RunCheckpoints(out, accelerator, cfg.checkpoint_every, {**asdict(cfg), "inputs": fingerprint(cfg)},
@@ -171,7 +176,6 @@ def layer_sequence(backbone: nn.Module, img_size: int, cfg: Optional[PruneConfig
 
 def latency_key(cfg: PruneConfig, backbone: nn.Module, seq: LayerSequence, model_kwargs: dict) -> dict:
     """What the run's latency table is cached under (see ``export.latency_table``)."""
-    from .export.latency_table import table_key
 
     return table_key(cfg.model, model_kwargs, int(seq.example_input.shape[-1]), backbone.num_classes, seq,
                      cfg.latency_batch, cfg.latency_threads, cfg.search.round_to)
@@ -188,7 +192,6 @@ def run_budget(cfg: PruneConfig, backbone: nn.Module, seq: LayerSequence, accele
     elif kind == "params":
         budget = params_budget(seq, cfg.target_params)
     else:
-        from .export.latency_table import latency_table
 
         key = latency_key(cfg, backbone, seq, model_kwargs or {})
         main = accelerator is None or accelerator.is_main_process
@@ -372,9 +375,6 @@ def write_run(out: Path, cfg: PruneConfig, seq: Optional[LayerSequence], masks: 
 
     ``seq`` None: weight masks (``masks.json`` per layer; metrics gain the density measured on the
     exported weights and their compressed size)."""
-    from .export.onnx import export_run_onnx
-    from .export.sparsity import sparsity_report
-    from .export.timm_model import save_slim_model, verify_reload
 
     if seq is None:
         save_weight_masks(masks, weight_masks_summary(masks), out)
@@ -405,7 +405,6 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
     """
     from accelerate.utils import set_seed
 
-    from .train.loop import PROGRESS, make_accelerator
 
     cfg.validate()
     if cfg.transfer_from:  # before the run folder is touched

@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
-from .errors import PassZooError
+from .errors import PassZooError, one_line
+from .fileio import LOCK_FILE, RUN_MARKER, is_run_dir
 from .method_registry import get_method, list_methods
 
 # Where Debian's dataset-fashion-mnist puts its files (PASS_ZOO_FASHION_MNIST overrides it)
@@ -129,7 +130,6 @@ def run_inputs(cfg) -> Dict[str, Optional[str]]:
 
 def run_file_names() -> set:
     """Every file name a run folder holds for itself (what an output may never replace)."""
-    from .fileio import LOCK_FILE, RUN_MARKER
 
     names = {"config.json", "model.safetensors", "metrics.json", "masks.json", "masks.safetensors", "model.onnx",
              "export.json", "README.md", "kept_channels.png", "hub.json", "error.log", LOCK_FILE, RUN_MARKER}
@@ -142,7 +142,6 @@ def check_output_file(path, flag: str, inputs: Iterable = (), allowed: Iterable[
     """An output file that replaces nothing it should not: not an input (or inside an input folder), not
     an existing folder, and not one of a run folder's own files (``allowed``: names this command may
     write into a run, e.g. ``latency.json``)."""
-    from .fileio import is_run_dir
 
     where = real(path)
     if os.path.isdir(where):
@@ -176,7 +175,6 @@ def load_yaml(path, what: str, error=PassZooError):
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        from .errors import one_line
 
         raise error(f"{what} {path} is not valid YAML ({one_line(exc)})") from exc
     except RecursionError:

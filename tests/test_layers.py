@@ -85,3 +85,26 @@ def test_a_back_import_is_caught_even_inside_a_function():
 def test_every_module_has_a_layer():
     for module, _, _ in _modules():
         layer_of(module)
+
+
+def deferred_imports(source: str) -> List[Tuple[int, str]]:
+    """``(line, text)`` of own-package imports inside a function that give no reason on their line."""
+    tree, lines = ast.parse(source), source.splitlines()
+    found = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                own = (isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("pass_zoo"))) \
+                    or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "pass_zoo" for a in node.names))
+                if own and "#" not in lines[node.lineno - 1]:
+                    found.append((node.lineno, lines[node.lineno - 1].strip()))
+    return found
+
+
+def test_own_imports_sit_at_module_level_unless_a_comment_says_why():
+    # a deferred import hides a dependency from the reader; it is kept only where it buys something
+    # (start-up time, an optional package), and says so on its line
+    found = [f"{module}:{line}: {text}" for module, _, source in _modules() for line, text in deferred_imports(source)]
+    assert found == []
+    assert deferred_imports("def f():\n    from .graph import slim\n") == [(2, "from .graph import slim")]
+    assert deferred_imports("def f():\n    from .graph import slim  # saves 2 s of start-up\n") == []

@@ -13,10 +13,12 @@ from typing import Optional, Tuple
 
 import torch
 
+from .onnx import ort_session, read_onnx_metadata
+from .run_metrics import RUN, run_eval_defaults
+from .timm_model import load_run_model
 from ..data import DataSpec, data_spec_for, make_loader, val_split
 from ..errors import DataError, PassZooError
 from ..integrity import verify_target
-from .run_metrics import RUN, run_eval_defaults
 
 _FALLBACK_BATCH = 64
 
@@ -46,7 +48,6 @@ def _check_classes(model_names, num_outputs: Optional[int], dataset: str, data_n
 def _load(target: str, threads: Optional[int]) -> Tuple[object, DataSpec, list, Optional[int]]:
     """``(predict function, preprocessing, class names, outputs)`` for either backend."""
     if target_kind(target) == "onnx":
-        from .onnx import ort_session, read_onnx_metadata
 
         meta = read_onnx_metadata(target)
         session = ort_session(target, threads)
@@ -59,7 +60,6 @@ def _load(target: str, threads: Optional[int]) -> Tuple[object, DataSpec, list, 
         return predict, spec_from_metadata(meta, target), meta.get("class_names"), \
             out_dim if isinstance(out_dim, int) else None
 
-    from .timm_model import load_run_model
 
     model = load_run_model(target)
 

@@ -19,15 +19,18 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from .onnx import INPUT_NAME, OnnxExportError, check_opset, export_graph, file_opset
+from .timm_model import load_run_model
 from ..config import resolve_round_to_auto_with
-from ..errors import PassZooError
+from ..errors import PassZooError, one_line
+from ..integrity import verify_run_files
+from ..graph.cost_model import count_macs
 
 
 def time_onnx(models: dict, img_size: int, batches: Sequence[int], threads: int, repeats: int,
               warmup: int) -> Tuple[Dict[int, Dict[str, List[float]]], str]:
     """``({batch: {name: [ms per run]}}, thread pool kind)`` for ONNX files ``{name: path}``, run
     interleaved in a process of their own on one shared, spinning intra-op pool (see ``ort_timer``)."""
-    from .onnx import INPUT_NAME
 
     spec = {"models": {k: str(v) for k, v in models.items()}, "input": INPUT_NAME, "img_size": int(img_size),
             "batches": [int(b) for b in batches], "threads": int(threads), "repeats": int(repeats),
@@ -51,8 +54,6 @@ def latency_session(path, threads: int, profile_prefix=None, optimized_path=None
     per-node profile (JSON); ``optimized_path``: save the graph as ORT optimised it."""
     import onnxruntime as ort
 
-    from ..errors import one_line
-    from .onnx import OnnxExportError
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -84,7 +85,6 @@ def measure_model_ms(model, img_size: int, batch: int = 1, threads: int = 2, rep
                      warmup: int = 2, opset: int = 17) -> float:
     """Median ms per batch of ``model`` (exported to a temporary ONNX file) on ONNX Runtime's CPU
     provider. Weights do not change the speed; the global random state is left alone."""
-    from .onnx import export_graph
 
     if repeats < 1 or warmup < 0 or threads < 1 or batch < 1:
         raise PassZooError("latency needs repeats >= 1, warmup >= 0, threads >= 1 and a batch size >= 1")
@@ -104,10 +104,6 @@ def measure_latency(run_dir, batches: Sequence[int] = (1, 32), threads: int = 2,
     """Median ms per batch for the dense base model and the slim run model, and their ratio."""
     import timm
 
-    from ..graph.cost_model import count_macs
-    from ..integrity import verify_run_files
-    from .onnx import check_opset, export_graph, file_opset
-    from .timm_model import load_run_model
 
     check_opset(opset)
     if repeats < 1 or warmup < 0 or threads < 1 or not batches or min(batches) < 1:

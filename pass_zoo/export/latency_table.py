@@ -32,11 +32,13 @@ from typing import List, Optional
 
 import torch
 
+from . import latency as latency_mod
 from ..errors import BudgetError
 from ..fileio import atomic_write_json
 from ..graph import masks as graph_masks
 from ..graph.cost_model import LATENCY_FEATURES
-from . import latency as latency_mod
+from ..graph.masks import to_channel_masks
+from ..graph.slim import slim
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +165,6 @@ def fit_table(features: torch.Tensor, ms: torch.Tensor) -> List[float]:
 
 def build_table(model, seq, key: dict, measure=None, repeats: int = 10, warmup: int = 2) -> LatencyTable:
     """Measure the probes and fit the table (``measure(model) -> ms`` replaces ONNX Runtime in tests)."""
-    from ..graph.masks import to_channel_masks
-    from ..graph.slim import slim
 
     if measure is None:
         def measure(m):

@@ -32,10 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import PassZooError, one_line
+from .run_metrics import run_eval_defaults
+from .timm_model import load_run_model
+from ..data import data_spec_for, val_split
+from ..errors import DataError, PassZooError, one_line
 from ..fileio import atomic_save_with, atomic_write_json, locked_run_dir, remove_temporaries
-from ..integrity import sha256_file
-from ..integrity import ONNX_FILES, repin_onnx, verify_run_files
+from ..integrity import ONNX_FILES, repin_onnx, sha256_file, verify_run_files
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +287,6 @@ def _export_onnx(run_dir: Path, opset: int, real_inputs: Optional[torch.Tensor],
     import onnx
     import onnxruntime
 
-    from .timm_model import load_run_model
 
     if opset < DEFAULT_OPSET:
         raise OnnxExportError(f"--opset must be at least {DEFAULT_OPSET}, got {opset}")
@@ -385,9 +386,6 @@ def export_run_onnx(run_dir, metrics: Optional[dict] = None, **kwargs):
 
 def _run_val_batch(run_dir: Path, model: nn.Module, dataset: Optional[str]):
     """The first images of the run's validation subset, or ``(None, reason)`` when not available."""
-    from ..data import data_spec_for, val_split
-    from ..errors import DataError
-    from .run_metrics import run_eval_defaults
 
     defaults = run_eval_defaults(run_dir)
     dataset = dataset or defaults.get("dataset")

@@ -37,9 +37,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..errors import PassZooError, one_line
 from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes
+from ..integrity import verify_run_files
+from ..prompt import create_prompt
 from ..graph.families import family_by_name, fix_split_sizes
 from ..graph.groups import build_graph
-from ..prompt import create_prompt
 
 SPEC_FORMAT_V1 = "pass-zoo-slim/1"
 SPEC_FORMAT = "pass-zoo-slim/2"
@@ -489,7 +490,6 @@ def verify_run_weights(run_dir) -> None:
                     h.update(chunk)
             if h.hexdigest() != recorded:
                 raise PassZooError(f"{path} is not the file export.json verified (sha256 differs)")
-    from ..integrity import verify_run_files
 
     verify_run_files(run_dir)  # config.json, masks, ONNX: every file the run's numbers depend on
     load_run_model(run_dir)

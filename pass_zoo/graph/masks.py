@@ -28,9 +28,10 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..errors import BudgetError
 from .budget import Budget, as_budget
 from .sequence import LayerSequence
+from ..errors import BudgetError
+from ..fileio import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
 Masks = Dict[str, torch.Tensor]
 
@@ -242,7 +243,6 @@ def masks_summary(masks: Masks, seq: LayerSequence) -> dict:
 
 def save_masks(masks: Masks, summary: dict, folder) -> None:
     """``masks.safetensors`` (uint8 per group) + ``masks.json``, both written atomically."""
-    from ..fileio import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
     tensors = {name: m.to(torch.uint8).contiguous() for name, m in masks.items()}
     atomic_write_bytes(folder / "masks.safetensors", safetensors_bytes(tensors, {"format": "pass-zoo-masks/1"}))

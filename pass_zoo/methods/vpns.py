@@ -22,10 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
 from .frozen_bn import KeepRunningStats, batch_norms
-from ..method_registry import MethodContext, MethodResult, register_method
 from .weight_masks import WeightMaskMethod, WeightMasks, kaiming_scores, prunable_weights, top_fraction
+from ..method_registry import MethodContext, MethodResult, register_method
+from ..train.checkpoint import LoopState, StageCheckpoints
+from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
 
 
 class WeightScores(nn.Module):
@@ -87,7 +88,6 @@ def search_weight_masks(backbone: nn.Module, prompt: nn.Module, loader, density:
     these scores and do not learn; only the prompt (and head) do -- the one-shot baselines' stage 1,
     so that they differ from VPNs in the masks alone.
     """
-    from ..train.checkpoint import LoopState, StageCheckpoints
 
     for p in backbone.parameters():
         p.requires_grad_(False)

@@ -14,8 +14,9 @@ from typing import Dict
 
 import torch
 
-from ..method_registry import MethodContext, MethodResult, register_method
+from .vpns import search_weight_masks
 from .weight_masks import WeightMaskMethod, prunable_weights
+from ..method_registry import MethodContext, MethodResult, register_method
 
 
 class OneShotWeights(WeightMaskMethod):
@@ -25,8 +26,6 @@ class OneShotWeights(WeightMaskMethod):
         raise NotImplementedError
 
     def produce(self, ctx: MethodContext) -> MethodResult:
-        from .vpns import search_weight_masks
-
         cfg = ctx.config
         weights = {n: w.detach() for n, w in prunable_weights(ctx.backbone).items()}
         # the masks are the top |score| of these frozen scores (select_weights' rule); stage 1 checks

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BudgetError
+from ..fileio import atomic_write_bytes, atomic_write_text, safetensors_bytes
 from ..method_registry import Method
 
 WeightMasks = Dict[str, torch.Tensor]
@@ -165,7 +166,6 @@ def weight_masks_summary(masks: WeightMasks) -> dict:
 
 def save_weight_masks(masks: WeightMasks, summary: dict, folder) -> None:
     """``masks.safetensors`` (uint8 per weight) + ``masks.json``, both written atomically."""
-    from ..fileio import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
     tensors = {name: m.to(torch.uint8).contiguous() for name, m in masks.items()}
     atomic_write_bytes(folder / "masks.safetensors", safetensors_bytes(tensors, {"format": FORMAT}))

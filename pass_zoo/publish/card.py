@@ -18,9 +18,12 @@ from pathlib import Path
 from string import Template
 from typing import Optional, Tuple
 
+from ..backbone import BUNDLED
 from ..errors import PassZooError, one_line
 from ..fileio import atomic_save_with, atomic_write_text
+from ..methods import get_method
 from ..validate import check_repo_id
+from ..export.timm_model import verify_run_weights
 
 CARD_FILE = "README.md"
 PLOT_FILE = "kept_channels.png"
@@ -112,7 +115,6 @@ def base_model_info(arch: str, pretrained: str) -> Tuple[Optional[str], str, str
     """``(base_model Hub id or None, license, words for the body)`` for the weights prune started from."""
     from timm.models import get_pretrained_cfg
 
-    from ..backbone import BUNDLED
 
     if pretrained == "auto":
         pretrained = "bundled" if arch in BUNDLED else "timm"
@@ -191,8 +193,6 @@ def mask_kind(metrics: dict) -> str:
 
 
 def _method_tag(method: str) -> str:
-    from ..methods import get_method
-
     try:
         return get_method(method).run_tag
     except PassZooError:  # a run of a method this install does not have
@@ -200,8 +200,6 @@ def _method_tag(method: str) -> str:
 
 
 def _method_words(method: str) -> str:
-    from ..methods import get_method
-
     try:
         return get_method(method).summary or f"`{method}`"
     except PassZooError:
@@ -452,7 +450,6 @@ def write_card(run_dir, repo_id: Optional[str] = None) -> Path:
     The card is rendered (and checked) before anything is written, so a run with a missing metric
     gets neither file.
     """
-    from ..export.timm_model import verify_run_weights
 
     run_dir = Path(run_dir)
     try:  # a card must not describe weights that eval/export (and timm) would refuse

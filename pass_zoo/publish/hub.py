@@ -20,11 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card
+from .. import __version__
 from ..errors import PassZooError, one_line
 from ..fileio import atomic_write_json
-from ..validate import check_repo_id as check_name_of_repo
-from ..validate import check_revision
-from .card import CARD_FILE, LATENCY_FILE, PLOT_FILE, render_card, write_card
+from ..methods import get_method
+from ..validate import check_repo_id as check_name_of_repo, check_revision
+from ..export.timm_model import verify_run_weights
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,6 @@ def check_publishable(run_dir) -> None:
     elif export is not None and not isinstance(export, dict):
         problems.append("export.json is not a JSON object")
     if "model.safetensors" not in missing:  # what eval/export would refuse, before any request
-        from ..export.timm_model import verify_run_weights
 
         try:
             verify_run_weights(run_dir)
@@ -110,7 +111,6 @@ def _card_is_current(run_dir: Path, repo_id: str) -> bool:
 def optional_files(run_dir: Path) -> Tuple[str, ...]:
     """Published when present: the latency report and the method's artefacts (what lets others
     transfer what it learned, e.g. PASS's hypernetwork)."""
-    from ..methods import get_method
 
     try:
         method = json.loads((run_dir / "metrics.json").read_text()).get("method")
@@ -176,7 +176,6 @@ def publish(run_dir, repo_id: str, *, private: bool = False, revision: Optional[
     """Upload a run folder as a Hub model repo; ``dry_run`` only returns the plan (changes nothing)."""
     from huggingface_hub import HfApi
 
-    from .. import __version__
 
     if revision is not None:  # a branch name becomes part of the Hub's URLs
         check_revision(revision, error=PublishError)

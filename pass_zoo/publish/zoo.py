@@ -11,6 +11,8 @@ import shlex
 from pathlib import Path
 from typing import List, Optional
 
+from .card import write_card
+from ..pipeline import prune
 from ..recipes import find_recipe, list_recipes, recipe_record
 
 
@@ -73,8 +75,6 @@ def build_entry(name: str, recipes_dir=None, runs_dir="runs", overwrite: bool = 
     write its card; returns ``(metrics, PruneConfig, card path)``."""
     import os
 
-    from ..pipeline import prune
-    from .card import write_card
 
     name, cfg, extras = find_recipe(name, recipes_dir)
     cfg.out, cfg.overwrite, cfg.onnx = str(Path(runs_dir) / name), overwrite, True  # publishable needs ONNX

@@ -42,7 +42,10 @@ from typing import Dict, List, Optional
 from ..config import DEFAULT_TARGET_MACS, PruneConfig, apply_overrides
 from ..errors import PassZooError, one_line
 from ..fileio import atomic_write_json, atomic_write_text
+from ..methods import get_method, list_methods
+from .. import pipeline  # called as pipeline.prune: a test or a caller may substitute it
 from ..validate import check_name, check_seed, load_yaml
+from ..train.checkpoint import config_diffs
 
 _RECORD_KEYS = ("method", "target_macs", "macs_dense", "macs_slim", "macs_ratio", "params_dense", "params_slim",
                 "top1", "top1_after_search", "top1_dense_zero_shot", "search_seconds", "finetune_seconds",
@@ -67,7 +70,6 @@ def load_spec(path) -> dict:
 def plan_cells(spec: dict) -> List[Dict]:
     """Every cell of the grid: ``{"id", "label", "budget", "level", "target_macs", "seed", "config"}``
     (``target_macs`` None for a density cell)."""
-    from ..methods import get_method
 
     _check_grid(spec)
     base = apply_overrides(PruneConfig(), spec.get("base") or {}, "base")
@@ -261,7 +263,6 @@ def resolved_config(cfg: PruneConfig) -> dict:
 def cell_changes(cell: dict, out: Path) -> str:
     """How a finished cell's run differs from what the spec now asks for ('' when it matches or has
     not run): a finished cell is reused only when its whole resolved configuration is the same."""
-    from ..train.checkpoint import config_diffs
 
     path = out / "cells" / cell["id"] / "metrics.json"
     if not path.is_file():
@@ -282,8 +283,6 @@ def cell_changes(cell: dict, out: Path) -> str:
 
 
 def _method_keys(method) -> tuple:
-    from ..methods import get_method
-
     try:
         return get_method(method).metric_keys
     except PassZooError:
@@ -292,7 +291,6 @@ def _method_keys(method) -> tuple:
 
 def learned_labels(doc: dict) -> List[str]:
     """Labels of the cells whose method is not a Torch-Pruning baseline (what gap tables are about)."""
-    from ..methods import get_method, list_methods
 
     learned = {m for m in list_methods() if not get_method(m).baseline}
     return sorted({r["label"] for r in doc["runs"] if r["label"] != "dense" and r.get("method") in learned})
@@ -325,10 +323,8 @@ def _init_worker(threads: int) -> None:
 
 
 def _run_cell(cfg: PruneConfig, command: str) -> dict:
-    from ..pipeline import prune
-
     t0 = time.time()
-    metrics = prune(cfg, command=command)
+    metrics = pipeline.prune(cfg, command=command)
     metrics["wall_seconds"] = round(time.time() - t0, 2)
     return metrics
 

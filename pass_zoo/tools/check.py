@@ -44,7 +44,20 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..backbone import check_classifier, fixed_size_kwargs
+from ..config import SearchConfig
+from ..data import make_loader
 from ..errors import BackboneError, NotAClassifierError, PassZooError, one_line
+from ..fileio import atomic_write_json, atomic_write_text
+from ..pipeline import make_prompt
+from ..prompt import PromptedModel
+from ..export.onnx import export_onnx
+from ..export.timm_model import save_slim_model
+from ..graph import cost_model, slim as slimming  # module-qualified: callers may substitute them
+from ..graph.masks import smallest_macs, to_unit_masks
+from ..graph.sequence import build_layer_sequence
+from ..train.loop import make_accelerator
+from ..methods.pass_.search import search
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +150,6 @@ def check_setup(name: str, img_size: Optional[int] = None, seed: int = 0):
     """
     import timm
 
-    from ..backbone import check_classifier, fixed_size_kwargs
 
     cfg = timm.get_pretrained_cfg(name)
     fixed = cfg is not None and getattr(cfg, "fixed_input_size", False)
@@ -252,18 +264,6 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
     """Run every stage on ``name``; stops at the first failing stage (later stages are ``skip``)."""
     import timm
 
-    from ..config import SearchConfig
-    from ..data import make_loader
-    from ..export.onnx import export_onnx
-    from ..export.timm_model import save_slim_model
-    from ..graph.cost_model import count_macs
-    from ..graph.masks import smallest_macs, to_unit_masks
-    from ..graph.sequence import build_layer_sequence
-    from ..graph.slim import slim
-    from ..methods.pass_.search import search
-    from ..pipeline import make_prompt
-    from ..prompt import PromptedModel
-    from ..train.loop import make_accelerator
 
     t0 = time.time()
     result = CheckResult(name)
@@ -301,11 +301,11 @@ def run_check(name: str, img_size: Optional[int] = None, echo=print, seed: int =
             model.eval()
             masks = found.masks
         with _Stage(result, "slim", echo) as stage:
-            slim_model, history = slim(model, masks, x[:1])
+            slim_model, history = slimming.slim(model, masks, x[:1])
             slim_model.eval()
             kept = [int(u.sum()) for u in to_unit_masks(masks, seq)]
             result.macs_slim = seq.macs(kept)
-            counted = count_macs(slim_model, x[:1])
+            counted = cost_model.count_macs(slim_model, x[:1])
             if counted != result.macs_slim:
                 raise _CheckFailed(f"layer sequence predicts {result.macs_slim} MACs, the slim model has {counted}")
             if not result.macs_slim <= result.target_macs * result.macs_dense:
@@ -433,8 +433,6 @@ def sized_macs(name: str):
     memory, no compute), or on the CPU when an op has no meta kernel and the model is small."""
     import timm
 
-    from ..backbone import check_classifier, fixed_size_kwargs
-    from ..graph.cost_model import count_macs
 
     cfg = timm.get_pretrained_cfg(name)
     fixed = cfg is not None and getattr(cfg, "fixed_input_size", False)
@@ -452,7 +450,7 @@ def sized_macs(name: str):
                         check_classifier(model, name)  # an encoder is out of scope, not a failure
                 with torch.device(device):
                     x = torch.zeros(1, 3, size, size)
-                macs = count_macs(model, x)
+                macs = cost_model.count_macs(model, x)
                 info = getattr(model, "feature_info", None)
                 reduction = info[-1].get("reduction") if isinstance(info, list) and info and \
                     isinstance(info[-1], dict) else None
@@ -500,7 +498,6 @@ def run_sweep(json_path, md_path=None, command: str = "", max_macs: float = SWEE
               threads: int = 1, machine: str = "", echo=print) -> List[CheckResult]:
     """Select by ``SWEEP_RULE`` (once), check each model in its own process, write JSON after every model
     and the Markdown table at the end. Resumable: models already in the JSON are not checked again."""
-    from ..fileio import atomic_write_json, atomic_write_text
 
     path = Path(json_path)
     doc = read_sweep(path) if path.is_file() else {}
@@ -608,12 +605,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import pass_zoo  # noqa: F401  (registers pass_pruned)
-
-    result = run_check(args.model, args.img_size)
+    result = run_check(args.model, args.img_size)  # pass_zoo/__init__ ran first: pass_pruned is registered
     if args.json:
-        from ..fileio import atomic_write_json
-
         atomic_write_json(args.json, asdict(result))
     return 0 if result.passed else 1
 

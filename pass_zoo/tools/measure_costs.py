@@ -19,7 +19,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..backbone import create_backbone
+from ..config import SearchConfig
 from ..errors import PassZooError
+from ..pipeline import layer_sequence, make_prompt
+from ..prompt import PromptedModel
+from ..export.latency import measure_latency
+from ..graph.masks import to_channel_masks
+from ..graph.slim import slim
+from ..methods.frozen_bn import KeepRunningStats
+from ..methods.pass_.search import MaskedSearchModel, build_hypernet
 
 KINDS = ("search", "fixed_masks", "finetune")
 
@@ -48,14 +57,6 @@ def _measure(kind: str, model_name: str, pretrained: str, img_size: int, batch: 
     import torch
     import torch.nn.functional as F
 
-    from ..backbone import create_backbone
-    from ..config import SearchConfig
-    from ..graph.masks import to_channel_masks
-    from ..graph.slim import slim
-    from ..methods.frozen_bn import KeepRunningStats
-    from ..methods.pass_.search import MaskedSearchModel, build_hypernet
-    from ..pipeline import layer_sequence, make_prompt
-    from ..prompt import PromptedModel
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -172,7 +173,6 @@ def measure_costs(model: str = "tf_efficientnet_lite0", pretrained: str = "bundl
 
 def latency_points(run_dirs: Sequence, batches=(1, 32), threads: int = 2, repeats: int = 20) -> list:
     """ORT speedup (dense / slim) against the MACs ratio for each run folder."""
-    from ..export.latency import measure_latency
 
     points = []
     for run_dir in run_dirs:

@@ -43,8 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not path.is_file():
         print(f"pass-zoo-train: {path} does not exist ({USAGE})", file=sys.stderr)
         return 2
-    import pass_zoo  # noqa: F401 -- registers timm's 'pass_pruned' architecture before train.py runs
-
+    # importing this module ran pass_zoo/__init__, which registers timm's 'pass_pruned' architecture
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(path)] + rest
     sys.path.insert(0, str(path.resolve().parent))  # as `python train.py` would

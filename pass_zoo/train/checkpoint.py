@@ -32,9 +32,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .loop import Batches, StopRequest
+from ..config import PruneConfig
 from ..errors import CheckpointError, Interrupted, PassZooError, one_line
 from ..fileio import atomic_write_dir, remove_temporaries, safetensors_bytes
-from .loop import Batches, StopRequest
 
 FORMAT = "pass-zoo-checkpoint/1"
 STAGES = ("search", "searched", "finetune")  # in run order
@@ -147,7 +148,6 @@ def config_diffs(saved: dict, now: dict, recorded_only: bool = False) -> List[st
     """``"key old (now new)"`` for every setting that differs between two saved configs (nested keys
     dotted); a setting added since ``saved`` was written, left at its default, is not a change
     (``recorded_only``: no setting ``saved`` does not record is)."""
-    from ..config import PruneConfig
 
     saved, now = _flatten(resume_key(saved)), _flatten(resume_key(now))
     defaults = _flatten(resume_key(asdict(PruneConfig())))

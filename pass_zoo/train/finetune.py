@@ -6,9 +6,10 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import LoopState, StageCheckpoints
+from .loop import Batches, cosine_lambda, progress, take_step
 from ..errors import PassZooError
 from ..prompt import PromptedModel
-from .loop import Batches, cosine_lambda, progress, take_step
 
 
 def finetune(model: PromptedModel, loader, cfg, accelerator, checkpoints=None) -> List[float]:
@@ -18,7 +19,6 @@ def finetune(model: PromptedModel, loader, cfg, accelerator, checkpoints=None) -
     ``checkpoints`` (a ``checkpoint.RunCheckpoints``) saves the loop every N steps, on Ctrl-C and at
     the end, and continues from its newest fine-tune checkpoint when the run is resumed.
     """
-    from .checkpoint import LoopState, StageCheckpoints
 
     if cfg.steps <= 0:
         return []

@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 
 from ...config import HYPERNET_CORES
+from ...errors import PassZooError, one_line
+from ...fileio import json_bytes
 
 QUANTILES = 16
 SCORE_SCALES = ("group", "raw")  # see "Scales across groups" above
@@ -223,7 +225,6 @@ def hypernet_files(hypernet: PassHyperNetwork) -> dict:
     """``{"hypernet.safetensors", "hypernet.json"}`` contents: the weights and what rebuilds them."""
     from safetensors.torch import save as st_save
 
-    from ...fileio import json_bytes
 
     state = {k: v.detach().contiguous().cpu() for k, v in hypernet.state_dict().items()}
     return {"hypernet.safetensors": st_save(state), "hypernet.json": json_bytes(hypernet.config())}
@@ -246,7 +247,6 @@ def load_hypernet(folder) -> PassHyperNetwork:
     """Rebuild a saved hypernetwork (strict; no pickle)."""
     from pathlib import Path
 
-    from ...errors import PassZooError, one_line
 
     folder = Path(folder)
     cfg_path, weights = folder / "hypernet.json", folder / "hypernet.safetensors"

@@ -18,14 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hypernet import PassHyperNetwork
+from .stats import WeightStats
+from ..frozen_bn import KeepRunningStats, batch_norms
 from ...errors import PassZooError
 from ...graph.budget import Budget, as_budget
 from ...graph.masks import Masks, select_units, to_channel_masks
 from ...graph.sequence import LayerSequence
+from ...train.checkpoint import LoopState, StageCheckpoints
 from ...train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
-from ..frozen_bn import KeepRunningStats, batch_norms
-from .hypernet import PassHyperNetwork
-from .stats import WeightStats
 
 
 class MaskedSearchModel(nn.Module):
@@ -140,7 +141,6 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     ``build(seq, cfg)``: what scores the units when no ``hypernet`` is given (default: PASS's hypernetwork;
     the direct-logits ablation passes its own scorer, trained the same way).
     """
-    from ...train.checkpoint import LoopState, StageCheckpoints
 
     for p in backbone.parameters():
         p.requires_grad_(False)
