@@ -26,6 +26,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
+from timm.layers.attention import Attention
+from timm.layers.blur_pool import BlurPool2d
+from timm.layers.grn import GlobalResponseNorm
+from timm.layers.mixed_conv2d import MixedConv2d
+from timm.layers.norm import RmsNorm2d, RmsNorm2dFp32
+from timm.layers.selective_kernel import SelectiveKernel
+from timm.models.mambaout import GatedConvBlock
+from timm.models.swin_transformer import WindowAttention
 
 from ..errors import AdapterError
 
@@ -141,17 +149,7 @@ class AttentionFamily:
         return 2 * n_seq * tokens * tokens * self.heads(mod) * self.head_dim(mod)
 
 
-def _timm_attention():
-    from timm.layers.attention import Attention
-    return Attention
-
-
-def _swin_window_attention():
-    from timm.models.swin_transformer import WindowAttention
-    return WindowAttention
-
-
-@register_attention(_timm_attention())
+@register_attention(Attention)
 class TimmAttention(AttentionFamily):
     """``timm.layers.Attention``: ViT, DeiT and most plain transformer blocks in timm."""
 
@@ -173,7 +171,7 @@ class TimmAttention(AttentionFamily):
         mod.attn_dim = heads * head_dim  # the forward reshapes the heads' output to attn_dim
 
 
-@register_attention(_swin_window_attention())
+@register_attention(WindowAttention)
 class SwinWindowAttention(AttentionFamily):
     """``timm.models.swin_transformer.WindowAttention``: one relative position bias column per head."""
 
@@ -223,12 +221,7 @@ class ChannelNormFamily:
         raise NotImplementedError
 
 
-def _grn():
-    from timm.layers.grn import GlobalResponseNorm
-    return GlobalResponseNorm
-
-
-@register_channel_norm(_grn())
+@register_channel_norm(GlobalResponseNorm)
 class GlobalResponseNormFamily(ChannelNormFamily):
     """ConvNeXt-V2's GRN: ``x + b + g * x * n(x)``, ``n`` = each channel's spatial L2 norm divided by
     the mean of those norms over the channels -- the mean the slimmed module takes over fewer channels."""
@@ -245,17 +238,7 @@ class GlobalResponseNormFamily(ChannelNormFamily):
         return x + torch.addcmul(mod.bias.view(mod.wb_shape), mod.weight.view(mod.wb_shape), x * (x_g / (mean + mod.eps)))
 
 
-def _rms_norm2d():
-    from timm.layers.norm import RmsNorm2d
-    return RmsNorm2d
-
-
-def _rms_norm2d_fp32():
-    from timm.layers.norm import RmsNorm2dFp32
-    return RmsNorm2dFp32
-
-
-@register_channel_norm(_rms_norm2d())
+@register_channel_norm(RmsNorm2d)
 class RmsNorm2dFamily(ChannelNormFamily):
     """RMS norm over the channels of an NCHW map (MobileNetV5), with or without an activation after it
     (``RmsNormAct2d``): the mean of squares the slimmed module takes over fewer channels."""
@@ -274,7 +257,7 @@ class RmsNorm2dFamily(ChannelNormFamily):
         return mod.act(mod.drop(y)) if hasattr(mod, "act") else y
 
 
-@register_channel_norm(_rms_norm2d_fp32())
+@register_channel_norm(RmsNorm2dFp32)
 class RmsNorm2dFp32Family(RmsNorm2dFamily):
     """The same, computed in float32 whatever the input's dtype."""
 
@@ -319,12 +302,7 @@ def fix_split_sizes(model: nn.Module) -> None:
             fix(mod)
 
 
-def _mixed_conv2d():
-    from timm.layers.mixed_conv2d import MixedConv2d
-    return MixedConv2d
-
-
-@register_split_sizes(_mixed_conv2d())
+@register_split_sizes(MixedConv2d)
 def _fix_mixed_conv2d(mod: nn.Module) -> None:
     """MixNet's mixed-kernel conv: one conv per part of the input channels, outputs concatenated."""
     convs = list(mod.values())
@@ -332,12 +310,7 @@ def _fix_mixed_conv2d(mod: nn.Module) -> None:
     mod.in_channels, mod.out_channels = sum(mod.splits), sum(c.out_channels for c in convs)
 
 
-def _gated_conv_block():
-    from timm.models.mambaout import GatedConvBlock
-    return GatedConvBlock
-
-
-@register_split_sizes(_gated_conv_block())
+@register_split_sizes(GatedConvBlock)
 def _fix_gated_conv_block(mod: nn.Module) -> None:
     """MambaOut's block: ``fc1`` -> (gate, identity part, conv part); the gate multiplies the
     concatenated identity and conv parts channel by channel, so it is as wide as ``fc2``'s input."""
@@ -345,24 +318,14 @@ def _fix_gated_conv_block(mod: nn.Module) -> None:
     mod.split_indices = (hidden, hidden - conv, conv)
 
 
-def _selective_kernel():
-    from timm.layers.selective_kernel import SelectiveKernel
-    return SelectiveKernel
-
-
-@register_split_sizes(_selective_kernel(), equal_parts=True)
+@register_split_sizes(SelectiveKernel, equal_parts=True)
 def _fix_selective_kernel(mod: nn.Module) -> None:
     """SKNet's selective kernel: ``split(x, in_channels // paths)``, one conv path per part."""
     if mod.split_input:
         mod.in_channels = sum(path.conv.in_channels for path in mod.paths)
 
 
-def _blur_pool2d():
-    from timm.layers.blur_pool import BlurPool2d
-    return BlurPool2d
-
-
-@register_split_sizes(_blur_pool2d())
+@register_split_sizes(BlurPool2d)
 def _fix_blur_pool2d(mod: nn.Module) -> None:
     """Anti-aliased downsampling (TResNet, and ``aa_layer=`` in many timm CNNs): a depthwise blur whose
     filter is stored once per channel. Every channel has the same filter, so the module takes the width
