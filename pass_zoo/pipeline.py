@@ -61,7 +61,7 @@ def open_run(cfg: PruneConfig, accelerator) -> Tuple[Path, RunCheckpoints]:
     accelerator.wait_for_everyone()
     # a resume compares its inputs (dataset listing, weights file, source run) as well as its settings
     return out, RunCheckpoints(out, accelerator, cfg.checkpoint_every, {**asdict(cfg), "inputs": fingerprint(cfg)},
-                               cfg.resume)
+                               cfg.resume, defaults=asdict(PruneConfig()))
 
 
 @dataclass

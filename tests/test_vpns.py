@@ -284,11 +284,14 @@ def test_a_checkpoint_from_before_weight_masks_still_resumes(tmp_path):
                                                   "stage": "search", "step": 2}))
     now = PruneConfig(method="taylor", seed=3)  # --prompt left at auto
     now.validate()
-    ckpts = RunCheckpoints(tmp_path / "run", Accelerator(cpu=True), 2, dataclasses.asdict(now), resume=True)
+    defaults = dataclasses.asdict(PruneConfig())
+    ckpts = RunCheckpoints(tmp_path / "run", Accelerator(cpu=True), 2, dataclasses.asdict(now), resume=True,
+                           defaults=defaults)
     assert ckpts.resumed_from == {"stage": "search", "step": 2}
     now.prompt = "pad"  # a real change is still refused
     with pytest.raises(Exception, match="prompt 'additive' \\(now 'pad'\\)"):
-        RunCheckpoints(tmp_path / "run", Accelerator(cpu=True), 2, dataclasses.asdict(now), resume=True)
+        RunCheckpoints(tmp_path / "run", Accelerator(cpu=True), 2, dataclasses.asdict(now), resume=True,
+                       defaults=defaults)
 
 
 # ----------------------------------------------------------------------------- end to end

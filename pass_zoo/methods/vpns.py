@@ -25,8 +25,8 @@ from torch.func import functional_call
 from .frozen_bn import KeepRunningStats, batch_norms
 from .weight_masks import WeightMaskMethod, WeightMasks, kaiming_scores, prunable_weights, top_fraction
 from ..method_registry import MethodContext, MethodResult, register_method
-from ..train.checkpoint import LoopState, StageCheckpoints
-from ..train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
+from ..train.checkpoint import StageCheckpoints
+from ..train.loop import Batches, LoopState, check_same_across_processes, cosine_lambda, progress, take_step
 
 
 class WeightScores(nn.Module):

@@ -24,16 +24,15 @@ import json
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .loop import Batches, StopRequest
-from ..config import PruneConfig
+from .loop import LoopState, StopRequest
 from ..errors import CheckpointError, Interrupted, PassZooError, one_line
 from ..fileio import atomic_write_dir, remove_temporaries, safetensors_bytes
 
@@ -51,20 +50,6 @@ class Searched:
 
     masks: Dict[str, torch.Tensor]
     artefacts: Dict[str, bytes]
-
-
-@dataclass
-class LoopState:
-    """Everything a training loop needs to continue bit for bit; the objects are updated in place."""
-
-    stage: str
-    total: int
-    modules: Dict[str, nn.Module]
-    optimizers: Dict[str, Any]
-    schedulers: Dict[str, Any]
-    batches: Batches
-    losses: List[float] = field(default_factory=list)
-    step: int = 0  # completed steps
 
 
 # ------------------------------------------------------------------ tensors -> safetensors, rest -> JSON
@@ -144,13 +129,13 @@ def resume_key(config: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in OPERATIONAL}))
 
 
-def config_diffs(saved: dict, now: dict, recorded_only: bool = False) -> List[str]:
+def config_diffs(saved: dict, now: dict, defaults: Optional[dict] = None, recorded_only: bool = False) -> List[str]:
     """``"key old (now new)"`` for every setting that differs between two saved configs (nested keys
-    dotted); a setting added since ``saved`` was written, left at its default, is not a change
+    dotted); a setting added since ``saved`` was written, left at its ``defaults`` value, is not a change
     (``recorded_only``: no setting ``saved`` does not record is)."""
 
     saved, now = _flatten(resume_key(saved)), _flatten(resume_key(now))
-    defaults = _flatten(resume_key(asdict(PruneConfig())))
+    defaults = _flatten(resume_key(defaults or {}))
     return [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k) and not (k not in saved and (recorded_only or (
                 k in defaults and now.get(k) == defaults[k])))]
@@ -168,8 +153,12 @@ def _non_finite(modules: Dict[str, nn.Module]) -> Optional[str]:
 class RunCheckpoints:
     """``OUT/checkpoints``: periodic saves of the running stage, stage outputs, and resume."""
 
-    def __init__(self, out, accelerator, every: int, config: dict, resume: bool = False):
+    def __init__(self, out, accelerator, every: int, config: dict, resume: bool = False,
+                 defaults: Optional[dict] = None):
+        """``config``: the run's settings (what a resume must match); ``defaults``: every setting's default,
+        so that one added since a checkpoint was written, and left at its default, is no change."""
         self.out = Path(out)
+        self.defaults = defaults or {}
         self.dir = self.out / "checkpoints"
         self.accelerator = accelerator
         self.every = every
@@ -220,11 +209,11 @@ class RunCheckpoints:
                                   f"{self.accelerator.num_processes}; resume with the same --num-processes")
         saved_config = meta.get("config", {})
         now_config = {k: v for k, v in self.config.items() if k != "inputs" or "inputs" in saved_config}
-        changed = [d for d in config_diffs(saved_config, now_config) if d.startswith("inputs.")]
+        changed = [d for d in config_diffs(saved_config, now_config, self.defaults) if d.startswith("inputs.")]
         if changed:  # the data, weights or source run the run read are no longer what it read
             raise CheckpointError(f"--resume: the inputs of {self.out} changed since it started: "
                                   f"{', '.join(changed[:3])}; start it again with --overwrite")
-        diffs = config_diffs(saved_config, now_config)
+        diffs = config_diffs(saved_config, now_config, self.defaults)
         if diffs:
             raise CheckpointError(f"--resume: {self.out} was started with other settings: {', '.join(diffs[:4])}; "
                                   "rerun with the original flags")

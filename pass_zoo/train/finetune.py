@@ -6,8 +6,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import LoopState, StageCheckpoints
-from .loop import Batches, cosine_lambda, progress, take_step
+from .checkpoint import StageCheckpoints
+from .loop import Batches, LoopState, cosine_lambda, progress, take_step
 from ..errors import PassZooError
 from ..prompt import PromptedModel
 

@@ -7,8 +7,10 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional
 
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import PRECISIONS
@@ -105,6 +107,20 @@ class Batches:
                 raise DataError("the data loader yielded no batch (dataset smaller than one batch?)")
             self._it, self.epoch, self.taken = None, self.epoch + 1, 0
         raise DataError("the data loader yielded no batch (dataset smaller than one batch?)")
+
+
+@dataclass
+class LoopState:
+    """Everything a training loop needs to continue bit for bit; the objects are updated in place."""
+
+    stage: str
+    total: int
+    modules: Dict[str, nn.Module]
+    optimizers: Dict[str, Any]
+    schedulers: Dict[str, Any]
+    batches: Batches
+    losses: List[float] = field(default_factory=list)
+    step: int = 0  # completed steps
 
 
 def cycle(loader):
@@ -237,7 +253,7 @@ def global_loss(loss, accelerator) -> float:
 
 
 def take_step(loop, loss, accelerator, bar, ckpt, what: str, hint: str) -> None:
-    """One optimisation step of ``loop`` (a ``checkpoint.LoopState``): every optimiser and scheduler,
+    """One optimisation step of ``loop`` (a ``LoopState``): every optimiser and scheduler,
     the loss recorded, progress shown, a checkpoint when due. A non-finite loss stops the stage."""
     value = global_loss(loss, accelerator)
     if not math.isfinite(value):

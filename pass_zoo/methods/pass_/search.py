@@ -25,8 +25,8 @@ from ...errors import PassZooError
 from ...graph.budget import Budget, as_budget
 from ...graph.masks import Masks, select_units, to_channel_masks
 from ...graph.sequence import LayerSequence
-from ...train.checkpoint import LoopState, StageCheckpoints
-from ...train.loop import Batches, check_same_across_processes, cosine_lambda, progress, take_step
+from ...train.checkpoint import StageCheckpoints
+from ...train.loop import Batches, LoopState, check_same_across_processes, cosine_lambda, progress, take_step
 
 
 class MaskedSearchModel(nn.Module):
