@@ -184,3 +184,32 @@ def test_iterative_pruning_tightens_in_rounds_and_never_restores_a_unit(method, 
 def test_iterative_steps_is_checked():
     with pytest.raises(PassZooError, match="--iterative-steps must be a whole number from 1 to 100"):
         SearchConfig(iterative_steps=0).validate()
+
+
+def test_a_search_step_swaps_at_most_max_churn_of_the_kept_units():
+    from pass_zoo.methods.pass_.search import MaskedSearchModel, build_hypernet, churn
+
+    model, seq = _tiny()
+    cfg = SearchConfig(hidden=16, max_churn=0.1)
+    searcher = MaskedSearchModel(model, seq, AdditivePrompt(32, 4), build_hypernet(seq, cfg), 0.5, cfg)
+    torch.manual_seed(1)
+    before = [torch.rand(g.units) for g in seq.groups]
+    searcher.previous.store(searcher.select(before, searcher.budget))
+    previous = searcher.previous.masks()
+    # a small change of the scores passes unchanged ...
+    nudged = [s + 1e-4 * torch.randn_like(s) for s in before]
+    free = searcher.select(nudged, searcher.budget)
+    assert searcher._limit_churn(nudged, free, 1.0) is free
+    # ... a reversed ranking would swap most kept units in one step: the limit holds, the budget too
+    reversed_ = [-s for s in before]
+    free = searcher.select(reversed_, searcher.budget)
+    assert churn(free, previous) > 0.5
+    limited = searcher._limit_churn(reversed_, free, float(torch.cat(reversed_).std()))
+    assert 0 < churn(limited, previous) <= 0.1
+    assert seq.macs([int(m.sum()) for m in limited]) <= 0.5 * seq.dense_macs
+    # the checkpointed copy of the last masks is what the limit reads after a resume
+    state = searcher.previous.state_dict()
+    fresh = MaskedSearchModel(model, seq, AdditivePrompt(32, 4), build_hypernet(seq, cfg), 0.5, cfg)
+    assert fresh.previous.masks() is None
+    fresh.previous.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.previous.masks(), previous))

@@ -5,7 +5,8 @@ budgeted selection turns the scores into hard masks (exact MACs <= budget); the 
 frozen network through straight-through estimators; cross-entropy of the prompted, masked
 network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine). Over the first
 ``budget_warmup`` of the steps the budget tightens from the dense network to the target; the final
-masks are always selected at the target.
+masks are always selected at the target. ``max_churn`` (off by default) bounds how many kept units one
+step may swap.
 
 ``cfg`` everywhere is the run's ``config.SearchConfig`` (read, never built here).
 """
@@ -29,6 +30,32 @@ from ...train.checkpoint import StageCheckpoints
 from ...train.loop import Batches, LoopState, check_same_across_processes, cosine_lambda, progress, take_step
 
 
+class LastMasks(nn.Module):
+    """The hard masks of the last search step as one flat buffer: what the churn limit of the next
+    selection compares with. A module, so the loop's checkpoints carry it and a resumed search selects
+    exactly as the interrupted one would have."""
+
+    def __init__(self, units: List[int]):
+        super().__init__()
+        self.units = [int(u) for u in units]
+        self.register_buffer("kept", torch.zeros(sum(self.units), dtype=torch.bool))
+        self.register_buffer("valid", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def store(self, masks: List[torch.Tensor]) -> None:
+        self.kept.copy_(torch.cat([m.to(self.kept.device).bool().flatten() for m in masks]))
+        self.valid.fill_(True)
+
+    def masks(self) -> Optional[List[torch.Tensor]]:
+        return [m.cpu() for m in torch.split(self.kept, self.units)] if bool(self.valid) else None
+
+
+def churn(masks: List[torch.Tensor], previous: List[torch.Tensor]) -> float:
+    """Units that changed state, as a fraction of the units kept before."""
+    changed = sum(int((m.cpu() != p.cpu()).sum()) for m, p in zip(masks, previous))
+    return changed / max(1, sum(int(p.sum()) for p in previous))
+
+
 class MaskedSearchModel(nn.Module):
     """Frozen backbone, gated by the masks the hypernetwork proposes on every forward pass."""
 
@@ -44,6 +71,8 @@ class MaskedSearchModel(nn.Module):
         self.budget = self.target  # the budget of the current step (see SearchConfig.budget_warmup)
         self.next_budget = self.target  # the budget of the step after it: what the provisional threshold is for
         self.bn_mode = cfg.bn_mode
+        self.max_churn = cfg.max_churn
+        self.previous = LastMasks([g.units for g in seq.groups])
         self.last_masks: Optional[List[torch.Tensor]] = None
 
     def train(self, mode: bool = True):
@@ -59,10 +88,10 @@ class MaskedSearchModel(nn.Module):
     def propose(self):
         """(straight-through unit masks, hard unit masks) for the current prompt and hypernetwork."""
         scores = self.hypernet(self.prompt.image(), self.weight_stats)
-        hard = self.select(scores, self.budget)
         flat = torch.cat(scores)
         # One shared scale over all groups keeps scores comparable across groups for the STE.
         mu, sd = flat.mean(), flat.std() + 1e-8
+        hard = self._limit_churn(scores, self.select(scores, self.budget), float(sd.detach()))
         ste = []
         for s, h in zip(scores, hard):
             z = (s - mu) / sd
@@ -78,6 +107,34 @@ class MaskedSearchModel(nn.Module):
         else:
             self._set_threshold(scores, hard)
         return ste, hard
+
+    def _limit_churn(self, scores, hard, sd: float) -> List[torch.Tensor]:
+        """``hard``, or -- where it swaps more than ``max_churn`` of the last step's kept units -- the
+        selection in which last step's units get the smallest bonus (in score standard deviations) that
+        brings the swaps under the limit: the strongest changes happen, the rest wait a step.
+
+        A one-step shift of a group's score offset can move hundreds of units across the global threshold
+        at once; the head then faces a different network, the loss jumps to chance and the next gradients
+        are noise. Steady learning changes a few percent of the units per step and is left alone."""
+        previous = self.previous.masks() if self.max_churn < 1.0 else None
+        if previous is None or churn(hard, previous) <= self.max_churn:
+            return hard
+        detached = [s.detach() for s in scores]
+
+        def sticky(bonus):
+            return self.select([s + bonus * sd * p.to(s.device, s.dtype) for s, p in zip(detached, previous)],
+                               self.budget)
+
+        lo, hi = 0.0, 1.0
+        while churn(sticky(hi), previous) > self.max_churn and hi < 1e3:
+            lo, hi = hi, 2 * hi
+        for _ in range(8):  # bisection to 1/256 of the bracket: the bonus need not be exact
+            mid = (lo + hi) / 2
+            if churn(sticky(mid), previous) > self.max_churn:
+                lo = mid
+            else:
+                hi = mid
+        return sticky(hi)
 
     def select(self, scores, budget) -> List[torch.Tensor]:
         return select_units(scores, self.seq, budget, self.round_to, self.selection, self.max_prune_ratio)
@@ -108,6 +165,7 @@ class MaskedSearchModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ste, hard = self.propose()
         self.last_masks = hard
+        self.previous.store(hard)
         with self.seq.gated(ste):
             return self.backbone(self.prompt(x))
 
@@ -177,6 +235,8 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     # Schedulers stay unprepared: accelerate would step them once per process.
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(cfg.steps)) for k, o in optimizers.items()}
     modules = {"prompt": prompt, "hypernet": hypernet}
+    if cfg.max_churn < 1.0:
+        modules["previous_masks"] = model.previous
     if train_head:
         modules["head"] = backbone.get_classifier()
     loop = LoopState("search", cfg.steps, modules, optimizers, schedulers, Batches(loader))
