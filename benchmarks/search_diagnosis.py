@@ -8,6 +8,10 @@ test set.
         --setting "no limit={}" --setting "limit 0.1={\"max_churn\": 0.1}" \\
         --setting "limit 0.05={\"max_churn\": 0.05}"
 
+One run instead of the sweep: ``--over JSON`` (PruneConfig fields over B3's setting; its ``search``
+merges into B3's search settings) and ``--tag NAME``. B2's setting, on which the rows of
+``results/search_diagnosis/runs.jsonl`` were measured, has no cap: ``--over '{"search": {"max_prune_ratio": 1}}'``.
+
 Each setting is a name and a JSON object of ``SearchConfig`` fields; every run uses B3's Lite0 setting
 at 10 % MACs (bundled Lite0, 64 px, new head, BN adapted, 160 search steps, cap 0.9) on four tasks
 (Fashion-MNIST with 2,000 held-out of 10,000 training images; 4,000 training images with 800 held out;
@@ -125,7 +129,9 @@ def table(rows: list, settings: list) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON lines, one per run (appended; finished runs skipped)")
-    ap.add_argument("--setting", action="append", required=True, metavar='NAME={"field": value}')
+    ap.add_argument("--setting", action="append", default=[], metavar='NAME={"field": value}')
+    ap.add_argument("--over", default=None, metavar="JSON", help="one run: PruneConfig fields over B3's setting")
+    ap.add_argument("--tag", default="run", help="the name of the --over run")
     ap.add_argument("--method", default="pass")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
@@ -134,6 +140,17 @@ def main() -> None:
     settings = [(name, json.loads(value)) for name, value in (s.split("=", 1) for s in args.setting)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.over is not None:
+        over = json.loads(args.over)
+        search = over.pop("search", {})
+        row = {"tag": args.tag, "method": args.method, "over": {**over, "search": search},
+               **diagnose(over, search, args.method)}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row))
+        return
+    if not settings:
+        ap.error("give --setting NAME=JSON (a sweep) or --over JSON (one run)")
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
     done = {r["tag"] for r in rows}
     for seed in args.seeds:
