@@ -80,14 +80,6 @@ HYPERNET_CORES = ("lstm", "mlp", "cnn")
 PRECISIONS = ("no", "fp16", "bf16")
 
 
-def _cores():
-    return HYPERNET_CORES
-
-
-def _prompts():
-    return PROMPTS
-
-
 def _methods():
     return list_methods()
 
@@ -98,14 +90,6 @@ def _method_help() -> str:
             f"{', '.join(methods_of_budget('macs'))}. Weight masks under --target-density, zeros in the dense "
             f"shape: {', '.join(methods_of_budget('density'))}. Every method gets the same fine-tuning "
             f"(default: pass)")
-
-
-def _prompt_choices():
-    return ["auto", *_prompts()]
-
-
-def _precisions():
-    return PRECISIONS
 
 
 # ``--round-to auto`` is read off ONNX Runtime by the latency module, which sits above the settings and
@@ -152,7 +136,7 @@ class SearchConfig:
     # rank of the per-group unit embeddings (the heads); keeps the hypernetwork small
     rank: int = option(8, flag="--hypernet-rank", group=SEARCH, metavar="R",
                        help="rank of the per-group unit embeddings, the hypernetwork's heads (default: %(default)s)")
-    core: str = option("lstm", flag="--hypernet", group=SEARCH, choices=_cores,
+    core: str = option("lstm", flag="--hypernet", group=SEARCH, choices=HYPERNET_CORES,
                        help="hypernetwork core: lstm (paper) or the mlp/cnn ablations (default: %(default)s)")
     use_prompt: bool = option(True, flag="--no-prompt-input", negate=True, group=SEARCH,
                               help="ablation: the hypernetwork does not see the prompt")
@@ -193,7 +177,7 @@ class SearchConfig:
     budget_warmup: float = option(0.5, flag="--budget-warmup", group=SEARCH, metavar="FRACTION",
                                   help="tighten the MACs budget from dense to the target over this fraction of the "
                                        "search steps (0: the target from the first step; default: %(default)s)")
-    # The searches that end at chance (about 1 in 15 on Lite0 at 10 % MACs) break in one place: as the
+    # The searches that end at chance (1 of 17 measured on Lite0 at 10 % MACs) break in one place: as the
     # budget reaches the target, single steps swap 40-60 % of the kept units, mostly between groups, and
     # the head never catches up. A limit removes that break (the failing B3 seed: stage-1 loss 2.27 -> 1.67
     # at 0.1) but also slows the reallocation a good search needs; over 12 held-out runs (4 tasks x 3
@@ -336,7 +320,7 @@ class PruneConfig:
                        help="flm: frequency label mapping onto the ImageNet classifier; new: a fresh linear head; "
                             "auto: flm for 1000-class backbones (default: %(default)s)")
     # auto: the method's own (additive for PASS and the channel baselines, pad for VPNs and the weight baselines)
-    prompt: str = option("auto", flag="--prompt", group=HEAD, choices=_prompt_choices,
+    prompt: str = option("auto", flag="--prompt", group=HEAD, choices=("auto", *PROMPTS),
                          help="additive frame on the image border (PASS's best) or pad (image shrunk into a canvas, "
                               "VPNs'); auto: additive for channel-mask methods, pad for weight-mask ones "
                               "(default: %(default)s)")
@@ -377,7 +361,7 @@ class PruneConfig:
     workers: int = option(0, flag="--workers", group=DATA, help="data-loader worker processes (default: %(default)s)")
     seed: int = option(0, flag="--seed", group=RUN,
                        help="random seed; the same seed repeats a one-process CPU run bit for bit (default: %(default)s)")
-    mixed_precision: str = option("no", flag="--mixed-precision", group=RUN, choices=_precisions,
+    mixed_precision: str = option("no", flag="--mixed-precision", group=RUN, choices=PRECISIONS,
                                   help="autocast: bf16 (CPU or GPU), fp16 (GPU only) or no (default: %(default)s)")
     quiet: bool = option(False, flag="--quiet", group=RUN, help="no progress bar or progress lines")
     log_every: int = option(50, flag="--log-every", group=RUN, metavar="N",
@@ -444,7 +428,6 @@ class PruneConfig:
             raise PassZooError(f"unknown --method '{self.method}' (choose from {', '.join(_methods())})")
         check_choices(self)
         if self.prompt == "auto":  # resolved here, so a run records (and a resume compares) the prompt it used
-
             self.prompt = get_method(self.method).prompt
         for flag, value, least in (("--img-size", self.img_size, 1), ("--prompt-size", self.prompt_size, 0),
                                    ("--workers", self.workers, 0), ("--diagnostic-images", self.diagnostic_images, 0)):
@@ -489,14 +472,12 @@ def _folder_part(text: str) -> str:
 
 def _default_kind(method: str) -> str:
     """The budget kind a method gets when none is given: density for weight-mask methods, else macs."""
-
     return "density" if get_method(method).budget == "density" else "macs"
 
 
 def check_budget(cfg: PruneConfig) -> None:
     """Each kind of method takes its own budgets: a weight-mask method only --target-density, a
     channel-mask one only --target-macs, --target-params or --target-latency (one line each)."""
-
     method = get_method(cfg.method)
     given = [k for k, v in cfg._budgets().items() if v is not None]
     if method.budget == "density":

@@ -72,7 +72,8 @@ class MaskedSearchModel(nn.Module):
         self.next_budget = self.target  # the budget of the step after it: what the provisional threshold is for
         self.bn_mode = cfg.bn_mode
         self.max_churn = cfg.max_churn
-        self.previous = LastMasks([g.units for g in seq.groups])
+        # only a churn limit reads the last step's masks back (and checkpoints them)
+        self.previous = LastMasks([g.units for g in seq.groups]) if cfg.max_churn < 1.0 else None
         self.last_masks: Optional[List[torch.Tensor]] = None
 
     def train(self, mode: bool = True):
@@ -116,7 +117,7 @@ class MaskedSearchModel(nn.Module):
         A one-step shift of a group's score offset can move hundreds of units across the global threshold
         at once; the head then faces a different network, the loss jumps to chance and the next gradients
         are noise. Steady learning changes a few percent of the units per step and is left alone."""
-        previous = self.previous.masks() if self.max_churn < 1.0 else None
+        previous = self.previous.masks() if self.previous is not None else None
         if previous is None or churn(hard, previous) <= self.max_churn:
             return hard
         detached = [s.detach() for s in scores]
@@ -165,10 +166,10 @@ class MaskedSearchModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ste, hard = self.propose()
         self.last_masks = hard
-        self.previous.store(hard)
+        if self.previous is not None:
+            self.previous.store(hard)
         with self.seq.gated(ste):
             return self.backbone(self.prompt(x))
-
 
 
 def build_hypernet(seq: LayerSequence, cfg) -> PassHyperNetwork:
@@ -235,7 +236,7 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     # Schedulers stay unprepared: accelerate would step them once per process.
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, cosine_lambda(cfg.steps)) for k, o in optimizers.items()}
     modules = {"prompt": prompt, "hypernet": hypernet}
-    if cfg.max_churn < 1.0:
+    if model.previous is not None:
         modules["previous_masks"] = model.previous
     if train_head:
         modules["head"] = backbone.get_classifier()
