@@ -100,7 +100,7 @@ def diagnose(over: dict, search: dict, method: str = "pass") -> dict:
         "loss_final": _mean(losses[-20:]), "loss_chance": math.log(backbone.model.num_classes),
         "loss_curve": [round(_mean(losses[i:i + 20]), 3) for i in range(0, len(losses), 20)],
         "churn_curve": [round(_mean(churn[i:i + 20]), 4) for i in range(0, len(churn), 20)],
-        "churn_max": round(max(churn, default=0.0), 4),
+        "losses": [round(v, 4) for v in losses], "churn_max": round(max(churn, default=0.0), 4), "recoveries": result.record.get("search_recoveries", 0),
         "moved_max": round(max((m / max(1, k) for _, m, k in steps), default=0.0), 4),
         "top1_heldout_after_search": evaluate(prompted, data.val_loader, accelerator),
         "macs_ratio": seq.macs(kept) / seq.dense_macs, "kept": kept, "seconds": round(time.time() - start, 1),

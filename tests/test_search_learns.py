@@ -213,3 +213,54 @@ def test_a_search_step_swaps_at_most_max_churn_of_the_kept_units():
     assert fresh.previous.masks() is None
     fresh.previous.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.previous.masks(), previous))
+
+
+def test_a_search_that_breaks_down_returns_to_its_best_state():
+    from pass_zoo.methods.pass_.search import Recovery
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    recovery = Recovery(params, allowed=1, settle=5)
+    chance = math.log(10)
+    assert not any(recovery.observe(1.0, chance) for _ in range(30))  # learned: well under chance
+    best = [p.detach().clone() for p in params]
+    params[0].sum().backward()
+    opt.step()  # the optimiser moves on and keeps momentum ...
+    with torch.no_grad():
+        params[1].add_(5.0)
+    # ... and the loss climbs back towards chance: a rise of three quarters of the way is a breakdown
+    broke = [recovery.observe(chance, chance) for _ in range(30)]
+    assert broke.index(True) == 13, broke  # moving average 1.0 -> over 1.0 + 0.75 * (ln 10 - 1)
+    # a checkpoint taken now continues alike after a resume
+    resumed = Recovery([torch.nn.Parameter(torch.zeros_like(p)) for p in params], allowed=1, settle=5)
+    resumed.load_state_dict(recovery.state_dict())
+    assert resumed.observe(chance, chance) and torch.equal(resumed.snapshot, recovery.snapshot)
+    recovery.recover([opt], [sched])
+    assert all(torch.equal(p, b) for p, b in zip(params, best))
+    assert not opt.state and opt.param_groups[0]["lr"] == pytest.approx(0.05) and sched.base_lrs == [0.05]
+    assert recovery.recoveries == 1
+    # the allowance is spent: a second breakdown is left alone
+    assert not any(recovery.observe(chance, chance) for _ in range(30))
+
+
+def test_a_search_that_never_learned_is_not_recovered():
+    from pass_zoo.methods.pass_.search import Recovery
+
+    recovery = Recovery([torch.nn.Parameter(torch.zeros(3))], allowed=2, settle=1)
+    chance = math.log(3)
+    # the loss never fell under 90 % of chance: nothing to return to
+    assert not any(recovery.observe(chance * f, chance) for f in [0.95] * 10 + [1.0] * 20)
+
+
+def test_recovery_leaves_a_search_that_does_not_break_unchanged():
+    runs = []
+    for allowed in (0, 2):
+        model, seq = _tiny()  # the search trains the head in place: a fresh model each time
+        torch.manual_seed(0)
+        cfg = SearchConfig(steps=20, hidden=16, lr_head=1e-2, recoveries=allowed)
+        runs.append(search(model, seq, AdditivePrompt(32, 4), _separable(), 0.5, cfg, make_accelerator("no"),
+                           train_head=True))
+    assert runs[1].recoveries == 0 and runs[0].losses == runs[1].losses
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].unit_masks, runs[1].unit_masks))

@@ -62,7 +62,8 @@ class DirectLogitsMethod(Method):
     name = "direct-logits"
     tag = "direct"
     baseline = False
-    metric_keys = ("scorer_params", "search_loss_final", "search_loss_chance", "search_at_chance")
+    metric_keys = ("scorer_params", "search_loss_final", "search_loss_chance", "search_at_chance",
+                   "search_recoveries")
     summary = "learned per-channel logits (PASS without its hypernetwork)"
 
     def produce(self, ctx: MethodContext) -> MethodResult:
@@ -70,6 +71,6 @@ class DirectLogitsMethod(Method):
         result = search(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, ctx.selection_budget(), cfg.search,
                         ctx.accelerator, train_head=ctx.new_head, checkpoints=ctx.checkpoints,
                         build=build_direct_logits)
-        record = {"search_losses": result.losses, "scorer_params": count_params(result.hypernet)}
+        record = {"search_losses": result.losses, "scorer_params": count_params(result.hypernet), "search_recoveries": result.recoveries}
         record.update(chance_check(result.losses, ctx.backbone.num_classes))
         return MethodResult(result.masks, record=record)

@@ -6,7 +6,8 @@ frozen network through straight-through estimators; cross-entropy of the prompte
 network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine). Over the first
 ``budget_warmup`` of the steps the budget tightens from the dense network to the target; the final
 masks are always selected at the target. ``max_churn`` (off by default) bounds how many kept units one
-step may swap.
+step may swap. ``recoveries``: when the loss, having learned, climbs most of the way back to chance, the
+search returns to its best state with halved learning rates (see ``Recovery``).
 
 ``cfg`` everywhere is the run's ``config.SearchConfig`` (read, never built here).
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+import math
 
 import torch
 import torch.nn as nn
@@ -27,7 +30,8 @@ from ...graph.budget import Budget, as_budget
 from ...graph.masks import Masks, select_units, to_channel_masks
 from ...graph.sequence import LayerSequence
 from ...train.checkpoint import StageCheckpoints
-from ...train.loop import Batches, LoopState, check_same_across_processes, cosine_lambda, progress, take_step
+from ...train.loop import (Batches, LoopState, check_same_across_processes, cosine_lambda, global_loss,
+                           progress, take_step)
 
 
 class LastMasks(nn.Module):
@@ -48,6 +52,65 @@ class LastMasks(nn.Module):
 
     def masks(self) -> Optional[List[torch.Tensor]]:
         return [m.cpu() for m in torch.split(self.kept, self.units)] if bool(self.valid) else None
+
+
+class Recovery(nn.Module):
+    """Returns a search that breaks down to its best state.
+
+    A search that learned can still break as the budget tightens: single steps swap half the kept units,
+    the head faces a different network, the loss climbs back to chance and the next gradients are noise,
+    so it never comes back (1 of 5 B3 seeds at 10 % MACs). Recovery watches a moving average of the
+    cross-entropy. When it has fallen under 90 % of chance and then climbs back ``rise`` of the way from its
+    best to chance, the trained parameters return to the state of that best average, the optimisers'
+    moments (which carry the breaking direction) are cleared and every learning rate is halved; the budget
+    schedule goes on. Searches that learn climb back at most half the way (0.05-0.51 over 12 held-out runs;
+    the broken one all the way), so a search that does not break never triggers it and runs exactly as
+    without it. Its state is buffers, so checkpoints carry it and a resumed search recovers alike.
+    """
+
+    def __init__(self, params: List[nn.Parameter], allowed: int, rise: float = 0.75, smoothing: float = 0.9,
+                 settle: int = 20):
+        super().__init__()
+        object.__setattr__(self, "params", list(params))  # the optimisers' parameters, not owned here
+        self.allowed, self.rise, self.smoothing, self.settle = int(allowed), rise, smoothing, settle
+        self.register_buffer("snapshot", torch.cat([p.detach().flatten().cpu() for p in self.params]).clone())
+        # moving average, its best value (none yet: a huge finite number, as checkpoints refuse non-finite
+        # values), steps seen, recoveries made
+        self.register_buffer("state", torch.tensor([0, 1e300, 0, 0], dtype=torch.float64))
+
+    @property
+    def recoveries(self) -> int:
+        return int(self.state[3])
+
+    def observe(self, ce: float, chance: float) -> bool:
+        """Record one step's cross-entropy; True when the search broke down and should recover."""
+        ema, best, seen, made = self.state.tolist()
+        ema = ce if seen == 0 else self.smoothing * ema + (1 - self.smoothing) * ce
+        seen += 1
+        broke = False
+        if seen >= self.settle:
+            if ema < best:
+                best = ema
+                with torch.no_grad():
+                    self.snapshot.copy_(torch.cat([p.detach().flatten().cpu() for p in self.params]))
+            broke = made < self.allowed and best < 0.9 * chance and ema > best + self.rise * (chance - best)
+        self.state.copy_(torch.tensor([ema, best, seen, made], dtype=torch.float64))
+        return broke
+
+    @torch.no_grad()
+    def recover(self, optimizers, schedulers) -> None:
+        offset = 0
+        for p in self.params:
+            p.copy_(self.snapshot[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype))
+            offset += p.numel()
+        for opt in optimizers:
+            getattr(opt, "optimizer", opt).state.clear()
+        for sched in schedulers:
+            sched.base_lrs = [lr / 2 for lr in sched.base_lrs]
+            for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+                group["lr"] = lr / 2
+        self.state[0] = self.state[1]  # the average restarts at the restored state's
+        self.state[3] += 1
 
 
 def churn(masks: List[torch.Tensor], previous: List[torch.Tensor]) -> float:
@@ -184,6 +247,7 @@ class SearchResult:
     unit_masks: List[torch.Tensor]
     hypernet: PassHyperNetwork
     losses: List[float] = field(default_factory=list)
+    recoveries: int = 0  # times the search returned to its best state (``Recovery``)
 
 
 def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target,
@@ -240,6 +304,10 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         modules["previous_masks"] = model.previous
     if train_head:
         modules["head"] = backbone.get_classifier()
+    recovery = None
+    if cfg.recoveries > 0 and not frozen_hypernet:
+        trained = [p for o in optimizers.values() for g in o.param_groups for p in g["params"]]
+        recovery = modules["recovery"] = Recovery(trained, cfg.recoveries)
     loop = LoopState("search", cfg.steps, modules, optimizers, schedulers, Batches(loader))
     wrapped.train()
     with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
@@ -248,7 +316,8 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
             with KeepRunningStats(backbone):
                 _search_loop(wrapped, model, loop, accelerator, bar, ckpt,
                              lambda step: model.set_budget(budget_at(step, cfg, target),
-                                                           budget_at(step + 1, cfg, target)), cfg.distill)
+                                                           budget_at(step + 1, cfg, target)), cfg.distill,
+                             recovery)
         finally:
             bar.close()
 
@@ -263,7 +332,8 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     # would silently depend on which process wrote it.
     check_same_across_processes(accelerator, "search masks and prompt",
                                 [*hard, *(t for t in prompt.state_dict().values())])
-    return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, loop.losses)
+    return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, loop.losses,
+                        recovery.recoveries if recovery is not None else 0)
 
 
 def budget_at(step: int, cfg, target: float) -> float:
@@ -275,15 +345,22 @@ def budget_at(step: int, cfg, target: float) -> float:
     return target ** (step / warm)
 
 
-def _search_loop(wrapped, model, loop, accelerator, bar, ckpt, set_budget, distill: float) -> None:
+def _search_loop(wrapped, model, loop, accelerator, bar, ckpt, set_budget, distill: float,
+                 recovery: Optional[Recovery] = None) -> None:
     for step in range(loop.step, loop.total):
         set_budget(step)
         x, y = next(loop.batches)
         logits = wrapped(x)
-        loss = F.cross_entropy(logits, y)
+        loss = ce = F.cross_entropy(logits, y)
         if distill:
             target = F.log_softmax(model.dense_logits(x).float(), 1)
             loss = loss + distill * F.kl_div(F.log_softmax(logits.float(), 1), target, log_target=True,
                                              reduction="batchmean")
+        ce = global_loss(ce, accelerator)
         take_step(loop, loss, accelerator, bar, ckpt, "search",
                   "lower --search-lr-prompt/--search-lr-hypernet and start again")
+        if recovery is not None and recovery.observe(ce, math.log(logits.shape[-1])):
+            recovery.recover(loop.optimizers.values(), loop.schedulers.values())
+            with torch.no_grad():  # the walk's provisional threshold, for the restored scores
+                set_budget(loop.step)
+                model.propose()
