@@ -13,10 +13,9 @@ search returns to its best state with halved learning rates (see ``Recovery``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
-
-import math
 
 import torch
 import torch.nn as nn
