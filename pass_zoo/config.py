@@ -187,7 +187,7 @@ class SearchConfig:
                               help="no search step swaps more than this fraction of the units the last step kept "
                                    "(1: no limit; default: %(default)s)")
     # The break above, caught instead of prevented (methods/pass_/search.py, Recovery): when the moving average
-    # of the loss, having fallen under 90 % of chance, climbs back three quarters of the way, the search returns
+    # of the loss, having fallen under 80 % of chance, climbs back three quarters of the way, the search returns
     # to its best state with halved learning rates. The failing B3 seed then ends at 1.77 instead of 2.27; none
     # of the 12 held-out diagnosis runs climbs back more than 0.51 of the way, so they run bit for bit as before.
     recoveries: int = option(2, flag="--search-recoveries", group=SEARCH, metavar="N",

@@ -250,8 +250,8 @@ def test_a_search_that_never_learned_is_not_recovered():
 
     recovery = Recovery([torch.nn.Parameter(torch.zeros(3))], allowed=2, settle=1)
     chance = math.log(3)
-    # the loss never fell under 90 % of chance: nothing to return to
-    assert not any(recovery.observe(chance * f, chance) for f in [0.95] * 10 + [1.0] * 20)
+    # the loss never fell under 80 % of chance: nothing worth returning to
+    assert not any(recovery.observe(chance * f, chance) for f in [0.85] * 10 + [1.0] * 20)
 
 
 def test_recovery_leaves_a_search_that_does_not_break_unchanged():
