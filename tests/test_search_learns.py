@@ -240,6 +240,10 @@ def test_a_search_that_breaks_down_returns_to_its_best_state():
     recovery.recover([opt], [sched])
     assert all(torch.equal(p, b) for p, b in zip(params, best))
     assert not opt.state and opt.param_groups[0]["lr"] == pytest.approx(0.05) and sched.base_lrs == [0.05]
+    # the halved rates are in what a checkpoint saves of the scheduler and the optimiser
+    again = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(params, lr=0.1), lambda step: 1.0)
+    again.load_state_dict(sched.state_dict())
+    assert again.base_lrs == [0.05] and opt.state_dict()["param_groups"][0]["lr"] == pytest.approx(0.05)
     assert recovery.recoveries == 1
     # the allowance is spent: a second breakdown is left alone
     assert not any(recovery.observe(chance, chance) for _ in range(30))
