@@ -194,6 +194,10 @@ class SearchConfig:
                              help="when the search loss, having learned, climbs back towards chance, return to the "
                                   "best state with halved learning rates, at most N times (0: never; default: "
                                   "%(default)s)")
+    # A budget-conditioned search (methods/pass_/hypernet.py): [lowest, highest] fraction of the dense cost. Every
+    # step draws its target from the range and the hypernetwork reads it, so that after one search it emits
+    # masks for any budget in the range (search.masks_at_budget). None: one budget, the run's.
+    budget_range: Optional[List[float]] = option(None, what="search.budget_range")
     # Weight of a distillation term KL(dense || masked) on the logits: the dense network with the same
     # prompt is a denser training signal than the labels alone (0: cross-entropy only, the paper's).
     distill: float = option(0.0, flag="--distill", group=SEARCH, metavar="W",
@@ -238,6 +242,13 @@ class SearchConfig:
             raise PassZooError(f"--max-mask-churn must be in (0, 1], got {self.max_churn}")
         if isinstance(self.recoveries, bool) or not isinstance(self.recoveries, int) or not 0 <= self.recoveries <= 10:
             raise PassZooError(f"--search-recoveries must be a whole number from 0 to 10, got {self.recoveries!r}")
+        if self.budget_range is not None:
+            ok = isinstance(self.budget_range, (list, tuple)) and len(self.budget_range) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.budget_range)
+            if not ok or not 0.0 < self.budget_range[0] < self.budget_range[1] <= 1.0:
+                raise PassZooError("search.budget_range must be [lowest, highest] fractions of the dense cost with "
+                                   f"0 < lowest < highest <= 1, got {self.budget_range!r}")
+            self.budget_range = [float(b) for b in self.budget_range]
         if not 0.0 <= self.budget_warmup <= 1.0:
             raise PassZooError(f"--budget-warmup must be in [0, 1], got {self.budget_warmup}")
         if self.rank < 1:

@@ -268,3 +268,42 @@ def test_recovery_leaves_a_search_that_does_not_break_unchanged():
                            train_head=True))
     assert runs[1].recoveries == 0 and runs[0].losses == runs[1].losses
     assert all(torch.equal(a, b) for a, b in zip(runs[0].unit_masks, runs[1].unit_masks))
+
+
+def test_one_budget_conditioned_search_emits_masks_for_any_budget_in_its_range():
+    from pass_zoo.methods.pass_.hypernet import hypernet_files, hypernet_from_files
+    from pass_zoo.methods.pass_.search import masks_at_budget, step_target
+
+    model, seq = _tiny()
+    torch.manual_seed(0)
+    cfg = SearchConfig(steps=24, hidden=16, lr_head=1e-2, budget_range=[0.2, 0.8])
+    prompt = AdditivePrompt(32, 4)
+    result = search(model, seq, prompt, _separable(), 0.5, cfg, make_accelerator("no"), train_head=True)
+    # the steps' targets cover the range, log-uniformly, and repeat exactly (a resume draws the same)
+    targets = [step_target(k, cfg.budget_range, 0.5) for k in range(24)]
+    assert min(targets) == pytest.approx(0.2) and 0.7 < max(targets) <= 0.8
+    assert targets == [step_target(k, cfg.budget_range, 0.5) for k in range(24)]
+    # the saved hypernetwork keeps its range, and scores for any budget in it without searching again
+    hypernet = hypernet_from_files(hypernet_files(result.hypernet)).eval()
+    assert hypernet.budget_range == [0.2, 0.8]
+    kept = {}
+    for budget in (0.2, 0.35, 0.5, 0.8):  # 0.35: a budget no step was centred on
+        masks = masks_at_budget(hypernet, model, seq, prompt, budget, cfg)
+        units = [int(m.sum()) for m in masks.values()]
+        assert seq.macs([int(u) for u in (m[g.first_channels()].sum() for g, m in
+                                          zip(seq.groups, masks.values()))]) <= budget * seq.dense_macs
+        kept[budget] = sum(units)
+    assert kept[0.2] < kept[0.35] < kept[0.5] < kept[0.8]
+    # at the run's own budget the family member is the search's result
+    same = masks_at_budget(hypernet, model, seq, prompt, 0.5, cfg)
+    assert all(torch.equal(same[name], m) for name, m in result.masks.items())
+    # outside the range, or from a hypernetwork searched for one budget: one clear error
+    with pytest.raises(BudgetError, match=r"outside the range this hypernetwork was searched over \(0.2 to 0.8\)"):
+        masks_at_budget(hypernet, model, seq, prompt, 0.1, cfg)
+    single = search(*_tiny(), AdditivePrompt(32, 4), _separable(), 0.5, SearchConfig(steps=2, hidden=16),
+                    make_accelerator("no"), train_head=True).hypernet
+    with pytest.raises(PassZooError, match="searched for a single budget"):
+        masks_at_budget(single, model, seq, prompt, 0.3, cfg)
+    # and the run's budget must lie in the range it searches
+    with pytest.raises(BudgetError, match="outside the range"):
+        search(model, seq, AdditivePrompt(32, 4), _separable(), 0.9, cfg, make_accelerator("no"), train_head=True)

@@ -32,6 +32,10 @@ flat can fall to its floor in one step; on Lite0 at 10 % MACs, however, "group" 
 1.87 against 1.41 on scikit-learn digits), so it stays an option; ``--max-prune-ratio`` is the guard
 against collapse.
 
+Budget-conditioned (``budget_range``): the log of the step's budget, as a fraction of the dense cost, is
+one more input of every step, so one hypernetwork scores the units for any budget in the range it was
+searched over (``search.budget_family``): a family of pruned networks from one search.
+
 While walking, the mask of group i is a *provisional* one: scores above the threshold of the global
 selection at the current step's budget (see ``search.MaskedSearchModel``). The final masks come from
 the global budgeted selection over all scores (``pass_zoo.graph.masks.select_units``), which needs every
@@ -39,6 +43,7 @@ group's scores first.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -142,8 +147,10 @@ class PassHyperNetwork(nn.Module):
 
     def __init__(self, units: Sequence[int], hidden: int = 64, core: str = "lstm",
                  use_prompt: bool = True, use_weights: bool = True, use_prior: bool = True, rank: int = 8,
-                 scores: str = "raw"):
+                 scores: str = "raw", budget_range: Optional[Sequence[float]] = None):
         super().__init__()
+        # (lowest, highest) budget fraction it was searched over, or None: not budget-conditioned
+        self.budget_range = None if budget_range is None else [float(b) for b in budget_range]
         if core not in CORES:
             raise ValueError(f"unknown hypernetwork core '{core}' (choose from {', '.join(CORES)})")
         if scores not in SCORE_SCALES:
@@ -162,7 +169,7 @@ class PassHyperNetwork(nn.Module):
             self.h0 = nn.Parameter(torch.zeros(hidden))  # ablation: a learned initial state, no prompt
         if core == "lstm":
             self.c0 = nn.Parameter(torch.zeros(hidden))  # the learnable embedding: initial cell state
-        self.core = CORES[core](QUANTILES + 2 + hidden, hidden)
+        self.core = CORES[core](QUANTILES + 2 + hidden + (self.budget_range is not None), hidden)
         self.project = nn.Linear(hidden, rank)
         self.heads = nn.ModuleList(_UnitHead(u, rank, 0.01 if self.use_prior else None) for u in self.units)
         grouped = scores == "group"
@@ -186,12 +193,20 @@ class PassHyperNetwork(nn.Module):
 
     def config(self) -> dict:
         return {"units": self.units, "hidden": self.hidden, "core": self.core_name, "use_prompt": self.use_prompt,
-                "use_weights": self.use_weights, "use_prior": self.use_prior, "rank": self.rank, "scores": self.scores}
+                "use_weights": self.use_weights, "use_prior": self.use_prior, "rank": self.rank, "scores": self.scores,
+                "budget_range": self.budget_range}
 
     def forward(self, prompt_image: torch.Tensor,
-                stats_fn: Callable[[int, List[Optional[torch.Tensor]]], torch.Tensor]) -> List[torch.Tensor]:
+                stats_fn: Callable[[int, List[Optional[torch.Tensor]]], torch.Tensor],
+                budget: Optional[float] = None) -> List[torch.Tensor]:
+        """``budget``: the fraction of the dense cost the scores are for (budget-conditioned only)."""
         embedding = self.encoder(prompt_image) if self.use_prompt else self.h0
         dev, dtype = embedding.device, embedding.dtype
+        extra = []
+        if self.budget_range is not None:
+            if budget is None:
+                raise ValueError("a budget-conditioned hypernetwork needs the budget it scores for")
+            extra = [torch.full((1,), math.log(float(budget)), device=dev, dtype=dtype)]
         state = (embedding, self.c0 if hasattr(self, "c0") else None)
         prev_kept = torch.ones((), device=dev, dtype=dtype)
         scores: List[torch.Tensor] = []
@@ -203,7 +218,7 @@ class PassHyperNetwork(nn.Module):
                 summary = torch.quantile(z, self.levels.to(dev, dtype))
             else:
                 summary = torch.zeros(QUANTILES, device=dev, dtype=dtype)
-            step_in = torch.cat([summary, prev_kept.view(1), self.width[i].view(1).to(dev, dtype), embedding])
+            step_in = torch.cat([summary, prev_kept.view(1), self.width[i].view(1).to(dev, dtype), embedding, *extra])
             out, state = self.core(step_in, state)
             s = self.heads[i](self.project(out))
             if self.use_weights:
@@ -238,6 +253,7 @@ def hypernet_from_files(files: dict) -> PassHyperNetwork:
 
     config = json.loads(files["hypernet.json"])
     config.setdefault("scores", "raw")  # saved before the option existed: the unnormalised scores
+    config.setdefault("budget_range", None)  # likewise: one budget
     net = PassHyperNetwork(**config)
     net.load_state_dict(load(files["hypernet.safetensors"]), strict=True)
     return net

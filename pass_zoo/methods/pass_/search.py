@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .hypernet import PassHyperNetwork
 from .stats import WeightStats
 from ..frozen_bn import KeepRunningStats, batch_norms
-from ...errors import PassZooError
+from ...errors import BudgetError, PassZooError
 from ...graph.budget import Budget, as_budget
 from ...graph.masks import Masks, select_units, to_channel_masks
 from ...graph.sequence import LayerSequence
@@ -154,7 +154,10 @@ class MaskedSearchModel(nn.Module):
 
     def propose(self):
         """(straight-through unit masks, hard unit masks) for the current prompt and hypernetwork."""
-        scores = self.hypernet(self.prompt.image(), self.weight_stats)
+        # a budget-conditioned hypernetwork scores for this step's budget (the direct-logits scorer has no range)
+        conditioned = getattr(self.hypernet, "budget_range", None) is not None
+        scores = self.hypernet(self.prompt.image(), self.weight_stats,
+                               **({"budget": self.budget.fraction} if conditioned else {}))
         flat = torch.cat(scores)
         # One shared scale over all groups keeps scores comparable across groups for the STE.
         mu, sd = flat.mean(), flat.std() + 1e-8
@@ -241,7 +244,7 @@ class MaskedSearchModel(nn.Module):
 def build_hypernet(seq: LayerSequence, cfg) -> PassHyperNetwork:
     return PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core, use_prompt=cfg.use_prompt,
                             use_weights=cfg.use_weights, use_prior=cfg.use_prior, rank=cfg.rank,
-                            scores=cfg.scores)
+                            scores=cfg.scores, budget_range=cfg.budget_range)
 
 
 @dataclass
@@ -285,8 +288,14 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         p.requires_grad_(not frozen_hypernet)
     model = MaskedSearchModel(backbone, seq, prompt, hypernet, target, cfg)
     target = model.target.fraction  # the warm-up tightens fractions of the dense cost towards it
+    family = getattr(hypernet, "budget_range", None)
+    if family is not None:
+        _check_in_range(target, family)
     with torch.no_grad():  # at the target first: an unreachable budget fails before any step
         model.propose()
+        if family is not None:  # and the family's lowest budget
+            model.set_budget(family[0])
+            model.propose()
         model.set_budget(budget_at(0, cfg, target))
         model.propose()  # a first selection sets the walk's provisional threshold
 
@@ -318,9 +327,8 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         try:
             with KeepRunningStats(backbone):
                 _search_loop(wrapped, model, loop, accelerator, bar, ckpt,
-                             lambda step: model.set_budget(budget_at(step, cfg, target),
-                                                           budget_at(step + 1, cfg, target)), cfg.distill,
-                             recovery)
+                             lambda step: model.set_budget(*(budget_at(k, cfg, step_target(k, family, target))
+                                                             for k in (step, step + 1))), cfg.distill, recovery)
         finally:
             bar.close()
 
@@ -328,6 +336,8 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     model.eval()
     model.set_budget(model.target)
     with torch.no_grad():
+        if family is not None:  # the last step's threshold was for another budget: as masks_at_budget does
+            model.propose()
         _, hard = model.propose()
     for p in head_params:
         p.requires_grad_(False)
@@ -337,6 +347,44 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
                                 [*hard, *(t for t in prompt.state_dict().values())])
     return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, loop.losses,
                         recovery.recoveries if recovery is not None else 0)
+
+
+GOLDEN = (5 ** 0.5 - 1) / 2
+
+
+def step_target(step: int, family: Optional[List[float]], target: float) -> float:
+    """The target a search step tightens towards: the run's, or -- budget-conditioned over ``family`` =
+    (lowest, highest) -- a budget drawn log-uniformly from the range. The draws are the golden-ratio
+    sequence, not random numbers: evenly spread over any stretch of steps, and the same after a resume."""
+    if family is None:
+        return target
+    lo, hi = family
+    return lo * (hi / lo) ** ((step * GOLDEN) % 1.0)
+
+
+def _check_in_range(fraction: float, family: List[float]) -> None:
+    lo, hi = family
+    if not lo * (1 - 1e-9) <= fraction <= hi * (1 + 1e-9):
+        raise BudgetError(f"a budget of {fraction:.4g} of the dense cost is outside the range this hypernetwork was "
+                          f"searched over ({lo:g} to {hi:g})")
+
+
+def masks_at_budget(hypernet: PassHyperNetwork, backbone: nn.Module, seq: LayerSequence, prompt: nn.Module,
+                    budget, cfg) -> Masks:
+    """Masks for ``budget`` (a ``Budget`` or a MACs fraction) from a budget-conditioned hypernetwork, in one
+    forward pass: any budget in the range it was searched over, without searching again.
+
+    ``prompt``: the prompt the search ended with (the hypernetwork reads its image)."""
+    if getattr(hypernet, "budget_range", None) is None:
+        raise PassZooError("this hypernetwork was searched for a single budget; masks for other budgets need a "
+                           "budget-conditioned search (a range of budgets)")
+    model = MaskedSearchModel(backbone, seq, prompt, hypernet, budget, cfg)
+    _check_in_range(model.target.fraction, hypernet.budget_range)
+    model.eval()
+    with torch.no_grad():
+        model.propose()  # the first selection sets the walk's provisional threshold for this budget
+        _, hard = model.propose()
+    return to_channel_masks(hard, seq)
 
 
 def budget_at(step: int, cfg, target: float) -> float:
