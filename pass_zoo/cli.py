@@ -13,6 +13,7 @@ from typing import List, Optional
 from .backbone import _check_name
 from .config import GROUPS, PruneConfig, RUN, WHAT, add_flags, choices_of, from_args
 from .errors import PassZooError, one_line, stage_of
+from .family import member_masks
 from .fileio import atomic_write_json, atomic_write_text, remove_empty_run_dir, unlock_all_run_dirs
 from .pipeline import prune
 from .recipes import load_recipe, recipe_record
@@ -482,6 +483,32 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+def add_masks(sub) -> None:
+    p = sub.add_parser("masks", help="masks for another budget from a run's budget-conditioned search",
+                       description="Read the masks for a new budget off RUN_DIR's hypernetwork, searched over a "
+                       "range of budgets (prune --search-budget-range LO,HI), in one forward pass: no search. "
+                       "Writes OUT/masks.safetensors and OUT/masks.json. The run's backbone is rebuilt from its "
+                       "settings, so its pretrained weights must load here.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-macs", type=float, metavar="F", help="fraction of the dense MACs to keep")
+    budget.add_argument("--target-params", type=float, metavar="F", help="fraction of the dense parameters to keep")
+    budget.add_argument("--target-latency", type=float, metavar="MS", help="milliseconds, by the run's latency table")
+    p.add_argument("--out", required=True, help="folder for masks.safetensors and masks.json")
+    p.add_argument("--overwrite", action="store_true", help="replace masks an earlier call wrote to --out")
+    p.set_defaults(func=cmd_masks)
+
+
+def cmd_masks(args) -> int:
+    kind, target = next((k, v) for k in ("macs", "params", "latency")
+                        if (v := getattr(args, f"target_{k}")) is not None)
+    summary = member_masks(args.run_dir, kind, target, args.out, args.overwrite)
+    narrow = summary["narrowest_group"]
+    print(f"wrote {args.out}/masks.safetensors: {100 * summary['macs_ratio']:.1f} % of the dense MACs "
+          f"(--target-{kind} {target:g}); narrowest group {narrow['name']} keeps {narrow['kept']}/{narrow['total']}")
+    return 0
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run (or resume) a grid of prune runs from a YAML spec",
                        description="Methods x MACs levels x seeds, each an ordinary prune run under OUT/cells/; "
@@ -572,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     # each command registers its parser beside its handler; this order is pass-zoo --help's
-    for add in (add_prune, add_export, add_eval, add_latency, add_costs, add_transfer, add_bench, add_card,
-                add_publish, add_zoo, add_check):
+    for add in (add_prune, add_export, add_eval, add_latency, add_costs, add_transfer, add_masks, add_bench,
+                add_card, add_publish, add_zoo, add_check):
         add(sub)
     return parser
 

@@ -114,6 +114,15 @@ def _round_to(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got '{text}'") from None
 
 
+def _budget_range(text: str) -> List[float]:
+    """``--search-budget-range LO,HI`` -> [LO, HI] (checked with the other settings)."""
+    parts = text.split(",")
+    try:
+        return [float(p) for p in parts] if len(parts) == 2 else [float(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two fractions of the dense cost), got '{text}'") from None
+
+
 def _dataset_help() -> str:
     return f"{DATASET_HELP} (default: fashion-mnist)"
 
@@ -197,7 +206,11 @@ class SearchConfig:
     # A budget-conditioned search (methods/pass_/hypernet.py): [lowest, highest] fraction of the dense cost. Every
     # step draws its target from the range and the hypernetwork reads it, so that after one search it emits
     # masks for any budget in the range (search.masks_at_budget). None: one budget, the run's.
-    budget_range: Optional[List[float]] = option(None, what="search.budget_range")
+    budget_range: Optional[List[float]] = option(None, flag="--search-budget-range", group=SEARCH, metavar="LO,HI",
+                                                 parse=_budget_range,
+                                                 help="PASS: search one hypernetwork for every budget from LO to HI "
+                                                      "(fractions of the dense cost, the run's target among them); "
+                                                      "'pass-zoo masks RUN' then emits masks for any of them")
     # Weight of a distillation term KL(dense || masked) on the logits: the dense network with the same
     # prompt is a denser training signal than the labels alone (0: cross-entropy only, the paper's).
     distill: float = option(0.0, flag="--distill", group=SEARCH, metavar="W",

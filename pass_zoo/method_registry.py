@@ -102,6 +102,12 @@ class Method:
     def produce(self, ctx: MethodContext) -> MethodResult:
         raise NotImplementedError
 
+    def member_masks(self, run_dir, backbone, seq, prompt, budget, search) -> Dict[str, Any]:
+        """Masks for another ``budget`` from a finished run's budget-conditioned search, without searching
+        again (``pass-zoo masks``); ``prompt`` is a fresh prompt of the run's kind, ``search`` the run's
+        ``SearchConfig``. Only a method that searches one model for a range of budgets has them."""
+        raise PassZooError(f"'{self.name}' runs hold masks for their own budget only; other budgets need a new run")
+
 
 def register_method(cls: Type[Method]) -> Type[Method]:
     """Class decorator: make ``cls`` available as ``--method cls.name``."""

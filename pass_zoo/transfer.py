@@ -20,12 +20,12 @@ from .integrity import verify_run_files
 from .methods import get_method, list_methods
 
 
-def transfer_config(source_run, mode: str, **overrides) -> PruneConfig:
-    """A's configuration with B's dataset (and other ``overrides``), set up to transfer ``mode``."""
-    source_run = Path(source_run)
-    metrics_path = source_run / "metrics.json"
+def run_config(run_dir) -> PruneConfig:
+    """The configuration a finished run recorded (without its folder and transfer settings)."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
-        raise PassZooError(f"{source_run} is not a finished prune run (no metrics.json)")
+        raise PassZooError(f"{run_dir} is not a finished prune run (no metrics.json)")
     try:
         metrics = json.loads(metrics_path.read_text())
     except (OSError, ValueError) as exc:
@@ -33,7 +33,13 @@ def transfer_config(source_run, mode: str, **overrides) -> PruneConfig:
     saved = (metrics.get("config") if isinstance(metrics, dict) else None) or {}
     for key in ("out", "overwrite", "transfer_from", "transfer_mode"):
         saved.pop(key, None)
-    cfg = apply_overrides(PruneConfig(), saved, f"{metrics_path} config")
+    return apply_overrides(PruneConfig(), saved, f"{metrics_path} config")
+
+
+def transfer_config(source_run, mode: str, **overrides) -> PruneConfig:
+    """A's configuration with B's dataset (and other ``overrides``), set up to transfer ``mode``."""
+    source_run = Path(source_run)
+    cfg = run_config(source_run)
     if mode == "hypernet" and not get_method(cfg.method).transferable:
         learned = ", ".join(m for m in list_methods() if get_method(m).transferable)
         raise PassZooError(f"{source_run} was pruned with '{cfg.method}': it has no hypernetwork to transfer "

@@ -16,7 +16,7 @@ LAYERS = [
     ["train"],
     ["methods"],
     ["export"],
-    ["pipeline", "transfer"],
+    ["pipeline", "transfer", "family"],
     ["recipes", "publish", "tools"],
     ["cli"],
 ]

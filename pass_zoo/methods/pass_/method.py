@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from ...errors import PassZooError, one_line
+from ...fileio import safetensors_bytes
 from ...graph.cost_model import count_params
 from ...method_registry import Method, MethodContext, MethodResult, register_method
 from .hypernet import hypernet_files, load_hypernet
-from .search import search
+from .search import masks_at_budget, search
+
+
+SEARCH_STATE = "search_state.safetensors"  # written by a budget-conditioned search only
 
 
 @register_method
@@ -25,7 +34,37 @@ class Pass(Method):
                         ctx.accelerator, train_head=ctx.new_head, hypernet=source, checkpoints=ctx.checkpoints)
         record = {"search_losses": result.losses, "hypernet_params": count_params(result.hypernet), "search_recoveries": result.recoveries}
         record.update(chance_check(result.losses, ctx.backbone.num_classes))
-        return MethodResult(result.masks, artefacts=hypernet_files(result.hypernet), record=record)
+        artefacts = hypernet_files(result.hypernet)
+        if result.hypernet.budget_range is not None:
+            # What the hypernetwork read, to emit the family's other members later: the prompt the search ended
+            # with (fine-tuning goes on changing the run's own) and the backbone's buffers (BN statistics adapted
+            # to the task scale the weight statistics; the weights themselves are the pretrained ones).
+            state = {f"prompt.{k}": v for k, v in ctx.prompt.state_dict().items()}
+            state.update({f"buffer.{k}": v for k, v in ctx.backbone.named_buffers()})
+            artefacts[SEARCH_STATE] = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                                                        {"format": "pass-zoo-search-state/1"})
+        return MethodResult(result.masks, artefacts=artefacts, record=record)
+
+
+    def member_masks(self, run_dir, backbone, seq, prompt, budget, search):
+        hypernet = load_hypernet(run_dir)
+        if hypernet.budget_range is None:
+            raise PassZooError(f"{run_dir} was searched for a single budget; masks for other budgets need a run with "
+                               "--search-budget-range")
+        path = Path(run_dir) / SEARCH_STATE
+        try:
+            state = load_file(str(path))
+            prompt.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("prompt.")}, strict=True)
+            buffers = dict(backbone.named_buffers())
+            saved = {k[7:]: v for k, v in state.items() if k.startswith("buffer.")}
+            if saved.keys() != buffers.keys():
+                raise PassZooError("its buffers are not this backbone's")
+            with torch.no_grad():
+                for name, value in saved.items():
+                    buffers[name].copy_(value)
+        except Exception as exc:
+            raise PassZooError(f"cannot read the search's state {path}: {one_line(exc)}") from exc
+        return masks_at_budget(hypernet, backbone, seq, prompt, budget, search)
 
 
 log = logging.getLogger(__name__)

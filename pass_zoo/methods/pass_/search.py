@@ -335,10 +335,11 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     model = accelerator.unwrap_model(wrapped)
     model.eval()
     model.set_budget(model.target)
-    with torch.no_grad():
-        if family is not None:  # the last step's threshold was for another budget: as masks_at_budget does
-            model.propose()
-        _, hard = model.propose()
+    if family is not None:  # the member at the run's budget, as masks_at_budget reads every other one
+        hard = _member(model)
+    else:
+        with torch.no_grad():
+            _, hard = model.propose()
     for p in head_params:
         p.requires_grad_(False)
     # Every process selected its own masks; they must agree bit for bit, or the saved result
@@ -381,10 +382,17 @@ def masks_at_budget(hypernet: PassHyperNetwork, backbone: nn.Module, seq: LayerS
     model = MaskedSearchModel(backbone, seq, prompt, hypernet, budget, cfg)
     _check_in_range(model.target.fraction, hypernet.budget_range)
     model.eval()
-    with torch.no_grad():
-        model.propose()  # the first selection sets the walk's provisional threshold for this budget
-        _, hard = model.propose()
-    return to_channel_masks(hard, seq)
+    return to_channel_masks(_member(model), seq)
+
+
+@torch.no_grad()
+def _member(model: MaskedSearchModel) -> List[torch.Tensor]:
+    """Hard masks at the model's budget as a function of the hypernetwork, prompt and weights alone: the walk's
+    provisional threshold starts from the same place (0) whatever the last selection left in it, then the
+    first selection sets it for this budget and the second selects."""
+    model.hypernet.threshold.zero_()
+    model.propose()
+    return model.propose()[1]
 
 
 def budget_at(step: int, cfg, target: float) -> float:

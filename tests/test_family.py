@@ -1,0 +1,77 @@
+"""A family from one search: a run searched over a range of budgets gives masks for any budget in it
+(``pass-zoo masks``), and refuses the ones it cannot give in one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from test_cli import _one_error_line, _run, _tiny_args
+
+
+@pytest.fixture(scope="module")
+def family_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("family")
+    rc, _, stderr = _run(_tiny_args(tmp, "--search-budget-range", "0.3,0.8", "--target-macs", "0.5",
+                                    "--search-steps", "6", "--head", "new", "--no-onnx"))
+    assert rc == 0, stderr
+    return tmp / "run"
+
+
+def test_masks_for_any_budget_of_the_searched_range(family_run, tmp_path):
+    assert (family_run / "search_state.safetensors").is_file()
+    assert json.loads((family_run / "hypernet.json").read_text())["budget_range"] == [0.3, 0.8]
+    # the member at the run's own budget is the run's masks: the rebuild reads what the search read
+    rc, out, stderr = _run(["masks", str(family_run), "--target-macs", "0.5", "--out", str(tmp_path / "m50")])
+    assert rc == 0, stderr
+    same = load_file(str(tmp_path / "m50" / "masks.safetensors"))
+    run = load_file(str(family_run / "masks.safetensors"))
+    assert same.keys() == run.keys() and all((same[k] == run[k]).all() for k in run)
+    # other budgets, one of them never a search step's own: each met, fewer channels for less
+    kept = {}
+    for target in ("0.3", "0.42", "0.8"):
+        rc, out, stderr = _run(["masks", str(family_run), "--target-macs", target, "--out", str(tmp_path / target)])
+        assert rc == 0, stderr
+        summary = json.loads((tmp_path / target / "masks.json").read_text())
+        assert summary["macs_ratio"] <= float(target) and summary["source"]["target"] == float(target)
+        assert f"(--target-macs {target})" in out
+        kept[target] = sum(g["kept"] for g in summary["groups"])
+    assert kept["0.3"] < kept["0.42"] < kept["0.8"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--target-macs", "0.2"], "outside the range this hypernetwork was searched over (0.3 to 0.8)"),
+    (["--target-params", "0.5"], "searched over --target-macs budgets; give --target-macs (not --target-params)"),
+])
+def test_a_budget_the_family_cannot_give_is_refused(family_run, tmp_path, args, expected):
+    rc, _, stderr = _run(["masks", str(family_run), *args, "--out", str(tmp_path / "m")])
+    assert rc != 0 and expected in _one_error_line(stderr)
+    assert not (tmp_path / "m").exists()
+
+
+def test_masks_never_replace_the_run_or_other_files(family_run, tmp_path):
+    rc, _, stderr = _run(["masks", str(family_run), "--target-macs", "0.5", "--out", str(family_run)])
+    assert rc != 0 and "is the run folder itself" in _one_error_line(stderr)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    rc, _, stderr = _run(["masks", str(family_run), "--target-macs", "0.5", "--out", str(tmp_path / "busy")])
+    assert rc != 0 and "holds other files (notes.txt)" in _one_error_line(stderr)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    out = tmp_path / "m"
+    assert _run(["masks", str(family_run), "--target-macs", "0.5", "--out", str(out)])[0] == 0
+    rc, _, stderr = _run(["masks", str(family_run), "--target-macs", "0.4", "--out", str(out)])
+    assert rc != 0 and "already holds masks; add --overwrite" in _one_error_line(stderr)
+    assert _run(["masks", str(family_run), "--target-macs", "0.4", "--out", str(out), "--overwrite"])[0] == 0
+    assert json.loads((out / "masks.json").read_text())["source"]["target"] == 0.4
+
+
+def test_a_single_budget_run_has_no_family(tmp_path):
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--no-onnx"))
+    assert rc == 0, stderr
+    rc, _, stderr = _run(["masks", str(tmp_path / "run"), "--target-macs", "0.4", "--out", str(tmp_path / "m")])
+    assert rc != 0 and "was searched for a single budget" in _one_error_line(stderr)
+    rc, _, stderr = _run(["masks", str(tmp_path / "nowhere"), "--target-macs", "0.4", "--out", str(tmp_path / "m")])
+    assert rc != 0 and "is not a finished prune run" in _one_error_line(stderr)
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--search-budget-range", "0.6,0.3", "--overwrite"))
+    assert rc != 0 and "search.budget_range must be [lowest, highest]" in _one_error_line(stderr)
