@@ -30,6 +30,9 @@ def member_masks(run_dir, kind: str, target: float, out, overwrite: bool = False
     verify_run_files(run_dir)  # the hypernetwork and prompt are the ones the run wrote
     if kind not in BUDGET_KINDS:
         raise BudgetError(f"a family's budgets are --target-macs, --target-params or --target-latency, not {kind}")
+    if cfg.budget_kind() not in BUDGET_KINDS:
+        raise PassZooError(f"{run_dir} holds weight masks ('{cfg.method}' under --target-{cfg.budget_kind()}); a "
+                           "family of budgets comes from a PASS run with --search-budget-range")
     if cfg.budget_kind() != kind:
         raise BudgetError(f"{run_dir} searched over --target-{cfg.budget_kind()} budgets; give --target-"
                           f"{cfg.budget_kind()} (not --target-{kind})")
