@@ -13,7 +13,7 @@ from typing import List, Optional
 from .backbone import _check_name
 from .config import GROUPS, PruneConfig, RUN, WHAT, add_flags, choices_of, from_args
 from .errors import PassZooError, one_line, stage_of
-from .family import member_masks
+from .family import check_family, member_folder, member_masks, prune_family
 from .fileio import atomic_write_json, atomic_write_text, remove_empty_run_dir, unlock_all_run_dirs
 from .pipeline import prune
 from .recipes import load_recipe, recipe_record
@@ -176,6 +176,7 @@ def cmd_prune(args) -> int:
         recipe = recipe_record(name, extras)
     else:
         cfg = _prune_config(args)
+    family = _family_targets(cfg)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.num_processes < 1:
         raise PassZooError(f"--num-processes must be >= 1, got {args.num_processes}")
@@ -194,12 +195,37 @@ def cmd_prune(args) -> int:
 
         check_out_vs_inputs(out, {f"--recipe {args.recipe}": args.recipe})
     command = "pass-zoo " + " ".join(shlex.quote(a) for a in args._argv)
+    if family is not None:
+        with _tidy_on_failure(out, enabled=not distributed):
+            members = prune_family(cfg, family, command=command, recipe=recipe)
+        if _is_main_process():
+            kind = cfg.budget_kind()
+            for target, m in zip(family, members):
+                print(f"{out / member_folder(kind, target)}: top-1 {100 * m['top1']:.2f} % at {_budget_line(m)}")
+            print(f"family          {out / 'family.json'} (one search: {members[0]['compute']['stage1_batches']} "
+                  "stage-1 batches)")
+        return 0
     with _tidy_on_failure(out, enabled=not distributed):
         m = prune(cfg, command=command, recipe=recipe)
     if _is_main_process():
         (out / "error.log").unlink(missing_ok=True)  # an earlier attempt's, now resumed to the end
         print(_summary(cfg.out or cfg.default_out(), cfg, m))
     return 0
+
+
+def _family_targets(cfg: PruneConfig) -> Optional[List[float]]:
+    """Several values of one budget flag: the family's budgets (checked), the config set to the first."""
+    lists = [k for k in ("macs", "params", "latency") if isinstance(getattr(cfg, f"target_{k}"), list)]
+    if not lists:
+        return None
+    given = [k for k in ("macs", "params", "latency", "density") if getattr(cfg, f"target_{k}") is not None]
+    if len(given) > 1:
+        raise PassZooError(f"a family takes one kind of budget; {' and '.join(f'--target-{k}' for k in given)} "
+                           "were both given")
+    kind = lists[0]
+    targets = check_family(kind, getattr(cfg, f"target_{kind}"), cfg.method)
+    setattr(cfg, f"target_{kind}", targets[0])
+    return targets
 
 
 def add_card(sub) -> None:
@@ -456,7 +482,8 @@ def add_transfer(sub) -> None:
                        "on the new dataset. Everything else comes from the source run's configuration.")
     p.add_argument("source", metavar="SOURCE_RUN",
                    help="a finished run folder (task A): any method for --mode masks, PASS for --mode hypernet")
-    p.add_argument("--mode", choices=choices_of("transfer_mode"), default="hypernet", help="what to transfer")
+    p.add_argument("--mode", choices=[m for m in choices_of("transfer_mode") if m != "member"], default="hypernet",
+                   help="what to transfer")
     p.add_argument("--dataset", required=True, help="task B (e.g. fashion-mnist@5-9 or sklearn-digits)")
     p.add_argument("--out", required=True, help="run folder for task B")
     p.add_argument("--overwrite", action="store_true")

@@ -35,7 +35,7 @@ GROUPS = (WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN)
 
 def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "", group: str = RUN,
            choices=None, negate: bool = False, metavar: Optional[str] = None, what: Optional[str] = None,
-           factory: Optional[Callable] = None, parse: Optional[Callable] = None):
+           factory: Optional[Callable] = None, parse: Optional[Callable] = None, nargs: Optional[str] = None):
     """A dataclass field with its command-line form.
 
     ``flag``: the option (None: recipe/API only); ``negate``: a ``--no-x`` switch that sets the field
@@ -44,7 +44,7 @@ def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str
     the field's own (e.g. a word that resolves to a number).
     """
     meta = {"flag": flag, "help": help, "group": group, "choices": choices, "negate": negate,
-            "metavar": metavar, "what": what or flag, "parse": parse}
+            "metavar": metavar, "what": what or flag, "parse": parse, "nargs": nargs}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -314,12 +314,14 @@ class PruneConfig:
     # The budget: exactly one of target_macs / target_params / target_latency (channel-mask methods) or
     # target_density (weight-mask methods). validate() fills in the method's default when none is given:
     # target_macs = DEFAULT_TARGET_MACS, or target_density = DEFAULT_DENSITY.
-    target_macs: Optional[float] = option(None, flag="--target-macs", group=WHAT, metavar="F",
+    target_macs: Optional[float] = option(None, flag="--target-macs", group=WHAT, metavar="F", nargs="+",
                                           help="budget: the slim model keeps at most this fraction of the dense MACs, "
-                                               "in (0, 1] (default: 0.5 when no other budget is given)")
-    target_params: Optional[float] = option(None, flag="--target-params", group=WHAT, metavar="F",
+                                               "in (0, 1] (default: 0.5 when no other budget is given); several, "
+                                               "strictly decreasing: one PASS search, a run folder per budget")
+    target_params: Optional[float] = option(None, flag="--target-params", group=WHAT, metavar="F", nargs="+",
                                             help="budget instead: at most this fraction of the dense network's "
-                                                 "parameters (backbone with its task head), in (0, 1]")
+                                                 "parameters (backbone with its task head), in (0, 1]; several: a "
+                                                 "family, as for --target-macs")
     target_latency: Optional[float] = option(None, flag="--target-latency", group=WHAT, metavar="MS",
                                              help="budget instead: at most MS milliseconds per batch of "
                                                   "--latency-batch with --latency-threads on ONNX Runtime on this "
@@ -380,7 +382,9 @@ class PruneConfig:
                               help="training images used to build the label mapping (default: %(default)s)")
     transfer_from: Optional[str] = None  # a run folder of another task (see pass-zoo transfer)
     # hypernet: the source method's learned artefacts + a new prompt | masks: its masks
-    transfer_mode: str = option("hypernet", choices=("hypernet", "masks"), what="transfer mode")
+    # member: the masks for this run's budget read off a budget-conditioned search's run (pass_zoo/family.py),
+    # which also gives the prompt and head the search ended with
+    transfer_mode: str = option("hypernet", choices=("hypernet", "masks", "member"), what="transfer mode")
     bn_calibration_batches: int = 20  # re-estimate BN statistics of the slim network before fine-tuning
     # Re-estimate the dense backbone's BN statistics on the target data (prompted) before the label
     # mapping, so that mapping, search (batch statistics) and evaluation (recalibrated statistics) all
@@ -589,6 +593,8 @@ def add_flags(groups: Dict[str, argparse._ArgumentGroup], defaults: bool = True)
                 kwargs["metavar"] = meta["metavar"]
             if meta["choices"] is not None:
                 kwargs["choices"] = _choices(f.field)
+            if meta.get("nargs"):  # the budget flags: several values are a family (pass_zoo/family.py)
+                kwargs["nargs"] = meta["nargs"]
             if defaults:
                 factory = f.field.default_factory
                 kwargs["default"] = factory() if factory is not dataclasses.MISSING else f.field.default
@@ -603,6 +609,8 @@ def from_args(args: argparse.Namespace, base: Optional[PruneConfig] = None, give
         if given is not None and f.dest not in given:
             continue
         value = getattr(args, f.dest)
+        if isinstance(value, list) and len(value) == 1:  # one value of a flag that takes several
+            value = value[0]
         *sections, leaf = f.path.split(".")
         target = cfg
         for section in sections:

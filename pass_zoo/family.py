@@ -1,20 +1,22 @@
-"""A family of budgets from one search: masks for another budget, read off a finished run's budget-conditioned
-search (``--search-budget-range``) without searching again (``pass-zoo masks``)."""
+"""A family of budgets from one search: a run folder per budget from one budget-conditioned search
+(``prune --target-macs 0.5 0.25 0.1``), and masks for any other budget read off a finished search without
+searching again (``pass-zoo masks``)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from accelerate.utils import set_seed
 
-from .config import apply_overrides
+from .config import PruneConfig, apply_overrides
 from .errors import BudgetError, PassZooError
-from .fileio import atomic_write_dir, safetensors_bytes
+from .fileio import atomic_write_dir, atomic_write_text, safetensors_bytes
 from .graph.masks import masks_summary
 from .integrity import verify_run_files
 from .methods import get_method
-from .pipeline import layer_sequence, load_backbone, make_prompt, prompt_kind, run_budget
+from .pipeline import layer_sequence, load_backbone, make_prompt, prompt_kind, prune, run_budget
 from .transfer import run_config
 
 MASK_FILES = ("masks.safetensors", "masks.json")
@@ -81,3 +83,64 @@ def _check_out(out: Path, run_dir: Path, overwrite: bool) -> Path:
         if any(out.iterdir()) and not overwrite:
             raise PassZooError(f"--out {out} already holds masks; add --overwrite to replace them")
     return out
+
+
+def member_folder(kind: str, target: float) -> str:
+    """A member's folder name under the family's: ``macs50``, ``params25``, ``macs12.5``."""
+    return f"{kind}{100 * target:g}"
+
+
+def check_family(kind: str, targets: Sequence[float], method: str) -> List[float]:
+    """The family's budgets, or one line on why not: two or more, strictly decreasing, fractions of the dense
+    cost, for a method with a budget-conditioned search."""
+    targets = [float(t) for t in targets]
+    if kind not in ("macs", "params"):
+        raise BudgetError(f"a family of budgets takes --target-macs or --target-params fractions, not --target-{kind}")
+    if len(targets) < 2:
+        raise BudgetError("a family needs two or more budgets")
+    if any(not 0.0 < t <= 1.0 for t in targets):
+        raise BudgetError(f"--target-{kind} budgets must be in (0, 1], got {' '.join(f'{t:g}' for t in targets)}")
+    if any(b >= a for a, b in zip(targets, targets[1:])):
+        raise BudgetError(f"--target-{kind} budgets of a family must be strictly decreasing, got "
+                          f"{' '.join(f'{t:g}' for t in targets)}")
+    if not get_method(method).family_artefacts:
+        raise PassZooError(f"'{method}' has no budget-conditioned search; a family of budgets comes from --method pass")
+    return targets
+
+
+def prune_family(cfg: PruneConfig, targets: Sequence[float], command: Optional[str] = None,
+                 recipe: Optional[dict] = None, prune_run: Callable = prune) -> List[dict]:
+    """One search for several budgets of ``cfg``'s kind, then a complete run folder per budget under ``cfg.out``.
+
+    The first (largest) budget's run searches a hypernetwork over the whole range (``search.budget_range``);
+    every other member reads its masks, prompt and head off that search (``transfer_mode`` "member") and is
+    slimmed, fine-tuned and exported like any run. A finished member is kept; with ``cfg.resume`` an unfinished
+    one continues from its checkpoints. Writes ``family.json``; returns the members' metrics."""
+    kind = cfg.budget_kind()
+    targets = check_family(kind, targets, cfg.method)
+    root = Path(cfg.out or cfg.default_out())
+    names = [member_folder(kind, t) for t in targets]
+    search_run = root / names[0]
+    members = []
+    for i, (target, name) in enumerate(zip(targets, names)):
+        member = apply_overrides(cfg, {f"target_{kind}": target, "out": str(root / name)}, "the family member")
+        if i == 0:
+            member.search.budget_range = [targets[-1], targets[0]]
+        else:
+            member.transfer_from, member.transfer_mode = str(search_run), "member"
+        folder = root / name
+        metrics_path = folder / "metrics.json"
+        if cfg.resume and metrics_path.is_file():  # finished before the interruption
+            members.append(json.loads(metrics_path.read_text()))
+            continue
+        member.resume = cfg.resume and folder.exists()
+        members.append(prune_run(member, command=command, recipe=recipe))
+    summary = {
+        "format": "pass-zoo-family/1", "budget": kind, "search_run": names[0],
+        "members": [{"folder": name, f"target_{kind}": t, "top1": m.get("top1"), "macs_ratio": m.get("macs_ratio"),
+                     "params_slim": m.get("params_slim"), "top1_after_search": m.get("top1_after_search")}
+                    for name, t, m in zip(names, targets, members)],
+        "stage1_batches": members[0].get("compute", {}).get("stage1_batches"),
+    }
+    atomic_write_text(root / "family.json", json.dumps(summary, indent=2) + "\n")
+    return members

@@ -73,6 +73,8 @@ class Method:
     baseline: bool = True
     # Files of ``MethodResult.artefacts``: published with the run, and what transfer reuses.
     artefacts: Tuple[str, ...] = ()
+    # What a budget-conditioned search adds, from which ``member_masks`` reads other budgets (none: no family).
+    family_artefacts: Tuple[str, ...] = ()
     # metrics.json keys the method fills from its record (None when it is absent).
     metric_keys: Tuple[str, ...] = ()
     # What its masks are ("channel": slimmed; "weight": zeros in the dense shape) and the budgets it

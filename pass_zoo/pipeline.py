@@ -252,7 +252,11 @@ def choose_masks(method: Method, ctx: MethodContext, carry: dict) -> Tuple[Masks
     if searched is not None:
         return searched.masks, searched.artefacts
     artefacts: Dict[str, bytes] = {}
-    if cfg.transfer_from and cfg.transfer_mode == "masks":  # masks found on another task
+    if cfg.transfer_from and cfg.transfer_mode == "member":  # one budget of a family's search
+        masks = method.member_masks(Path(cfg.transfer_from), ctx.backbone, seq, ctx.prompt, ctx.budget, cfg.search)
+        check_masks_budget(masks, seq, ctx.budget, cfg.method)
+        carry["family_search"] = str(cfg.transfer_from)
+    elif cfg.transfer_from and cfg.transfer_mode == "masks":  # masks found on another task
         masks = load_masks(Path(cfg.transfer_from) / "masks.safetensors")
         if weight_masks:
             masks = check_weight_masks(masks, ctx.backbone)  # same architecture, or a clear error
@@ -437,6 +441,8 @@ def prune(cfg: PruneConfig, accelerator=None, command: Optional[str] = None, rec
 
     metrics.update(run_metrics(cfg, method, head, bb, data, seq, trained, ckpts, accelerator.num_processes, t0,
                                budget, masks))
+    if "family_search" in carry:  # a family member: where its masks, prompt and head came from
+        metrics["family_search"] = carry["family_search"]
     metrics.update({"command": command or "pass_zoo.prune(...)", "config": asdict(cfg),
                     "class_names": data.task.class_names})
     if recipe is not None:
@@ -462,7 +468,7 @@ def compute_spent(cfg: PruneConfig, head: str, stage1_updates: int, finetune_ste
     weights for as many; l1 and random read only the weights (or probe a new head).
     """
     batch = cfg.batch_size * world
-    if cfg.transfer_from and cfg.transfer_mode == "masks":
+    if cfg.transfer_from and cfg.transfer_mode in ("masks", "member"):  # a member's search is its family's
         stage1 = 0
     else:
         stage1 = get_method(cfg.method).stage1_batches(cfg.search, head == "new")

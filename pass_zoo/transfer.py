@@ -54,7 +54,8 @@ def check_transfer_source(cfg: PruneConfig) -> None:
     """The files a transfer reads are the ones the source run wrote (its pins) and complete safetensors
     files: a truncated one is one line here, not an error deep inside the run."""
     source_run = Path(cfg.transfer_from)
-    artefacts = get_method(cfg.method).artefacts if cfg.transfer_mode == "hypernet" else ()
+    method = get_method(cfg.method)
+    artefacts = {"hypernet": method.artefacts, "member": method.family_artefacts}.get(cfg.transfer_mode, ())
     verify_run_files(source_run, ["masks.safetensors", "masks.json", *artefacts])
     for name in ["masks.safetensors"] + [a for a in artefacts if a.endswith(".safetensors")]:
         path = source_run / name

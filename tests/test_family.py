@@ -75,3 +75,74 @@ def test_a_single_budget_run_has_no_family(tmp_path):
     assert rc != 0 and "is not a finished prune run" in _one_error_line(stderr)
     rc, _, stderr = _run(_tiny_args(tmp_path, "--search-budget-range", "0.6,0.3", "--overwrite"))
     assert rc != 0 and "search.budget_range must be [lowest, highest]" in _one_error_line(stderr)
+
+
+@pytest.fixture(scope="module")
+def family_of_three(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("three")
+    rc, out, stderr = _run(_tiny_args(tmp, "--target-macs", "0.6", "0.4", "0.25", "--search-steps", "6",
+                                      "--head", "new"))
+    assert rc == 0, stderr
+    return tmp / "run", out
+
+
+def test_one_search_gives_a_complete_run_per_budget(family_of_three):
+    import timm
+    import torch
+
+    import pass_zoo  # noqa: F401  (registers the pass_pruned architecture with timm)
+
+    root, out = family_of_three
+    family = json.loads((root / "family.json").read_text())
+    assert [m["folder"] for m in family["members"]] == ["macs60", "macs40", "macs25"]
+    assert family["search_run"] == "macs60" and family["stage1_batches"] == 6  # one search for all three
+    for member, target in zip(family["members"], (0.6, 0.4, 0.25)):
+        run = root / member["folder"]
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["macs_ratio"] <= target and member["top1"] == m["top1"]
+        assert f"{run}: top-1 " in out
+        export = json.loads((run / "export.json").read_text())
+        assert (run / "model.onnx").is_file() and export["max_abs_diff_random"] <= export["tolerance"]
+        model = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+        with torch.no_grad():
+            assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        if target != 0.6:  # the other members read masks, prompt and head off the first's search
+            assert m["compute"]["stage1_batches"] == 0 and m["family_search"] == str(root / "macs60")
+    hypernet = json.loads((root / "macs60" / "hypernet.json").read_text())
+    assert hypernet["budget_range"] == [0.25, 0.6]
+
+
+def test_a_resumed_family_runs_only_the_members_left(family_of_three, tmp_path):
+    import shutil
+
+    root, _ = family_of_three
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "macs25")  # stopped before its last member began
+    kept = {name: (copy / name / "metrics.json").stat().st_mtime_ns for name in ("macs60", "macs40")}
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--target-macs", "0.6", "0.4", "0.25", "--search-steps", "6",
+                                    "--head", "new", "--resume"))
+    assert rc == 0, stderr
+    assert {name: (copy / name / "metrics.json").stat().st_mtime_ns for name in kept} == kept
+    again = load_file(str(copy / "macs25" / "masks.safetensors"))
+    first = load_file(str(root / "macs25" / "masks.safetensors"))
+    assert all((again[k] == first[k]).all() for k in first)
+
+
+@pytest.mark.parametrize("targets,expected", [
+    (["0.5", "0.6"], "--target-macs budgets of a family must be strictly decreasing, got 0.5 0.6"),
+    (["0.5", "0.5"], "strictly decreasing"),
+    (["0.5", "1.5"], "--target-macs budgets must be in (0, 1], got 0.5 1.5"),
+    (["0.5", "0.0001"], "cannot be met"),
+])
+def test_bad_family_budgets_get_one_line(tmp_path, targets, expected):
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--target-macs", *targets))
+    assert rc != 0 and expected in _one_error_line(stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_family_of_mixed_kinds_or_a_method_without_one_is_refused(tmp_path):
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--target-macs", "0.5", "0.3", "--target-params", "0.4"))
+    assert rc != 0 and "a family takes one kind of budget; --target-macs and --target-params" in _one_error_line(stderr)
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--target-macs", "0.5", "0.3", "--method", "taylor"))
+    assert rc != 0 and "'taylor' has no budget-conditioned search" in _one_error_line(stderr)

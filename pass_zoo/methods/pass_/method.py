@@ -24,6 +24,7 @@ class Pass(Method):
     name = "pass"
     baseline = False
     artefacts = ("hypernet.json", "hypernet.safetensors")
+    family_artefacts = artefacts + (SEARCH_STATE,)
     metric_keys = ("hypernet_params", "search_loss_final", "search_loss_chance", "search_at_chance",
                    "search_recoveries")
 
@@ -41,6 +42,7 @@ class Pass(Method):
             # to the task scale the weight statistics; the weights themselves are the pretrained ones).
             state = {f"prompt.{k}": v for k, v in ctx.prompt.state_dict().items()}
             state.update({f"buffer.{k}": v for k, v in ctx.backbone.named_buffers()})
+            state.update({f"head.{k}": v for k, v in ctx.backbone.get_classifier().state_dict().items()})
             artefacts[SEARCH_STATE] = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()},
                                                         {"format": "pass-zoo-search-state/1"})
         return MethodResult(result.masks, artefacts=artefacts, record=record)
@@ -62,6 +64,12 @@ class Pass(Method):
             with torch.no_grad():
                 for name, value in saved.items():
                     buffers[name].copy_(value)
+            # the head the search trained: a member fine-tunes from it, as the searching run does from its own
+            head = backbone.get_classifier()
+            saved = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+            mine = head.state_dict()
+            if saved.keys() == mine.keys() and all(saved[k].shape == mine[k].shape for k in mine):
+                head.load_state_dict(saved)
         except Exception as exc:
             raise PassZooError(f"cannot read the search's state {path}: {one_line(exc)}") from exc
         return masks_at_budget(hypernet, backbone, seq, prompt, budget, search)
