@@ -13,7 +13,7 @@ from typing import List, Optional
 from .backbone import _check_name
 from .config import GROUPS, PruneConfig, RUN, WHAT, add_flags, choices_of, from_args
 from .errors import PassZooError, one_line, stage_of
-from .family import check_family, member_folder, member_masks, prune_family
+from .family import check_family, family_pareto, member_folder, member_masks, prune_family
 from .fileio import atomic_write_json, atomic_write_text, remove_empty_run_dir, unlock_all_run_dirs
 from .pipeline import prune
 from .recipes import load_recipe, recipe_record
@@ -536,6 +536,29 @@ def cmd_masks(args) -> int:
     return 0
 
 
+def add_pareto(sub) -> None:
+    p = sub.add_parser("pareto", help="top-1 against MACs and measured latency for a family's members",
+                       description="Measure every member of FAMILY_DIR (prune --target-macs A B ...) and the "
+                       "given baseline runs with ONNX Runtime on this CPU, and write FAMILY_DIR/pareto.json and "
+                       "pareto.png: top-1 against MACs kept and against ms per batch, with the dense model.")
+    p.add_argument("family_dir", metavar="FAMILY_DIR")
+    p.add_argument("--baseline", nargs="+", default=[], metavar="RUN", help="other finished runs to plot beside it")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per model (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
+    p.set_defaults(func=cmd_pareto)
+
+
+def cmd_pareto(args) -> int:
+    doc = family_pareto(args.family_dir, args.baseline, args.batches, args.threads, args.repeats, args.warmup)
+    for p in doc["points"]:
+        ms = ", ".join(f"{v:.2f} ms @ {b}" for b, v in p["latency_ms"].items())
+        print(f"{p['run']}: top-1 {100 * p['top1']:.2f} %, {100 * p['macs_ratio']:.1f} % MACs, {ms}")
+    print(f"wrote {args.family_dir}/pareto.json and pareto.png")
+    return 0
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run (or resume) a grid of prune runs from a YAML spec",
                        description="Methods x MACs levels x seeds, each an ordinary prune run under OUT/cells/; "
@@ -626,8 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     # each command registers its parser beside its handler; this order is pass-zoo --help's
-    for add in (add_prune, add_export, add_eval, add_latency, add_costs, add_transfer, add_masks, add_bench,
-                add_card, add_publish, add_zoo, add_check):
+    for add in (add_prune, add_export, add_eval, add_latency, add_costs, add_transfer, add_masks, add_pareto,
+                add_bench, add_card, add_publish, add_zoo, add_check):
         add(sub)
     return parser
 

@@ -12,7 +12,8 @@ from accelerate.utils import set_seed
 
 from .config import PruneConfig, apply_overrides
 from .errors import BudgetError, PassZooError
-from .fileio import atomic_write_dir, atomic_write_text, safetensors_bytes
+from .export.latency import measure_latency, runtime_name
+from .fileio import atomic_write_bytes, atomic_write_dir, atomic_write_text, safetensors_bytes
 from .graph.masks import masks_summary
 from .integrity import verify_run_files
 from .methods import get_method
@@ -144,3 +145,68 @@ def prune_family(cfg: PruneConfig, targets: Sequence[float], command: Optional[s
     }
     atomic_write_text(root / "family.json", json.dumps(summary, indent=2) + "\n")
     return members
+
+
+def family_pareto(root, baselines: Sequence = (), batches: Sequence[int] = (1, 32), threads: int = 2,
+                  repeats: int = 20, warmup: int = 3) -> dict:
+    """``root/pareto.json`` and ``pareto.png``: each member's top-1 against its MACs and its ONNX Runtime latency
+    at each batch size (measured here, against the dense model's), with ``baselines`` (run folders) beside them."""
+    root = Path(str(root).removeprefix("local-dir:"))
+    path = root / "family.json"
+    try:
+        family = json.loads(path.read_text())
+        members = [m["folder"] for m in family["members"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PassZooError(f"{root} is not a family folder (no readable family.json); make one with prune "
+                           "--target-macs A B ...") from None
+    points, dense = [], None
+    for kind, runs in (("member", [root / name for name in members]), ("baseline", [Path(b) for b in baselines])):
+        for run in runs:
+            report = measure_latency(run, batches, threads, repeats, warmup)
+            metrics = json.loads((run / "metrics.json").read_text())
+            if dense is None:
+                dense = {str(r["batch"]): r["dense_ms"] for r in report["results"]}
+            points.append({"run": run.name if kind == "member" else str(run), "kind": kind,
+                           "method": metrics.get("method"), "macs_ratio": metrics.get("macs_ratio"),
+                           "top1": metrics.get("top1"),
+                           "latency_ms": {str(r["batch"]): r["slim_ms"] for r in report["results"]}})
+    doc = {"format": "pass-zoo-pareto/1", "family": str(root), "budget": family.get("budget"),
+           "batches": [int(b) for b in batches], "threads": threads, "repeats": repeats,
+           "runtime": runtime_name(), "dense": {"macs_ratio": 1.0, "latency_ms": dense}, "points": points}
+    atomic_write_text(root / "pareto.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_bytes(root / "pareto.png", _pareto_png(doc))
+    return doc
+
+
+def _pareto_png(doc: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_x = [("MACs kept (%)", lambda p: 100 * p["macs_ratio"], 100.0)]
+    axes_x += [(f"ONNX Runtime ms per batch of {b}", lambda p, b=str(b): p["latency_ms"][b], doc["dense"]["latency_ms"][str(b)])
+               for b in doc["batches"]]
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(4.2 * len(axes_x), 3.8), squeeze=False)
+    for ax, (label, x_of, dense_x) in zip(axes[0], axes_x):
+        groups = {}
+        for p in doc["points"]:
+            groups.setdefault("family" if p["kind"] == "member" else p["method"], []).append(p)
+        for name, pts in groups.items():
+            pts = sorted(pts, key=x_of)
+            ax.plot([x_of(p) for p in pts], [100 * p["top1"] for p in pts], marker="o",
+                    ls="-" if name == "family" else "none", label=name)
+        ax.axvline(dense_x, color="k", ls="--", lw=1, label="dense")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{Path(doc['family']).name}: one search, {sum(p['kind'] == 'member' for p in doc['points'])} budgets",
+                 fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -146,3 +146,23 @@ def test_a_family_of_mixed_kinds_or_a_method_without_one_is_refused(tmp_path):
     assert rc != 0 and "a family takes one kind of budget; --target-macs and --target-params" in _one_error_line(stderr)
     rc, _, stderr = _run(_tiny_args(tmp_path, "--target-macs", "0.5", "0.3", "--method", "taylor"))
     assert rc != 0 and "'taylor' has no budget-conditioned search" in _one_error_line(stderr)
+
+
+def test_pareto_of_a_family_with_a_baseline(family_of_three, tmp_path):
+    root, _ = family_of_three
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--method", "random", "--target-macs", "0.4", "--head", "new"))
+    assert rc == 0, stderr
+    rc, out, stderr = _run(["pareto", str(root), "--baseline", str(tmp_path / "run"), "--batches", "1", "2",
+                            "--threads", "1", "--repeats", "1", "--warmup", "0"])
+    assert rc == 0, stderr
+    doc = json.loads((root / "pareto.json").read_text())
+    assert [p["run"] for p in doc["points"] if p["kind"] == "member"] == ["macs60", "macs40", "macs25"]
+    assert [p["method"] for p in doc["points"] if p["kind"] == "baseline"] == ["random"]
+    for p in doc["points"]:
+        assert set(p["latency_ms"]) == {"1", "2"} and all(v > 0 for v in p["latency_ms"].values())
+        assert 0 < p["macs_ratio"] <= 0.6 and 0 <= p["top1"] <= 1
+    assert set(doc["dense"]["latency_ms"]) == {"1", "2"}
+    assert (root / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "macs25: top-1 " in out
+    rc, _, stderr = _run(["pareto", str(tmp_path / "run")])
+    assert rc != 0 and "is not a family folder (no readable family.json)" in _one_error_line(stderr)
