@@ -166,3 +166,14 @@ def test_pareto_of_a_family_with_a_baseline(family_of_three, tmp_path):
     assert "macs25: top-1 " in out
     rc, _, stderr = _run(["pareto", str(tmp_path / "run")])
     assert rc != 0 and "is not a family folder (no readable family.json)" in _one_error_line(stderr)
+
+
+def test_each_member_card_shows_its_family(family_of_three):
+    from pass_zoo.publish.card import render_card
+
+    root, _ = family_of_three
+    card = render_card(root / "macs40")
+    assert "### Family" in card and "One budget-conditioned search (`macs60`) gave 3 models" in card
+    assert "| **macs40** (this model) |" in card and "| macs60 |" in card and "| macs25 |" in card
+    top1 = json.loads((root / "macs25" / "metrics.json").read_text())["top1"]
+    assert f"{100 * top1:.2f} % |" in card

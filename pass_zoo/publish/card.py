@@ -310,6 +310,29 @@ def _recipe_section(m: dict) -> str:
     return f"\nRecipe `{recipe.get('path')}`:\n\n```yaml\n{_in_fence(body)}\n```\n"
 
 
+def _family_section(run_dir: Path) -> str:
+    """The family this run belongs to (``family.json`` one folder up, from ``prune --target-macs A B ...``):
+    its members with their MACs and top-1, this one marked, and the search they share."""
+    run_dir = Path(run_dir).resolve()
+    try:
+        family = json.loads((run_dir.parent / "family.json").read_text())
+        names = [m["folder"] for m in family["members"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if run_dir.name not in names:
+        return ""
+    rows = []
+    for name in names:
+        m = _read_json(run_dir.parent / name, "metrics.json", required=False) or {}
+        top1 = f"{_pct(m['top1'])} %" if isinstance(m.get("top1"), (int, float)) else "-"
+        macs = f"{_pct(m['macs_ratio'], 1)} %" if isinstance(m.get("macs_ratio"), (int, float)) else "-"
+        rows.append(f"| {'**' + name + '** (this model)' if name == run_dir.name else name} | {macs} | {top1} |")
+    search = family.get("search_run", names[0])
+    return (f"\n### Family\n\nOne budget-conditioned search (`{search}`) gave {len(names)} models of this backbone "
+            f"and task; each was then slimmed and fine-tuned on its own. Its siblings:\n\n"
+            "| model | MACs kept | top-1 |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def _in_fence(text: str) -> str:
     """Text that cannot close the Markdown code fence it is shown in."""
     return text.replace("```", "``\\`")
@@ -373,6 +396,7 @@ def render_card(run_dir, repo_id: Optional[str] = None) -> str:
                                               "is uploaded to.\n"),
         "onnx_section": _onnx_section(d, repo), "plot_file": PLOT_FILE, "groups_line": groups_line,
         "command": _in_fence(str(m["command"]).replace("\n", "\\n")), "recipe_section": _recipe_section(m),
+        "family_section": _family_section(d["run_dir"]),
         "training_line": training,
         "files_line": _files_line(d),
     }
