@@ -13,7 +13,8 @@ from typing import List, Optional
 from .backbone import _check_name
 from .config import GROUPS, PruneConfig, RUN, WHAT, add_flags, choices_of, from_args
 from .errors import PassZooError, one_line, stage_of
-from .family import check_family, family_pareto, member_folder, member_masks, prune_family
+from .family import (check_family, family_members, family_pareto, member_folder, member_masks, member_repo_id,
+                     prune_family)
 from .fileio import atomic_write_json, atomic_write_text, remove_empty_run_dir, unlock_all_run_dirs
 from .pipeline import prune
 from .recipes import load_recipe, recipe_record
@@ -264,6 +265,13 @@ def add_publish(sub) -> None:
 
 
 def cmd_publish(args) -> int:
+    members = family_members(args.run_dir)
+    if members:  # a family: each member to its own repo, ORG/NAME-<member>
+        for run in members:
+            args_member = argparse.Namespace(**{**vars(args), "run_dir": str(run),
+                                                "repo_id": member_repo_id(args.repo_id, run)})
+            cmd_publish(args_member)
+        return 0
     result = publish(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
                      token=args.token, dry_run=args.dry_run)
     listing = "\n".join(f"  {name:<20} {format_size(size):>22}" for name, size in result["files"])
@@ -310,7 +318,11 @@ def cmd_zoo_build(args) -> int:
         m, cfg, card = build_entry(args.name, recipes_dir=args.recipes_dir, runs_dir=args.runs_dir,
                                    overwrite=args.overwrite, argv=args._argv)
     if _is_main_process():
-        print(_summary(cfg.out, cfg, m) + f"\ncard            {card}")
+        if isinstance(m, list):  # a family: a line per member
+            for member, card_path in zip(m, card):
+                print(f"{card_path.parent}: top-1 {100 * member['top1']:.2f} % at {_budget_line(member)}; card {card_path}")
+        else:
+            print(_summary(cfg.out, cfg, m) + f"\ncard            {card}")
     return 0
 
 

@@ -210,3 +210,17 @@ def _pareto_png(doc: dict) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def family_members(root) -> List[Path]:
+    """The member folders of the family in ``root`` (its ``family.json``), or [] when ``root`` is not a family."""
+    root = Path(str(root).removeprefix("local-dir:"))
+    try:
+        return [root / m["folder"] for m in json.loads((root / "family.json").read_text())["members"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def member_repo_id(repo_id: str, member: Path) -> str:
+    """Where a member is published: the family's repo id with the member's folder name, ``ORG/NAME-macs25``."""
+    return f"{repo_id}-{member.name}"

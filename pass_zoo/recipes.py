@@ -7,7 +7,7 @@ Schema (every key optional except what the entry needs to differ from the defaul
     model: tf_efficientnet_lite0   # any PruneConfig field (see config.py), same names as the
     pretrained: bundled            #   dataclass, same meaning as the CLI flags
     dataset: fashion-mnist
-    target_macs: 0.5
+    target_macs: 0.5               # a list (0.5, 0.25, 0.1): a family from one search, a run per budget
     img_size: 64
     search:                        # SearchConfig fields (config.py)
       steps: 150
@@ -32,6 +32,7 @@ from .validate import check_repo_id, load_yaml
 
 DEFAULT_NAME = "{arch}-pass{percent}"
 EXTRA_KEYS = ("name", "hub_id")
+FAMILY_KEYS = ("target_macs", "target_params")  # a list of budgets there is a family
 _COMMAND_KEYS = ("out", "overwrite")  # decided by the command that runs the recipe
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a Hub repo name and a folder name
 
@@ -84,8 +85,17 @@ def load_recipe(path) -> Tuple[str, PruneConfig, dict]:
             raise RecipeError(f"{path}: '{key}' must be a string, got {val!r}")
     if hub_id is not None:
         check_repo_id(hub_id, f"{path}: hub_id", RecipeError)
-    cfg = recipe_config({k: v for k, v in values.items() if k not in EXTRA_KEYS}, path)
-    return recipe_name(name, cfg, path), cfg, {"hub_id": hub_id, "path": str(path), "values": values}
+    settings = {k: v for k, v in values.items() if k not in EXTRA_KEYS}
+    family = None
+    for key in FAMILY_KEYS:  # a list of budgets: a family from one search (pass_zoo/family.py)
+        if isinstance(settings.get(key), list):
+            family = settings[key]
+            if not family or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in family):
+                raise RecipeError(f"{path}: '{key}' must be a number or a list of numbers, got {family!r}")
+            settings[key] = family[0]
+    cfg = recipe_config(settings, path)
+    extras = {"hub_id": hub_id, "path": str(path), "values": values, "family": family}
+    return recipe_name(name, cfg, path), cfg, extras
 
 
 def recipe_record(name: str, extras: dict) -> dict:

@@ -177,3 +177,31 @@ def test_each_member_card_shows_its_family(family_of_three):
     assert "| **macs40** (this model) |" in card and "| macs60 |" in card and "| macs25 |" in card
     top1 = json.loads((root / "macs25" / "metrics.json").read_text())["top1"]
     assert f"{100 * top1:.2f} % |" in card
+
+
+def test_publish_sends_each_member_to_its_own_repo(family_of_three):
+    root, _ = family_of_three
+    rc, out, stderr = _run(["publish", str(root), "--repo-id", "org/lite-fam", "--dry-run"])
+    assert rc == 0, stderr
+    for member in ("macs60", "macs40", "macs25"):
+        assert f"dry run: would upload to org/lite-fam-{member}@main" in out
+    assert out.count("model.onnx") >= 3
+
+
+def test_zoo_build_of_a_family_recipe(tmp_path):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "fam.yaml").write_text(
+        "name: tiny-fam\nhub_id: org/tiny-fam\nmodel: resnet10t\npretrained: none\ndataset: fashion-mnist\n"
+        "target_macs: [0.6, 0.3]\nimg_size: 32\ntrain_subset: 16\nval_subset: 8\nbatch_size: 8\nhead: new\n"
+        "search: {steps: 4}\nfinetune: {steps: 1}\n")
+    rc, out, stderr = _run(["zoo", "build", "tiny-fam", "--recipes-dir", str(recipes), "--runs-dir",
+                            str(tmp_path / "runs")])
+    assert rc == 0, stderr
+    for member in ("macs60", "macs30"):
+        card = (tmp_path / "runs" / "tiny-fam" / member / "README.md").read_text()
+        assert "### Family" in card and f"org/tiny-fam-{member}" in card
+        assert f"{tmp_path / 'runs' / 'tiny-fam' / member}: top-1 " in out
+    (recipes / "bad.yaml").write_text("name: bad\ntarget_macs: [0.6, 'x']\n")
+    rc, _, stderr = _run(["zoo", "build", "bad", "--recipes-dir", str(recipes), "--runs-dir", str(tmp_path / "r2")])
+    assert rc != 0 and "'target_macs' must be a number or a list of numbers" in _one_error_line(stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .card import write_card
+from ..family import family_members, member_repo_id, prune_family
 from ..pipeline import prune
 from ..recipes import find_recipe, list_recipes, recipe_record
 
@@ -72,13 +73,21 @@ def format_zoo(rows: List[dict]) -> str:
 
 def build_entry(name: str, recipes_dir=None, runs_dir="runs", overwrite: bool = False, argv=None):
     """Run a zoo entry's recipe into ``RUNS_DIR/NAME`` (always with the verified ONNX export) and
-    write its card; returns ``(metrics, PruneConfig, card path)``."""
+    write its card; returns ``(metrics, PruneConfig, card path)``. A family recipe (a list of budgets)
+    returns ``(each member's metrics, PruneConfig, each member's card)``, members under ``RUNS_DIR/NAME``."""
     import os
 
 
     name, cfg, extras = find_recipe(name, recipes_dir)
     cfg.out, cfg.overwrite, cfg.onnx = str(Path(runs_dir) / name), overwrite, True  # publishable needs ONNX
     command = "pass-zoo " + " ".join(shlex.quote(a) for a in (argv or ["zoo", "build", name]))
+    if extras.get("family"):  # one search, a run folder per budget, each with its own card
+        members = prune_family(cfg, extras["family"], command=command, recipe=recipe_record(name, extras))
+        cards = []
+        if int(os.environ.get("RANK", "0")) == 0:
+            cards = [write_card(run, repo_id=member_repo_id(extras["hub_id"], run) if extras["hub_id"] else None)
+                     for run in family_members(cfg.out)]
+        return members, cfg, cards
     metrics = prune(cfg, command=command, recipe=recipe_record(name, extras))
     card = Path(cfg.out) / "README.md"
     if int(os.environ.get("RANK", "0")) == 0:
