@@ -322,7 +322,7 @@ class PruneConfig:
                                             help="budget instead: at most this fraction of the dense network's "
                                                  "parameters (backbone with its task head), in (0, 1]; several: a "
                                                  "family, as for --target-macs")
-    target_latency: Optional[float] = option(None, flag="--target-latency", group=WHAT, metavar="MS",
+    target_latency: Optional[float] = option(None, flag="--target-latency", group=WHAT, metavar="MS", nargs="+",
                                              help="budget instead: at most MS milliseconds per batch of "
                                                   "--latency-batch with --latency-threads on ONNX Runtime on this "
                                                   "machine, by a latency table measured once and cached")
