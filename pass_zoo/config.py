@@ -475,6 +475,9 @@ class PruneConfig:
             raise PassZooError("batch size must be positive and step counts non-negative")
         check_seed(self.seed)
         self.search.validate()
+        if self.search.budget_range is not None and not get_method(self.method).family_artefacts:
+            raise PassZooError(f"--search-budget-range needs a method with a budget-conditioned search (pass), "
+                               f"not '{self.method}'")
         self.finetune.validate()
         if self.log_every < 1:
             raise PassZooError(f"--log-every must be >= 1, got {self.log_every}")

@@ -146,6 +146,9 @@ def test_a_family_of_mixed_kinds_or_a_method_without_one_is_refused(tmp_path):
     assert rc != 0 and "a family takes one kind of budget; --target-macs and --target-params" in _one_error_line(stderr)
     rc, _, stderr = _run(_tiny_args(tmp_path, "--target-macs", "0.5", "0.3", "--method", "taylor"))
     assert rc != 0 and "'taylor' has no budget-conditioned search" in _one_error_line(stderr)
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--search-budget-range", "0.2,0.6", "--method", "direct-logits"))
+    assert rc != 0 and "--search-budget-range needs a method with a budget-conditioned search (pass), not " \
+        "'direct-logits'" in _one_error_line(stderr)
     rc, _, stderr = _run(_tiny_args(tmp_path, "--target-latency", "2", "1"))
     assert rc != 0 and "takes --target-macs or --target-params fractions, not --target-latency" in _one_error_line(stderr)
 
