@@ -29,6 +29,7 @@ def member_masks(run_dir, kind: str, target: float, out, overwrite: bool = False
     in ``run_dir``; returns the masks summary. The run's backbone is rebuilt from its settings (its pretrained
     weights must load here); the budget is of the kind the run searched over."""
     run_dir = Path(str(run_dir).removeprefix("local-dir:"))
+    run_dir = _search_of(run_dir)  # a family's member: the search it read its masks off
     cfg = run_config(run_dir)
     verify_run_files(run_dir)  # the hypernetwork and prompt are the ones the run wrote
     if kind not in BUDGET_KINDS:
@@ -59,6 +60,15 @@ def member_masks(run_dir, kind: str, target: float, out, overwrite: bool = False
     atomic_write_dir(out, {"masks.safetensors": safetensors_bytes(tensors, {"format": "pass-zoo-masks/1"}),
                            "masks.json": (json.dumps(summary, indent=2) + "\n").encode()})
     return summary
+
+
+def _search_of(run_dir: Path) -> Path:
+    """``run_dir``, or -- for a family member that searched nothing -- the family's search run it names."""
+    try:
+        search = json.loads((run_dir / "metrics.json").read_text()).get("family_search")
+    except (OSError, ValueError, AttributeError):
+        return run_dir
+    return Path(search) if isinstance(search, str) and Path(search).is_dir() else run_dir
 
 
 def _run_classes(run_dir: Path):

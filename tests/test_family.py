@@ -110,6 +110,10 @@ def test_one_search_gives_a_complete_run_per_budget(family_of_three):
             assert m["compute"]["stage1_batches"] == 0 and m["family_search"] == str(root / "macs60")
     hypernet = json.loads((root / "macs60" / "hypernet.json").read_text())
     assert hypernet["budget_range"] == [0.25, 0.6]
+    # masks for a new budget from any member: a member that searched nothing reads its family's search
+    rc, _, stderr = _run(["masks", str(root / "macs25"), "--target-macs", "0.3", "--out", str(root.parent / "m30")])
+    assert rc == 0, stderr
+    assert json.loads((root.parent / "m30" / "masks.json").read_text())["source"]["run"] == str(root / "macs60")
 
 
 def test_a_resumed_family_runs_only_the_members_left(family_of_three, tmp_path):
