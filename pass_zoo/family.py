@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-import torch
 from accelerate.utils import set_seed
 
 from .config import PruneConfig, apply_overrides
 from .errors import BudgetError, PassZooError
 from .export.latency import measure_latency, runtime_name
-from .fileio import atomic_write_bytes, atomic_write_dir, atomic_write_text, safetensors_bytes
-from .graph.masks import masks_summary
+from .fileio import atomic_write_bytes, atomic_write_dir, atomic_write_text
+from .graph.masks import masks_files, masks_summary
 from .integrity import verify_run_files
 from .methods import get_method
 from .pipeline import layer_sequence, load_backbone, make_prompt, prompt_kind, prune, run_budget
@@ -56,9 +55,7 @@ def member_masks(run_dir, kind: str, target: float, out, overwrite: bool = False
     masks = method.member_masks(run_dir, backbone.model, seq, prompt, budget, member.search)
     summary = masks_summary(masks, seq)
     summary["source"] = {"run": str(run_dir), "budget": kind, "target": target}
-    tensors = {name: m.cpu().to(torch.uint8).contiguous() for name, m in masks.items()}
-    atomic_write_dir(out, {"masks.safetensors": safetensors_bytes(tensors, {"format": "pass-zoo-masks/1"}),
-                           "masks.json": (json.dumps(summary, indent=2) + "\n").encode()})
+    atomic_write_dir(out, masks_files(masks, summary))
     return summary
 
 
@@ -162,15 +159,12 @@ def family_pareto(root, baselines: Sequence = (), batches: Sequence[int] = (1, 3
     """``root/pareto.json`` and ``pareto.png``: each member's top-1 against its MACs and its ONNX Runtime latency
     at each batch size (measured here, against the dense model's), with ``baselines`` (run folders) beside them."""
     root = Path(str(root).removeprefix("local-dir:"))
-    path = root / "family.json"
-    try:
-        family = json.loads(path.read_text())
-        members = [m["folder"] for m in family["members"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    family = read_family(root)
+    if family is None:
         raise PassZooError(f"{root} is not a family folder (no readable family.json); make one with prune "
-                           "--target-macs A B ...") from None
+                           "--target-macs A B ...")
     points, dense = [], None
-    for kind, runs in (("member", [root / name for name in members]), ("baseline", [Path(b) for b in baselines])):
+    for kind, runs in (("member", family_members(root)), ("baseline", [Path(b) for b in baselines])):
         for run in runs:
             report = measure_latency(run, batches, threads, repeats, warmup)
             metrics = json.loads((run / "metrics.json").read_text())
@@ -222,13 +216,22 @@ def _pareto_png(doc: dict) -> bytes:
     return buf.getvalue()
 
 
-def family_members(root) -> List[Path]:
-    """The member folders of the family in ``root`` (its ``family.json``), or [] when ``root`` is not a family."""
-    root = Path(str(root).removeprefix("local-dir:"))
+def read_family(root) -> Optional[dict]:
+    """``root/family.json`` (``prune_family``'s record), or None when ``root`` holds no readable one."""
     try:
-        return [root / m["folder"] for m in json.loads((root / "family.json").read_text())["members"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+        family = json.loads((Path(str(root).removeprefix("local-dir:")) / "family.json").read_text())
+        if all(isinstance(m.get("folder"), str) for m in family["members"]):
+            return family
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def family_members(root) -> List[Path]:
+    """The member folders of the family in ``root``, or [] when ``root`` is not a family."""
+    family = read_family(root)
+    root = Path(str(root).removeprefix("local-dir:"))
+    return [root / m["folder"] for m in family["members"]] if family else []
 
 
 def member_repo_id(repo_id: str, member: Path) -> str:

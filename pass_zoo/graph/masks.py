@@ -31,7 +31,7 @@ import torch
 from .budget import Budget, as_budget
 from .sequence import LayerSequence
 from ..errors import BudgetError
-from ..fileio import atomic_write_bytes, atomic_write_text, safetensors_bytes
+from ..fileio import atomic_write_bytes, safetensors_bytes
 
 Masks = Dict[str, torch.Tensor]
 
@@ -241,12 +241,17 @@ def masks_summary(masks: Masks, seq: LayerSequence) -> dict:
     }
 
 
-def save_masks(masks: Masks, summary: dict, folder) -> None:
-    """``masks.safetensors`` (uint8 per group) + ``masks.json``, both written atomically."""
+def masks_files(masks: Masks, summary: dict) -> Dict[str, bytes]:
+    """``{"masks.safetensors": uint8 per group, "masks.json": the summary}`` as bytes."""
+    tensors = {name: m.cpu().to(torch.uint8).contiguous() for name, m in masks.items()}
+    return {"masks.safetensors": safetensors_bytes(tensors, {"format": "pass-zoo-masks/1"}),
+            "masks.json": json.dumps(summary, indent=2).encode()}
 
-    tensors = {name: m.to(torch.uint8).contiguous() for name, m in masks.items()}
-    atomic_write_bytes(folder / "masks.safetensors", safetensors_bytes(tensors, {"format": "pass-zoo-masks/1"}))
-    atomic_write_text(folder / "masks.json", json.dumps(summary, indent=2))
+
+def save_masks(masks: Masks, summary: dict, folder) -> None:
+    """``masks.safetensors`` + ``masks.json`` (``masks_files``), both written atomically."""
+    for name, data in masks_files(masks, summary).items():
+        atomic_write_bytes(folder / name, data)
 
 
 def load_masks(path) -> Masks:

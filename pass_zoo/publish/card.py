@@ -24,6 +24,7 @@ from ..fileio import atomic_save_with, atomic_write_text
 from ..methods import get_method
 from ..validate import check_repo_id
 from ..export.timm_model import verify_run_weights
+from ..family import read_family
 
 CARD_FILE = "README.md"
 PLOT_FILE = "kept_channels.png"
@@ -314,11 +315,8 @@ def _family_section(run_dir: Path) -> str:
     """The family this run belongs to (``family.json`` one folder up, from ``prune --target-macs A B ...``):
     its members with their MACs and top-1, this one marked, and the search they share."""
     run_dir = Path(run_dir).resolve()
-    try:
-        family = json.loads((run_dir.parent / "family.json").read_text())
-        names = [m["folder"] for m in family["members"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+    family = read_family(run_dir.parent)
+    names = [m["folder"] for m in family["members"]] if family else []
     if run_dir.name not in names:
         return ""
     rows = []
