@@ -120,7 +120,7 @@ def _budget_range(text: str) -> List[float]:
     try:
         return [float(p) for p in parts] if len(parts) == 2 else [float(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (two fractions of the dense cost), got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two budgets, e.g. 0.1,0.5), got '{text}'") from None
 
 
 def _dataset_help() -> str:
@@ -203,13 +203,16 @@ class SearchConfig:
                              help="when the search loss, having learned, climbs back towards chance, return to the "
                                   "best state with halved learning rates, at most N times (0: never; default: "
                                   "%(default)s)")
-    # A budget-conditioned search (methods/pass_/hypernet.py): [lowest, highest] fraction of the dense cost. Every
+    # A budget-conditioned search (methods/pass_/hypernet.py): [lowest, highest] budget in the run's terms (fractions
+    # of the dense cost; milliseconds for a latency budget, which the search turns into fractions). Every
     # step draws its target from the range and the hypernetwork reads it, so that after one search it emits
     # masks for any budget in the range (search.masks_at_budget). None: one budget, the run's.
     budget_range: Optional[List[float]] = option(None, flag="--search-budget-range", group=SEARCH, metavar="LO,HI",
                                                  parse=_budget_range,
                                                  help="PASS: search one hypernetwork for every budget from LO to HI "
-                                                      "(fractions of the dense cost, the run's target among them); "
+                                                      "(in the run's budget terms: fractions of the dense cost, or "
+                                                      "milliseconds with --target-latency; the run's target among "
+                                                      "them); "
                                                       "'pass-zoo masks RUN' then emits masks for any of them")
     # Weight of a distillation term KL(dense || masked) on the logits: the dense network with the same
     # prompt is a denser training signal than the labels alone (0: cross-entropy only, the paper's).
@@ -258,9 +261,9 @@ class SearchConfig:
         if self.budget_range is not None:
             ok = isinstance(self.budget_range, (list, tuple)) and len(self.budget_range) == 2 and all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.budget_range)
-            if not ok or not 0.0 < self.budget_range[0] < self.budget_range[1] <= 1.0:
-                raise PassZooError("search.budget_range must be [lowest, highest] fractions of the dense cost with "
-                                   f"0 < lowest < highest <= 1, got {self.budget_range!r}")
+            if not ok or not 0.0 < self.budget_range[0] < self.budget_range[1]:
+                raise PassZooError("search.budget_range must be [lowest, highest] in the run's budget terms with "
+                                   f"0 < lowest < highest, got {self.budget_range!r}")
             self.budget_range = [float(b) for b in self.budget_range]
         if not 0.0 <= self.budget_warmup <= 1.0:
             raise PassZooError(f"--budget-warmup must be in [0, 1], got {self.budget_warmup}")
@@ -478,6 +481,10 @@ class PruneConfig:
         if self.search.budget_range is not None and not get_method(self.method).family_artefacts:
             raise PassZooError(f"--search-budget-range needs a method with a budget-conditioned search (pass), "
                                f"not '{self.method}'")
+        if self.search.budget_range is not None and self.budget_kind() in ("macs", "params") \
+                and self.search.budget_range[1] > 1.0:
+            raise PassZooError(f"search.budget_range of a --target-{self.budget_kind()} run is fractions of the dense "
+                               f"cost, at most 1, got {self.search.budget_range!r}")
         self.finetune.validate()
         if self.log_every < 1:
             raise PassZooError(f"--log-every must be >= 1, got {self.log_every}")

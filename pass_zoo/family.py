@@ -94,23 +94,26 @@ def _check_out(out: Path, run_dir: Path, overwrite: bool) -> Path:
 
 
 def member_folder(kind: str, target: float) -> str:
-    """A member's folder name under the family's: ``macs50``, ``params25``, ``macs12.5``."""
-    return f"{kind}{100 * target:g}"
+    """A member's folder name under the family's: ``macs50``, ``params25``, ``macs12.5``, ``latency4.5ms``."""
+    return f"latency{target:g}ms" if kind == "latency" else f"{kind}{100 * target:g}"
 
 
 def check_family(kind: str, targets: Sequence[float], method: str) -> List[float]:
     """The family's budgets, or one line on why not: two or more, strictly decreasing, fractions of the dense
-    cost, for a method with a budget-conditioned search."""
+    cost (milliseconds for latency), for a method with a budget-conditioned search."""
     targets = [float(t) for t in targets]
-    if kind not in ("macs", "params"):
-        raise BudgetError(f"a family of budgets takes --target-macs or --target-params fractions, not --target-{kind}")
+    if kind not in BUDGET_KINDS:
+        raise BudgetError(f"a family of budgets takes --target-macs, --target-params or --target-latency, not "
+                          f"--target-{kind}")
     if len(targets) < 2:
         raise BudgetError("a family needs two or more budgets")
-    if any(not 0.0 < t <= 1.0 for t in targets):
-        raise BudgetError(f"--target-{kind} budgets must be in (0, 1], got {' '.join(f'{t:g}' for t in targets)}")
+    given = " ".join(f"{t:g}" for t in targets)
+    if kind == "latency" and any(not 0.0 < t < float("inf") for t in targets):
+        raise BudgetError(f"--target-latency budgets must be positive milliseconds, got {given}")
+    if kind != "latency" and any(not 0.0 < t <= 1.0 for t in targets):
+        raise BudgetError(f"--target-{kind} budgets must be in (0, 1], got {given}")
     if any(b >= a for a, b in zip(targets, targets[1:])):
-        raise BudgetError(f"--target-{kind} budgets of a family must be strictly decreasing, got "
-                          f"{' '.join(f'{t:g}' for t in targets)}")
+        raise BudgetError(f"--target-{kind} budgets of a family must be strictly decreasing, got {given}")
     if not get_method(method).family_artefacts:
         raise PassZooError(f"'{method}' has no budget-conditioned search; a family of budgets comes from --method pass")
     return targets

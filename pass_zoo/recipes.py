@@ -7,7 +7,7 @@ Schema (every key optional except what the entry needs to differ from the defaul
     model: tf_efficientnet_lite0   # any PruneConfig field (see config.py), same names as the
     pretrained: bundled            #   dataclass, same meaning as the CLI flags
     dataset: fashion-mnist
-    target_macs: 0.5               # a list (0.5, 0.25, 0.1): a family from one search, a run per budget
+    target_macs: 0.5               # a list (0.5, 0.25, 0.1): a family from one search, a run per budget (also target_params, target_latency)
     img_size: 64
     search:                        # SearchConfig fields (config.py)
       steps: 150
@@ -32,7 +32,7 @@ from .validate import check_repo_id, load_yaml
 
 DEFAULT_NAME = "{arch}-pass{percent}"
 EXTRA_KEYS = ("name", "hub_id")
-FAMILY_KEYS = ("target_macs", "target_params")  # a list of budgets there is a family
+FAMILY_KEYS = ("target_macs", "target_params", "target_latency")  # a list of budgets there is a family
 _COMMAND_KEYS = ("out", "overwrite")  # decided by the command that runs the recipe
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a Hub repo name and a folder name
 

@@ -153,8 +153,55 @@ def test_a_family_of_mixed_kinds_or_a_method_without_one_is_refused(tmp_path):
     rc, _, stderr = _run(_tiny_args(tmp_path, "--search-budget-range", "0.2,0.6", "--method", "direct-logits"))
     assert rc != 0 and "--search-budget-range needs a method with a budget-conditioned search (pass), not " \
         "'direct-logits'" in _one_error_line(stderr)
-    rc, _, stderr = _run(_tiny_args(tmp_path, "--target-latency", "2", "1"))
-    assert rc != 0 and "takes --target-macs or --target-params fractions, not --target-latency" in _one_error_line(stderr)
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--target-latency", "2", "-1"))
+    assert rc != 0 and "--target-latency budgets must be positive milliseconds, got 2 -1" in _one_error_line(stderr)
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--target-latency", "1", "2"))
+    assert rc != 0 and "--target-latency budgets of a family must be strictly decreasing" in _one_error_line(stderr)
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--search-budget-range", "0.2,1.5"))
+    assert rc != 0 and "search.budget_range of a --target-macs run is fractions of the dense cost, at most 1" \
+        in _one_error_line(stderr)
+
+
+def test_a_latency_family_from_one_search(tmp_path, monkeypatch):
+    """Milliseconds by the run's latency table: the hypernetwork reads them as fractions of the dense network's."""
+    import timm
+    import torch
+
+    from test_budgets import FakeMeasure
+
+    from pass_zoo.export import latency as latency_mod
+    from pass_zoo.graph.cost_model import count_macs
+
+    fake = FakeMeasure()  # ms = 0.1 + MACs / 1e7: deterministic, no timing
+    monkeypatch.setattr(latency_mod, "measure_model_ms", fake)
+    monkeypatch.setenv("PASS_ZOO_CACHE", str(tmp_path / "cache"))
+    dense = 0.1 + count_macs(timm.create_model("resnet10t", num_classes=10), torch.zeros(1, 3, 32, 32)) / 1e7
+    high, low = round(0.7 * dense, 4), round(0.45 * dense, 4)
+    rc, out, stderr = _run(_tiny_args(tmp_path, "--target-latency", str(high), str(low), "--search-steps", "4",
+                                      "--head", "new", "--no-onnx"))
+    assert rc == 0, stderr
+    root = tmp_path / "run"
+    family = json.loads((root / "family.json").read_text())
+    assert family["budget"] == "latency"
+    assert [m["folder"] for m in family["members"]] == [f"latency{high:g}ms", f"latency{low:g}ms"]
+    for member, target in zip(family["members"], (high, low)):
+        budget = json.loads((root / member["folder"] / "metrics.json").read_text())["budget"]
+        assert budget["kind"] == "latency" and budget["target"] == pytest.approx(target)
+        assert budget["predicted"] <= target * (1 + 1e-6) and budget["achieved"] == pytest.approx(budget["predicted"], rel=1e-3)
+    lo, hi = json.loads((root / family["members"][0]["folder"] / "hypernet.json").read_text())["budget_range"]
+    assert lo == pytest.approx(low / dense, rel=1e-3) and hi == pytest.approx(high / dense, rel=1e-3)
+    # a budget between the two, and one outside the range, in milliseconds
+    mid = round(0.55 * dense, 4)
+    rc, _, stderr = _run(["masks", str(root / family["members"][1]["folder"]), "--target-latency", str(mid),
+                          "--out", str(tmp_path / "mid")])
+    assert rc == 0, stderr
+    summary = json.loads((tmp_path / "mid" / "masks.json").read_text())
+    assert summary["source"] == {"run": str(root / family["members"][0]["folder"]), "budget": "latency", "target": mid}
+    assert 0.1 + summary["macs_slim"] / 1e7 <= mid * (1 + 1e-3)  # the fake's milliseconds of the mid masks
+    assert 0.1 + summary["macs_slim"] / 1e7 >= 0.85 * mid
+    rc, _, stderr = _run(["masks", str(root / family["members"][0]["folder"]), "--target-latency",
+                          str(round(0.3 * dense, 4)), "--out", str(tmp_path / "low")])
+    assert rc != 0 and "outside the range this hypernetwork was searched over" in _one_error_line(stderr)
 
 
 def test_pareto_of_a_family_with_a_baseline(family_of_three, tmp_path):

@@ -41,8 +41,14 @@ class Budget:
         return self.limit / self.dense
 
     def at(self, fraction: float) -> "Budget":
-        """The same cost at ``fraction`` of the dense cost (the search's budget warm-up)."""
-        return dataclasses.replace(self, limit=fraction * self.dense)
+        """The same cost at ``fraction`` of the dense cost (the search's budget warm-up, a family's members)."""
+        limit = fraction * self.dense
+        return dataclasses.replace(self, limit=limit, target=limit if self.kind == "latency" else fraction)
+
+    def fraction_of(self, target: float) -> float:
+        """A target in this budget's own terms (a fraction, or milliseconds for latency) as a fraction of the
+        dense cost: what a budget-conditioned hypernetwork reads."""
+        return float(target) / self.dense if self.kind == "latency" else float(target)
 
     @property
     def flag(self) -> str:

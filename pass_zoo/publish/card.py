@@ -319,16 +319,22 @@ def _family_section(run_dir: Path) -> str:
     names = [m["folder"] for m in family["members"]] if family else []
     if run_dir.name not in names:
         return ""
+    kind = family.get("budget")
     rows = []
-    for name in names:
+    for member in family["members"]:
+        name = member["folder"]
         m = _read_json(run_dir.parent / name, "metrics.json", required=False) or {}
         top1 = f"{_pct(m['top1'])} %" if isinstance(m.get("top1"), (int, float)) else "-"
         macs = f"{_pct(m['macs_ratio'], 1)} %" if isinstance(m.get("macs_ratio"), (int, float)) else "-"
-        rows.append(f"| {'**' + name + '** (this model)' if name == run_dir.name else name} | {macs} | {top1} |")
+        target = member.get(f"target_{kind}")
+        budget = "-" if not isinstance(target, (int, float)) else (
+            f"{target:g} ms" if kind == "latency" else f"{100 * target:g} % {'MACs' if kind == 'macs' else 'params'}")
+        rows.append(f"| {'**' + name + '** (this model)' if name == run_dir.name else name} | {budget} | {macs} | "
+                    f"{top1} |")
     search = family.get("search_run", names[0])
     return (f"\n### Family\n\nOne budget-conditioned search (`{search}`) gave {len(names)} models of this backbone "
             f"and task; each was then slimmed and fine-tuned on its own. Its siblings:\n\n"
-            "| model | MACs kept | top-1 |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+            "| model | budget | MACs kept | top-1 |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _in_fence(text: str) -> str:

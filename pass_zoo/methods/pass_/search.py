@@ -241,10 +241,11 @@ class MaskedSearchModel(nn.Module):
             return self.backbone(self.prompt(x))
 
 
-def build_hypernet(seq: LayerSequence, cfg) -> PassHyperNetwork:
+def build_hypernet(seq: LayerSequence, cfg, budget_range: Optional[List[float]] = None) -> PassHyperNetwork:
+    """``budget_range``: (lowest, highest) fractions of the dense cost for a budget-conditioned hypernetwork."""
     return PassHyperNetwork([g.units for g in seq.groups], hidden=cfg.hidden, core=cfg.core, use_prompt=cfg.use_prompt,
                             use_weights=cfg.use_weights, use_prior=cfg.use_prior, rank=cfg.rank,
-                            scores=cfg.scores, budget_range=cfg.budget_range)
+                            scores=cfg.scores, budget_range=budget_range)
 
 
 @dataclass
@@ -279,8 +280,13 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         for p in head_params:
             p.requires_grad_(True)
     frozen_hypernet = hypernet is not None
-    if hypernet is None:
-        hypernet = (build or build_hypernet)(seq, cfg)
+    if hypernet is None and build is None:
+        # cfg.budget_range is in the budget's own terms (milliseconds for latency); the hypernetwork reads fractions
+        target = as_budget(seq, target)
+        hypernet = build_hypernet(seq, cfg, None if cfg.budget_range is None else
+                                  [target.fraction_of(b) for b in cfg.budget_range])
+    elif hypernet is None:
+        hypernet = build(seq, cfg)
     elif hypernet.units != [g.units for g in seq.groups]:
         raise PassZooError("the transferred hypernetwork was trained on another architecture "
                            f"({len(hypernet.units)} groups, this model has {len(seq.groups)})")
