@@ -202,7 +202,9 @@ def cmd_prune(args) -> int:
         if _is_main_process():
             kind = cfg.budget_kind()
             for target, m in zip(family, members):
-                print(f"{out / member_folder(kind, target)}: top-1 {100 * m['top1']:.2f} % at {_budget_line(m)}")
+                measured = (m.get("budget") or {}).get("achieved") if kind == "latency" else None
+                ms = f", {measured:.3g} ms measured (target {target:g})" if isinstance(measured, (int, float)) else ""
+                print(f"{out / member_folder(kind, target)}: top-1 {100 * m['top1']:.2f} % at {_budget_line(m)}{ms}")
             print(f"family          {out / 'family.json'} (one search: {members[0]['compute']['stage1_batches']} "
                   "stage-1 batches)")
         return 0

@@ -328,7 +328,8 @@ class PruneConfig:
     target_latency: Optional[float] = option(None, flag="--target-latency", group=WHAT, metavar="MS", nargs="+",
                                              help="budget instead: at most MS milliseconds per batch of "
                                                   "--latency-batch with --latency-threads on ONNX Runtime on this "
-                                                  "machine, by a latency table measured once and cached")
+                                                  "machine, by a latency table measured once and cached; several: "
+                                                  "a family, as for --target-macs")
     latency_batch: int = option(1, flag="--latency-batch", group=WHAT, metavar="N",
                                 help="batch size --target-latency is measured at (default: %(default)s)")
     latency_threads: int = option(2, flag="--latency-threads", group=WHAT, metavar="T",

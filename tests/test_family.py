@@ -188,6 +188,7 @@ def test_a_latency_family_from_one_search(tmp_path, monkeypatch):
         budget = json.loads((root / member["folder"] / "metrics.json").read_text())["budget"]
         assert budget["kind"] == "latency" and budget["target"] == pytest.approx(target)
         assert budget["predicted"] <= target * (1 + 1e-6) and budget["achieved"] == pytest.approx(budget["predicted"], rel=1e-3)
+        assert f"{root / member['folder']}: top-1 " in out and f"ms measured (target {target:g})" in out
     lo, hi = json.loads((root / family["members"][0]["folder"] / "hypernet.json").read_text())["budget_range"]
     assert lo == pytest.approx(low / dense, rel=1e-3) and hi == pytest.approx(high / dense, rel=1e-3)
     # a budget between the two, and one outside the range, in milliseconds
