@@ -420,13 +420,18 @@ def add_latency(sub) -> None:
                        description="Export the dense base model (random init) and the run's slim model to "
                        "ONNX and time them interleaved with ONNX Runtime on the CPU.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
+    _add_timing_flags(p, "--batch")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_latency)
+
+
+def _add_timing_flags(p, batch_flag: str) -> None:
+    """How ``latency`` and ``pareto`` time models with ONNX Runtime."""
+    p.add_argument(batch_flag, type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
 
 
 def cmd_latency(args) -> int:
@@ -557,10 +562,7 @@ def add_pareto(sub) -> None:
                        "pareto.png: top-1 against MACs kept and against ms per batch, with the dense model.")
     p.add_argument("family_dir", metavar="FAMILY_DIR")
     p.add_argument("--baseline", nargs="+", default=[], metavar="RUN", help="other finished runs to plot beside it")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per model (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
+    _add_timing_flags(p, "--batches")
     p.set_defaults(func=cmd_pareto)
 
 

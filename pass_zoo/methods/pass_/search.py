@@ -280,13 +280,13 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         for p in head_params:
             p.requires_grad_(True)
     frozen_hypernet = hypernet is not None
-    if hypernet is None and build is None:
-        # cfg.budget_range is in the budget's own terms (milliseconds for latency); the hypernetwork reads fractions
-        target = as_budget(seq, target)
-        hypernet = build_hypernet(seq, cfg, None if cfg.budget_range is None else
-                                  [target.fraction_of(b) for b in cfg.budget_range])
-    elif hypernet is None:
+    if hypernet is None and build is not None:
         hypernet = build(seq, cfg)
+    elif hypernet is None:
+        # cfg.budget_range is in the budget's own terms (milliseconds for latency); the hypernetwork reads fractions
+        fractions = None if cfg.budget_range is None else [as_budget(seq, target).fraction_of(b)
+                                                           for b in cfg.budget_range]
+        hypernet = build_hypernet(seq, cfg, fractions)
     elif hypernet.units != [g.units for g in seq.groups]:
         raise PassZooError("the transferred hypernetwork was trained on another architecture "
                            f"({len(hypernet.units)} groups, this model has {len(seq.groups)})")
