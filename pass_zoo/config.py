@@ -25,6 +25,7 @@ from .validate import check_rate, check_seed
 
 DEFAULT_TARGET_MACS = 0.5  # the budget of a channel-mask run that names none
 DEFAULT_DENSITY = 0.5  # the budget of a weight-mask run that names none
+PROTOTYPES = 1.0  # the search's class-prototype weight (SearchConfig.prototypes)
 
 # Help sections of ``pass-zoo prune``, in the order they are listed.
 WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN = (
@@ -219,6 +220,16 @@ class SearchConfig:
     distill: float = option(0.0, flag="--distill", group=SEARCH, metavar="W",
                             help="weight of a KL(dense || masked) distillation term in the search loss "
                                  "(default: %(default)s)")
+    # Weight of a class-prototype term: each image's pooled features (what the classifier reads) in the masked
+    # network are classified by cosine similarity to running class means of those same features. A new head
+    # learns slowly and, while the budget tightens, chases a moving network, so its cross-entropy says little
+    # about the masks early on; the means follow the network within a few steps and need no training, so the
+    # masks get a task signal from the first step (benchmarks/README.md, "A classifier that needs no training").
+    prototypes: float = option(PROTOTYPES, flag="--search-prototypes", group=SEARCH, metavar="W",
+                               help="weight of a class-prototype term in the search loss: the masked network's pooled "
+                                    "features classified by their similarity to running class means, a task signal "
+                                    "that needs no trained head (0: cross-entropy only, the paper's; default: "
+                                    "%(default)s)")
 
     # Stage 1 of the Torch-Pruning criteria (methods/torch_pruning.py): "masked" (fair, the default): after
     # the criterion's masks are chosen, head and prompt learn on the method's own masked network for `steps`
@@ -271,6 +282,8 @@ class SearchConfig:
             raise PassZooError(f"--hypernet-rank must be >= 1, got {self.rank}")
         if not self.distill >= 0.0:
             raise PassZooError(f"--distill must be >= 0, got {self.distill}")
+        if not 0.0 <= self.prototypes < float("inf"):
+            raise PassZooError(f"--search-prototypes must be a finite number >= 0, got {self.prototypes}")
         _check_rates(self, ("lr_prompt", "lr_hypernet", "lr_head", "lr_scores", "weight_decay"), "search")
 
 

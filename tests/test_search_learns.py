@@ -50,6 +50,61 @@ def test_stage1_loss_falls_on_a_tiny_task_at_a_tight_budget(use_prior):
     assert last < 0.7 * math.log(3) and last < result.losses[0], (result.losses[0], last)
 
 
+def _hypernet_change(prototypes: float) -> tuple:
+    """A search whose head is frozen at zero: every logit is 0, so cross-entropy sends the scores no gradient."""
+    from pass_zoo.methods.pass_.search import build_hypernet
+
+    model, seq = _tiny()
+    head = model.get_classifier()
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    cfg = SearchConfig(steps=6, hidden=16, prototypes=prototypes)
+    torch.manual_seed(0)
+    before = dict(build_hypernet(seq, cfg).named_parameters())
+    torch.manual_seed(0)
+    result = search(model, seq, AdditivePrompt(32, 4), _separable(), 0.25, cfg, make_accelerator("no"))
+    after = dict(result.hypernet.named_parameters())
+    assert before.keys() == after.keys()
+    return max(float((after[k] - before[k]).detach().abs().max()) for k in before), result.losses
+
+
+def test_class_prototypes_score_the_masks_before_the_head_has_learned():
+    unchanged, losses = _hypernet_change(0.0)
+    moved, with_prototypes = _hypernet_change(1.0)
+    assert unchanged < 1e-5 < 1e-3 < moved, (unchanged, moved)  # without them only weight decay touched them
+    # the history (what the chance check reads) is the head's cross-entropy alone: ln 3 at every step
+    for history in (losses, with_prototypes):
+        assert len(history) == 6 and all(abs(v - math.log(3)) < 1e-5 for v in history), history
+
+
+def test_class_prototypes_are_running_class_means_and_resume_at_their_shape():
+    from pass_zoo.methods.pass_.search import ClassPrototypes
+
+    accelerator = make_accelerator("no")
+    protos = ClassPrototypes(momentum=0.5, temperature=0.1)
+    x = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0, 2])
+    protos.loss(x, y, 3, accelerator)
+    assert protos.means.shape == (3, 2) and protos.seen.tolist() == [True, False, True]
+    assert torch.allclose(protos.means, torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]))
+    loss = protos.loss(torch.tensor([[0.0, 1.0]]), torch.tensor([0]), 3, accelerator)  # class 0 moves half-way
+    assert torch.allclose(protos.means[0], torch.tensor([0.5, 0.5]))
+    # an image on its class's mean is classified with confidence; one on another class's mean is not
+    on_mean = float(protos.loss(torch.tensor([[0.0, 1.0]]), torch.tensor([2]), 3, accelerator))
+    assert on_mean < 0.1 < float(loss)
+    # a checkpoint restores the means at the shape the first batch gave them
+    resumed = ClassPrototypes(momentum=0.5)
+    resumed.load_state_dict(protos.state_dict())
+    assert torch.equal(resumed.means, protos.means) and torch.equal(resumed.seen, protos.seen)
+
+
+def test_a_negative_prototype_weight_is_refused_in_one_line():
+    cfg = PruneConfig(search=SearchConfig(prototypes=-1.0))
+    with pytest.raises(PassZooError, match="--search-prototypes must be a finite number >= 0, got -1.0"):
+        cfg.validate()
+
+
 def test_the_cap_keeps_every_group_above_its_share():
     model, seq = _tiny()
     # one group's scores far below all others': a global ranking cuts it to its floor ...

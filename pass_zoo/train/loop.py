@@ -252,9 +252,11 @@ def global_loss(loss, accelerator) -> float:
     return float(value)
 
 
-def take_step(loop, loss, accelerator, bar, ckpt, what: str, hint: str) -> None:
+def take_step(loop, loss, accelerator, bar, ckpt, what: str, hint: str, record: Optional[float] = None) -> None:
     """One optimisation step of ``loop`` (a ``LoopState``): every optimiser and scheduler,
-    the loss recorded, progress shown, a checkpoint when due. A non-finite loss stops the stage."""
+    the loss recorded, progress shown, a checkpoint when due. A non-finite loss stops the stage.
+    ``record``: what the loop's loss history keeps instead of ``loss`` (the search keeps its cross-entropy
+    alone, which its chance check compares with ln(classes), when auxiliary terms are added)."""
     value = global_loss(loss, accelerator)
     if not math.isfinite(value):
         raise ckpt.diverged(f"{what} loss became {value} at step {loop.step}", hint)
@@ -265,6 +267,7 @@ def take_step(loop, loss, accelerator, bar, ckpt, what: str, hint: str) -> None:
         opt.step()
     for sched in loop.schedulers.values():
         sched.step()
+    value = value if record is None else record
     loop.losses.append(value)
     loop.step += 1
     lr = next(iter(loop.optimizers.values())).param_groups[0]["lr"]

@@ -3,7 +3,9 @@
 Every optimisation step: the hypernetwork walks the groups and scores every unit; the global
 budgeted selection turns the scores into hard masks (exact MACs <= budget); the masks gate the
 frozen network through straight-through estimators; cross-entropy of the prompted, masked
-network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine). Over the first
+network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine). A second
+cross-entropy, of a classifier that needs no training (``ClassPrototypes``: running class means of
+the masked network's pooled features), gives the masks a task signal while a new head still learns. Over the first
 ``budget_warmup`` of the steps the budget tightens from the dense network to the target; the final
 masks are always selected at the target. ``max_churn`` (off by default) bounds how many kept units one
 step may swap. ``recoveries``: when the loss, having learned, climbs most of the way back to chance, the
@@ -14,6 +16,7 @@ search returns to its best state with halved learning rates (see ``Recovery``).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -322,6 +325,9 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
         modules["previous_masks"] = model.previous
     if train_head:
         modules["head"] = backbone.get_classifier()
+    prototypes = None
+    if cfg.prototypes > 0:
+        prototypes = modules["prototypes"] = ClassPrototypes().to(accelerator.device)
     recovery = None
     if cfg.recoveries > 0 and not frozen_hypernet:
         trained = [p for o in optimizers.values() for g in o.param_groups for p in g["params"]]
@@ -331,10 +337,11 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
         bar = progress(accelerator, cfg.steps, "search", initial=loop.step)
         try:
-            with KeepRunningStats(backbone):
+            with KeepRunningStats(backbone), classifier_inputs(backbone, cfg.prototypes > 0) as features:
                 _search_loop(wrapped, model, loop, accelerator, bar, ckpt,
                              lambda step: model.set_budget(*(budget_at(k, cfg, step_target(k, family, target))
-                                                             for k in (step, step + 1))), cfg.distill, recovery)
+                                                             for k in (step, step + 1))), cfg, recovery, features,
+                             prototypes)
         finally:
             bar.close()
 
@@ -410,20 +417,78 @@ def budget_at(step: int, cfg, target: float) -> float:
     return target ** (step / warm)
 
 
-def _search_loop(wrapped, model, loop, accelerator, bar, ckpt, set_budget, distill: float,
-                 recovery: Optional[Recovery] = None) -> None:
+@contextmanager
+def classifier_inputs(backbone: nn.Module, active: bool = True):
+    """A dict whose ``"x"`` is, after each forward pass, what the classifier read (timm: the pooled
+    features); empty where the model has no single classifier module (the search then uses the logits)."""
+    box: dict = {}
+    head = backbone.get_classifier() if active and hasattr(backbone, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        yield box
+        return
+    handle = head.register_forward_hook(lambda _m, args, _out: box.__setitem__("x", args[0]) if args else None)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+class ClassPrototypes(nn.Module):
+    """A classifier that needs no training: running means (momentum ``momentum``) of the masked network's
+    L2-normalised pooled features, one per class; an image's logits are its cosine similarities to them over
+    ``temperature``. The means follow the network within a few steps, so their cross-entropy judges the
+    current masks even while a new head is still learning. Buffers, so checkpoints carry them."""
+
+    def __init__(self, momentum: float = 0.9, temperature: float = 0.1):
+        super().__init__()
+        self.momentum, self.temperature = momentum, temperature
+        # shaped (classes, features) on the first batch
+        self.register_buffer("means", torch.zeros(0, 0))
+        self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("means", "seen"):  # a resumed search restores them at the shape they had
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor, classes: int, accelerator) -> torch.Tensor:
+        f = F.normalize(features.flatten(1).float(), dim=1)
+        with torch.no_grad():
+            if self.means.shape != (classes, f.shape[1]):
+                self.means = torch.zeros(classes, f.shape[1], device=f.device)
+                self.seen = torch.zeros(classes, dtype=torch.bool, device=f.device)
+            onehot = F.one_hot(labels, classes).to(f.dtype)
+            # summed over processes, so that every process keeps the same means (and selects the same masks)
+            sums, counts = accelerator.reduce(onehot.t() @ f, "sum"), accelerator.reduce(onehot.sum(0), "sum")
+            present = counts > 0
+            batch = sums[present] / counts[present, None]
+            blended = self.momentum * self.means[present] + (1 - self.momentum) * batch
+            self.means[present] = torch.where(self.seen[present, None], blended, batch)
+            self.seen |= present
+        return F.cross_entropy(f @ F.normalize(self.means, dim=1).t() / self.temperature, labels)
+
+
+def _search_loop(wrapped, model, loop, accelerator, bar, ckpt, set_budget, cfg,
+                 recovery: Optional[Recovery] = None, features: Optional[dict] = None,
+                 prototypes: Optional[ClassPrototypes] = None) -> None:
+    features = {} if features is None else features
     for step in range(loop.step, loop.total):
         set_budget(step)
         x, y = next(loop.batches)
         logits = wrapped(x)
+        masked = features.pop("x", logits)  # the logits where the model has no single classifier module
         loss = ce = F.cross_entropy(logits, y)
-        if distill:
+        if cfg.distill:
             target = F.log_softmax(model.dense_logits(x).float(), 1)
-            loss = loss + distill * F.kl_div(F.log_softmax(logits.float(), 1), target, log_target=True,
-                                             reduction="batchmean")
+            loss = loss + cfg.distill * F.kl_div(F.log_softmax(logits.float(), 1), target, log_target=True,
+                                                 reduction="batchmean")
+        if prototypes is not None:
+            loss = loss + cfg.prototypes * prototypes.loss(masked, y, logits.shape[-1], accelerator)
         ce = global_loss(ce, accelerator)
         take_step(loop, loss, accelerator, bar, ckpt, "search",
-                  "lower --search-lr-prompt/--search-lr-hypernet and start again")
+                  "lower --search-lr-prompt/--search-lr-hypernet and start again", record=ce)
         if recovery is not None and recovery.observe(ce, math.log(logits.shape[-1])):
             recovery.recover(loop.optimizers.values(), loop.schedulers.values())
             with torch.no_grad():  # the walk's provisional threshold, for the restored scores
