@@ -25,7 +25,6 @@ from .validate import check_rate, check_seed
 
 DEFAULT_TARGET_MACS = 0.5  # the budget of a channel-mask run that names none
 DEFAULT_DENSITY = 0.5  # the budget of a weight-mask run that names none
-PROTOTYPES = 1.0  # the search's class-prototype weight (SearchConfig.prototypes)
 
 # Help sections of ``pass-zoo prune``, in the order they are listed.
 WHAT, HEAD, DATA, SEARCH, FINETUNE, RUN = (
@@ -225,7 +224,7 @@ class SearchConfig:
     # learns slowly and, while the budget tightens, chases a moving network, so its cross-entropy says little
     # about the masks early on; the means follow the network within a few steps and need no training, so the
     # masks get a task signal from the first step (benchmarks/README.md, "A classifier that needs no training").
-    prototypes: float = option(PROTOTYPES, flag="--search-prototypes", group=SEARCH, metavar="W",
+    prototypes: float = option(1.0, flag="--search-prototypes", group=SEARCH, metavar="W",
                                help="weight of a class-prototype term in the search loss: the masked network's pooled "
                                     "features classified by their similarity to running class means, a task signal "
                                     "that needs no trained head (0: cross-entropy only, the paper's; default: "

@@ -5,9 +5,9 @@ budgeted selection turns the scores into hard masks (exact MACs <= budget); the 
 frozen network through straight-through estimators; cross-entropy of the prompted, masked
 network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine). A second
 cross-entropy, of a classifier that needs no training (``ClassPrototypes``: running class means of
-the masked network's pooled features), gives the masks a task signal while a new head still learns. Over the first
-``budget_warmup`` of the steps the budget tightens from the dense network to the target; the final
-masks are always selected at the target. ``max_churn`` (off by default) bounds how many kept units one
+the masked network's pooled features), gives the masks a task signal while a new head still learns.
+Over the first ``budget_warmup`` of the steps the budget tightens from the dense network to the
+target; the final masks are always selected at the target. ``max_churn`` (off by default) bounds how many kept units one
 step may swap. ``recoveries``: when the loss, having learned, climbs most of the way back to chance, the
 search returns to its best state with halved learning rates (see ``Recovery``).
 
@@ -16,7 +16,7 @@ search returns to its best state with halved learning rates (see ``Recovery``).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -337,11 +337,11 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
         bar = progress(accelerator, cfg.steps, "search", initial=loop.step)
         try:
-            with KeepRunningStats(backbone), classifier_inputs(backbone, cfg.prototypes > 0) as features:
+            watched = prototypes.watching(backbone) if prototypes is not None else nullcontext()
+            with KeepRunningStats(backbone), watched:
                 _search_loop(wrapped, model, loop, accelerator, bar, ckpt,
                              lambda step: model.set_budget(*(budget_at(k, cfg, step_target(k, family, target))
-                                                             for k in (step, step + 1))), cfg, recovery, features,
-                             prototypes)
+                                                             for k in (step, step + 1))), cfg, recovery, prototypes)
         finally:
             bar.close()
 
@@ -417,22 +417,6 @@ def budget_at(step: int, cfg, target: float) -> float:
     return target ** (step / warm)
 
 
-@contextmanager
-def classifier_inputs(backbone: nn.Module, active: bool = True):
-    """A dict whose ``"x"`` is, after each forward pass, what the classifier read (timm: the pooled
-    features); empty where the model has no single classifier module (the search then uses the logits)."""
-    box: dict = {}
-    head = backbone.get_classifier() if active and hasattr(backbone, "get_classifier") else None
-    if not isinstance(head, nn.Module):
-        yield box
-        return
-    handle = head.register_forward_hook(lambda _m, args, _out: box.__setitem__("x", args[0]) if args else None)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
 class ClassPrototypes(nn.Module):
     """A classifier that needs no training: running means (momentum ``momentum``) of the masked network's
     L2-normalised pooled features, one per class; an image's logits are its cosine similarities to them over
@@ -445,6 +429,27 @@ class ClassPrototypes(nn.Module):
         # shaped (classes, features) on the first batch
         self.register_buffer("means", torch.zeros(0, 0))
         self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
+        self._read: Optional[torch.Tensor] = None  # what the classifier read in the last forward pass (``watching``)
+
+    @contextmanager
+    def watching(self, backbone: nn.Module):
+        """Within it, every forward pass of ``backbone`` leaves what its classifier read (timm: the pooled
+        features) for ``read``; a model without a single classifier module leaves nothing."""
+        head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
+        if not isinstance(head, nn.Module):
+            yield
+            return
+        handle = head.register_forward_hook(lambda _m, args, _out: setattr(self, "_read", args[0]) if args else None)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._read = None
+
+    def read(self, logits: torch.Tensor) -> torch.Tensor:
+        """The features of the forward pass that gave ``logits`` (the logits themselves where none were left)."""
+        features, self._read = self._read, None
+        return logits if features is None else features
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("means", "seen"):  # a resumed search restores them at the shape they had
@@ -471,14 +476,12 @@ class ClassPrototypes(nn.Module):
 
 
 def _search_loop(wrapped, model, loop, accelerator, bar, ckpt, set_budget, cfg,
-                 recovery: Optional[Recovery] = None, features: Optional[dict] = None,
-                 prototypes: Optional[ClassPrototypes] = None) -> None:
-    features = {} if features is None else features
+                 recovery: Optional[Recovery] = None, prototypes: Optional[ClassPrototypes] = None) -> None:
     for step in range(loop.step, loop.total):
         set_budget(step)
         x, y = next(loop.batches)
         logits = wrapped(x)
-        masked = features.pop("x", logits)  # the logits where the model has no single classifier module
+        masked = prototypes.read(logits) if prototypes is not None else None  # before a dense pass replaces it
         loss = ce = F.cross_entropy(logits, y)
         if cfg.distill:
             target = F.log_softmax(model.dense_logits(x).float(), 1)
