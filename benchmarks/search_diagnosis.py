@@ -101,6 +101,7 @@ def diagnose(over: dict, search: dict, method: str = "pass") -> dict:
         "loss_curve": [round(_mean(losses[i:i + 20]), 3) for i in range(0, len(losses), 20)],
         "churn_curve": [round(_mean(churn[i:i + 20]), 4) for i in range(0, len(churn), 20)],
         "losses": [round(v, 4) for v in losses], "churn_max": round(max(churn, default=0.0), 4), "recoveries": result.record.get("search_recoveries", 0),
+        "pinned_at": result.record.get("search_pinned_at"),
         "moved_max": round(max((m / max(1, k) for _, m, k in steps), default=0.0), 4),
         "top1_heldout_after_search": evaluate(prompted, data.val_loader, accelerator),
         "macs_ratio": seq.macs(kept) / seq.dense_macs, "kept": kept, "seconds": round(time.time() - start, 1),
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--tag", default="run", help="the name of the --over run")
     ap.add_argument("--method", default="pass")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), metavar="TASK",
+                    help="the sweep's tasks (default: all four)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,7 +157,8 @@ def main() -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
     done = {r["tag"] for r in rows}
     for seed in args.seeds:
-        for task, over in TASKS.items():
+        for task in args.tasks:
+            over = TASKS[task]
             for name, search in settings:
                 tag = f"{args.method} | {name} | {task} | {seed}"
                 if tag in done:

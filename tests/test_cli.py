@@ -209,6 +209,8 @@ def test_bad_round_to_and_unreachable_budget(tmp_path):
     assert rc != 0 and "--budget-warmup must be in [0, 1], got 1.5" in _one_error_line(stderr)
     rc, _, stderr = _run(_tiny_args(tmp_path, "--max-mask-churn", "0"))
     assert rc != 0 and "--max-mask-churn must be in (0, 1], got 0.0" in _one_error_line(stderr)
+    rc, _, stderr = _run(_tiny_args(tmp_path, "--max-group-change", "-0.5"))
+    assert rc != 0 and "--max-group-change must be from 0 to 10, got -0.5" in _one_error_line(stderr)
     rc, _, stderr = _run(_tiny_args(tmp_path, "--search-recoveries", "11"))
     assert rc != 0 and "--search-recoveries must be a whole number from 0 to 10, got 11" in _one_error_line(stderr)
     rc, _, stderr = _run(_tiny_args(tmp_path, "--target-macs", "0.0001", "--head", "new", "--overwrite"))

@@ -270,6 +270,30 @@ def test_a_search_step_swaps_at_most_max_churn_of_the_kept_units():
     assert all(torch.equal(a, b) for a, b in zip(fresh.previous.masks(), previous))
 
 
+def test_a_search_step_moves_each_group_at_most_max_group_change():
+    from pass_zoo.methods.pass_.search import MaskedSearchModel, build_hypernet
+
+    model, seq = _tiny()
+    cfg = SearchConfig(hidden=16, max_group_change=0.25, round_to=1)
+    searcher = MaskedSearchModel(model, seq, AdditivePrompt(32, 4), build_hypernet(seq, cfg), 0.3, cfg)
+    torch.manual_seed(1)
+    before = [torch.rand(g.units) for g in seq.groups]
+    assert searcher._bounds() is None  # no last step yet: nothing to stay near
+    searcher.previous.store(searcher.select(before, searcher.budget))
+    kept = [int(m.sum()) for m in searcher.previous.masks()]
+    # one group's scores jump above everything: unlimited, it takes most of the budget in one step ...
+    jumped = [s + (5.0 if i == len(before) - 1 else 0.0) for i, s in enumerate(before)]
+    free = [int(m.sum()) for m in searcher.select(jumped, searcher.budget)]
+    assert free[-1] > 1.5 * kept[-1] + 1, (kept[-1], free[-1])
+    # ... limited, every group stays within a quarter of what it kept (one unit at least), under the budget
+    limited = [int(m.sum()) for m in searcher.select(jumped, searcher.budget, searcher._bounds())]
+    for k, n in zip(kept, limited):
+        assert abs(n - k) <= max(1, math.ceil(0.25 * k)), (kept, limited)
+    assert limited[-1] > kept[-1] and seq.macs(limited) <= 0.3 * seq.dense_macs
+    # a budget that tightens faster than the lower bounds allow still holds: they give way
+    assert seq.macs([int(m.sum()) for m in searcher.select(before, 0.1, searcher._bounds())]) <= 0.1 * seq.dense_macs
+
+
 def test_a_search_that_breaks_down_returns_to_its_best_state():
     from pass_zoo.methods.pass_.search import Recovery
 
@@ -311,6 +335,68 @@ def test_a_search_that_never_learned_is_not_recovered():
     chance = math.log(3)
     # the loss never fell under 80 % of chance: nothing worth returning to
     assert not any(recovery.observe(chance * f, chance) for f in [0.85] * 10 + [1.0] * 20)
+
+
+def test_a_break_after_the_last_recovery_pins_the_best_state():
+    from pass_zoo.methods.pass_.search import Recovery
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = torch.optim.SGD(params, lr=0.1)
+    recovery = Recovery(params, allowed=0, settle=1, units=[3, 2])
+    chance = math.log(10)
+    assert not recovery.pinned and not any(recovery.observe(1.0, chance) for _ in range(5))
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert any(recovery.observe(chance, chance) for _ in range(30))
+    recovery.recover([opt], [], step=17, scores=lambda: [torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.5, 4.0])])
+    assert recovery.pinned and int(recovery.pinned_at) == 17 and recovery.recoveries == 0
+    assert torch.equal(params[0].detach(), torch.zeros(3))  # back at the best state
+    assert [s.tolist() for s in recovery.scores()] == [[3.0, 1.0, 2.0], [0.5, 4.0]]
+    assert not any(recovery.observe(2 * chance, chance) for _ in range(30))  # pinned: nothing more to do
+    resumed = Recovery([torch.nn.Parameter(torch.zeros(3))], allowed=0, settle=1, units=[3, 2])
+    resumed.load_state_dict(recovery.state_dict())  # a checkpoint carries the pin
+    assert resumed.pinned and torch.equal(resumed.pinned_scores, recovery.pinned_scores)
+
+
+def test_a_pinned_search_trains_head_and_prompt_on_fixed_masks(monkeypatch):
+    from pass_zoo.methods.pass_ import search as S
+
+    observed = {"steps": 0}
+    real = S.Recovery.observe
+
+    def break_at_step_12(self, ce, chance):
+        real(self, ce, chance)
+        observed["steps"] += 1
+        return observed["steps"] == 12 and not self.pinned
+
+    monkeypatch.setattr(S.Recovery, "observe", break_at_step_12)
+    masks = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: masks.append([h.clone() for h in m.last_masks])
+        if isinstance(m, S.MaskedSearchModel) and m.training else None)
+    model, seq = _tiny()
+    cfg = SearchConfig(steps=30, hidden=16, lr_head=1e-2, recoveries=0)  # warm-up: the first 15 steps
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in S.build_hypernet(seq, cfg).state_dict().items() if k != "threshold"}
+    torch.manual_seed(0)
+    prompt = AdditivePrompt(32, 4)
+    start_prompt = [v.clone() for v in prompt.state_dict().values()]
+    try:
+        result = S.search(model, seq, prompt, _separable(), 0.25, cfg, make_accelerator("no"), train_head=True)
+    finally:
+        hook.remove()
+    assert result.pinned_at == 12 and result.recoveries == 0
+    # the hypernetwork went back to its best state (here: the first, as none was tracked yet) and stayed there
+    after = result.hypernet.state_dict()
+    assert all(torch.equal(initial[k], after[k]) for k in initial)
+    changed = [sum(int((a != b).sum()) for a, b in zip(x, y)) for x, y in zip(masks, masks[1:])]
+    assert any(changed[:11])  # before the pin the masks moved ...
+    assert not any(changed[15:])  # ... after it and the warm-up they never do
+    assert all(torch.equal(a, b) for a, b in zip(masks[-1], result.unit_masks))
+    # while head and prompt trained on: the loss of the fixed masks falls
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[15:20]) / 5, result.losses
+    # and the prompt, reset to its first state at the pin, trained after it
+    assert any(not torch.equal(a, b) for a, b in zip(start_prompt, prompt.state_dict().values()))
 
 
 def test_recovery_leaves_a_search_that_does_not_break_unchanged():

@@ -69,6 +69,17 @@ def _kept_counts_global(order_gid: torch.Tensor, k: int, totals: List[int], step
     return [_rounded(c, t, s, m) for c, t, s, m in zip(counts, totals, steps, least)]
 
 
+def _within(bounds, totals: List[int], steps: List[int], least: List[int], budget: Budget):
+    """Per-group (fewest, most) kept units from ``bounds``, widened to whole rounding steps (so a group can
+    always move at least one step) inside the cap; the lower bounds are dropped where even they alone cost
+    more than the budget (it tightened faster than they allow)."""
+    lows = [min(t, max(m, s * math.floor(lo / s))) for (lo, _), t, s, m in zip(bounds, totals, steps, least)]
+    most = [max(lo, min(t, s * math.ceil(hi / s))) for lo, (_, hi), t, s in zip(lows, bounds, totals, steps)]
+    if budget.cost(lows) > budget.limit:
+        lows = least
+    return lows, most
+
+
 def _fill(kept: List[int], scores, budget: Budget, totals, steps) -> List[int]:
     """Rounding leaves budget unused: greedily add the best next step of any group that still fits.
 
@@ -126,11 +137,14 @@ def check_reachable(seq: LayerSequence, budget, round_to: int = 1, max_prune_rat
 
 
 def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target,
-                 round_to: int = 1, selection: str = "global", max_prune_ratio: float = 1.0) -> List[torch.Tensor]:
+                 round_to: int = 1, selection: str = "global", max_prune_ratio: float = 1.0,
+                 bounds=None) -> List[torch.Tensor]:
     """Hard unit masks (bool) keeping the best-scoring units whose slim network fits the budget.
 
     ``target`` is a ``Budget`` (MACs, parameters or latency; see ``budget.py``) or a plain MACs
-    fraction: slim MACs <= target * dense. No group loses more than ``max_prune_ratio`` of its units."""
+    fraction: slim MACs <= target * dense. No group loses more than ``max_prune_ratio`` of its units.
+    ``bounds`` (global selection): per group, the (fewest, most) units it may keep -- a search step's
+    limit on how far each group moves from the last step's masks."""
     _check_selection_input(scores, seq, round_to)
     budget = check_reachable(seq, target, round_to, max_prune_ratio)
     totals = [g.units for g in seq.groups]
@@ -145,14 +159,21 @@ def select_units(scores: Sequence[torch.Tensor], seq: LayerSequence, target,
     if selection == "global":
         order = torch.argsort(flat, descending=True, stable=True)
         order_gid = gid[order]
+        most = totals
+        if bounds is not None:
+            least, most = _within(bounds, totals, steps, least, budget)
+
+        def counts(k):
+            return [min(c, m) for c, m in zip(_kept_counts_global(order_gid, k, totals, steps, least), most)]
+
         lo, hi = 0, flat.numel()  # invariant: prefix lo fits (it keeps the minimum), find the largest
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if budget.cost(_kept_counts_global(order_gid, mid, totals, steps, least)) <= budget.limit:
+            if budget.cost(counts(mid)) <= budget.limit:
                 lo = mid
             else:
                 hi = mid - 1
-        kept = _fill(_kept_counts_global(order_gid, lo, totals, steps, least), scores, budget, totals, steps)
+        kept = _fill(counts(lo), scores, budget, most, steps)
     elif selection == "uniform":
         lo, hi = 0.0, 1.0
         for _ in range(40):

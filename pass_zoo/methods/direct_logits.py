@@ -63,7 +63,7 @@ class DirectLogitsMethod(Method):
     tag = "direct"
     baseline = False
     metric_keys = ("scorer_params", "search_loss_final", "search_loss_chance", "search_at_chance",
-                   "search_recoveries")
+                   "search_recoveries", "search_pinned_at")
     summary = "learned per-channel logits (PASS without its hypernetwork)"
 
     def produce(self, ctx: MethodContext) -> MethodResult:
@@ -71,6 +71,7 @@ class DirectLogitsMethod(Method):
         result = search(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, ctx.selection_budget(), cfg.search,
                         ctx.accelerator, train_head=ctx.new_head, checkpoints=ctx.checkpoints,
                         build=build_direct_logits)
-        record = {"search_losses": result.losses, "scorer_params": count_params(result.hypernet), "search_recoveries": result.recoveries}
+        record = {"search_losses": result.losses, "scorer_params": count_params(result.hypernet), "search_recoveries": result.recoveries,
+                  "search_pinned_at": result.pinned_at}
         record.update(chance_check(result.losses, ctx.backbone.num_classes))
         return MethodResult(result.masks, record=record)

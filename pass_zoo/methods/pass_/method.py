@@ -26,14 +26,15 @@ class Pass(Method):
     artefacts = ("hypernet.json", "hypernet.safetensors")
     family_artefacts = artefacts + (SEARCH_STATE,)
     metric_keys = ("hypernet_params", "search_loss_final", "search_loss_chance", "search_at_chance",
-                   "search_recoveries")
+                   "search_recoveries", "search_pinned_at")
 
     def produce(self, ctx: MethodContext) -> MethodResult:
         cfg = ctx.config
         source = load_hypernet(cfg.transfer_from) if cfg.transfer_from else None  # another task's, frozen
         result = search(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, ctx.selection_budget(), cfg.search,
                         ctx.accelerator, train_head=ctx.new_head, hypernet=source, checkpoints=ctx.checkpoints)
-        record = {"search_losses": result.losses, "hypernet_params": count_params(result.hypernet), "search_recoveries": result.recoveries}
+        record = {"search_losses": result.losses, "hypernet_params": count_params(result.hypernet), "search_recoveries": result.recoveries,
+                  "search_pinned_at": result.pinned_at}
         record.update(chance_check(result.losses, ctx.backbone.num_classes))
         artefacts = hypernet_files(result.hypernet)
         if result.hypernet.budget_range is not None:

@@ -74,19 +74,31 @@ class Recovery(nn.Module):
     """
 
     def __init__(self, params: List[nn.Parameter], allowed: int, rise: float = 0.75, learned: float = 0.8,
-                 smoothing: float = 0.9, settle: int = 20):
+                 smoothing: float = 0.9, settle: int = 20, units: Optional[List[int]] = None):
         super().__init__()
         object.__setattr__(self, "params", list(params))  # the optimisers' parameters, not owned here
         self.allowed, self.rise, self.learned = int(allowed), rise, learned
         self.smoothing, self.settle = smoothing, settle
+        self.units = None if units is None else [int(u) for u in units]  # given: pin after the last recovery
         self.register_buffer("snapshot", torch.cat([p.detach().flatten().cpu() for p in self.params]).clone())
         # moving average, its best value (none yet: a huge finite number, as checkpoints refuse non-finite
         # values), steps seen, recoveries made
         self.register_buffer("state", torch.tensor([0, 1e300, 0, 0], dtype=torch.float64))
+        if self.units is not None:
+            self.register_buffer("pinned_scores", torch.zeros(sum(self.units)))
+            self.register_buffer("pinned_at", torch.tensor(-1, dtype=torch.long))  # the step; -1: not pinned
 
     @property
     def recoveries(self) -> int:
         return int(self.state[3])
+
+    @property
+    def pinned(self) -> bool:
+        return self.units is not None and int(self.pinned_at) >= 0
+
+    def scores(self) -> List[torch.Tensor]:
+        """The pinned scores, per group."""
+        return list(torch.split(self.pinned_scores, self.units))
 
     def observe(self, ce: float, chance: float) -> bool:
         """Record one step's cross-entropy; True when the search broke down and should recover."""
@@ -99,23 +111,36 @@ class Recovery(nn.Module):
                 best = ema
                 with torch.no_grad():
                     self.snapshot.copy_(torch.cat([p.detach().flatten().cpu() for p in self.params]))
-            broke = made < self.allowed and best < self.learned * chance and ema > best + self.rise * (chance - best)
+            may = made < self.allowed or (self.units is not None and not self.pinned)
+            broke = may and best < self.learned * chance and ema > best + self.rise * (chance - best)
         self.state.copy_(torch.tensor([ema, best, seen, made], dtype=torch.float64))
         return broke
 
     @torch.no_grad()
-    def recover(self, optimizers, schedulers) -> None:
+    def recover(self, optimizers, schedulers, step: int = 0, scores=None) -> None:
+        """Return to the best state. While recoveries are left, with halved learning rates; once they are
+        spent, by pinning: ``scores()`` (the restored scorer's, a callable) select every later step's masks,
+        so the head and prompt train on that state's masks for the rest of the search."""
         offset = 0
         for p in self.params:
             p.copy_(self.snapshot[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype))
             offset += p.numel()
         for opt in optimizers:
             getattr(opt, "optimizer", opt).state.clear()
+        self.state[0] = self.state[1]  # the average restarts at the restored state's
+        if self.recoveries >= self.allowed:
+            self.pinned_scores.copy_(torch.cat([s.detach().flatten().cpu() for s in scores()]))
+            self.pinned_at.fill_(step)
+            for sched in schedulers:  # head and prompt learn again at full rate, decaying over what is left
+                now = max(sched.lr_lambdas[0](sched.last_epoch), 1e-3)
+                sched.base_lrs = [lr / now for lr in sched.base_lrs]
+                for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+                    group["lr"] = lr / now
+            return
         for sched in schedulers:
             sched.base_lrs = [lr / 2 for lr in sched.base_lrs]
             for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
                 group["lr"] = lr / 2
-        self.state[0] = self.state[1]  # the average restarts at the restored state's
         self.state[3] += 1
 
 
@@ -141,9 +166,13 @@ class MaskedSearchModel(nn.Module):
         self.next_budget = self.target  # the budget of the step after it: what the provisional threshold is for
         self.bn_mode = cfg.bn_mode
         self.max_churn = cfg.max_churn
-        # only a churn limit reads the last step's masks back (and checkpoints them)
-        self.previous = LastMasks([g.units for g in seq.groups]) if cfg.max_churn < 1.0 else None
+        self.max_group_change = cfg.max_group_change
+        # only the churn and group-change limits read the last step's masks back (and checkpoints them)
+        limited = cfg.max_churn < 1.0 or cfg.max_group_change > 0
+        self.previous = LastMasks([g.units for g in seq.groups]) if limited else None
         self.last_masks: Optional[List[torch.Tensor]] = None
+        # a Recovery that may pin the scores (plain reference: the loop's modules checkpoint it)
+        object.__setattr__(self, "recovery", None)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -157,14 +186,12 @@ class MaskedSearchModel(nn.Module):
 
     def propose(self):
         """(straight-through unit masks, hard unit masks) for the current prompt and hypernetwork."""
-        # a budget-conditioned hypernetwork scores for this step's budget (the direct-logits scorer has no range)
-        conditioned = getattr(self.hypernet, "budget_range", None) is not None
-        scores = self.hypernet(self.prompt.image(), self.weight_stats,
-                               **({"budget": self.budget.fraction} if conditioned else {}))
+        pinned = self.recovery is not None and self.recovery.pinned
+        scores = [s.to(self.hypernet.threshold.device) for s in self.recovery.scores()] if pinned else self.scores()
         flat = torch.cat(scores)
         # One shared scale over all groups keeps scores comparable across groups for the STE.
         mu, sd = flat.mean(), flat.std() + 1e-8
-        hard = self._limit_churn(scores, self.select(scores, self.budget), float(sd.detach()))
+        hard = self._limit_churn(scores, self.select(scores, self.budget, self._bounds()), float(sd.detach()))
         ste = []
         for s, h in zip(scores, hard):
             z = (s - mu) / sd
@@ -180,6 +207,13 @@ class MaskedSearchModel(nn.Module):
         else:
             self._set_threshold(scores, hard)
         return ste, hard
+
+    def scores(self) -> List[torch.Tensor]:
+        """Every unit's score, per group, from the hypernetwork."""
+        # a budget-conditioned hypernetwork scores for this step's budget (the direct-logits scorer has no range)
+        conditioned = getattr(self.hypernet, "budget_range", None) is not None
+        return self.hypernet(self.prompt.image(), self.weight_stats,
+                             **({"budget": self.budget.fraction} if conditioned else {}))
 
     def _limit_churn(self, scores, hard, sd: float) -> List[torch.Tensor]:
         """``hard``, or -- where it swaps more than ``max_churn`` of the last step's kept units -- the
@@ -209,8 +243,24 @@ class MaskedSearchModel(nn.Module):
                 hi = mid
         return sticky(hi)
 
-    def select(self, scores, budget) -> List[torch.Tensor]:
-        return select_units(scores, self.seq, budget, self.round_to, self.selection, self.max_prune_ratio)
+    def select(self, scores, budget, bounds=None) -> List[torch.Tensor]:
+        return select_units(scores, self.seq, budget, self.round_to, self.selection, self.max_prune_ratio, bounds)
+
+    def _bounds(self):
+        """How far each group's kept units may move from the last step's: ``max_group_change`` of them (at
+        least one rounding step) either way, or None (no limit, or no last step).
+
+        At a tight budget, wide cheap groups held at the cap's floor can jump from it to three times as many
+        units in one step, taking the budget from every other group, and fall back a few steps later: the head
+        faces a different network each time and the loss returns to chance (Lite0 at 10 % MACs: the four
+        1,152-unit groups of its sixth stage and the head's 1,280, 120 -> 300-500 -> 120 units). A group that
+        must move gradually lets the loss answer before the budget has moved."""
+        previous = self.previous.masks() if self.previous is not None and self.max_group_change > 0 else None
+        if previous is None:
+            return None
+        kept = [int(p.sum()) for p in previous]
+        moves = [max(1, math.ceil(self.max_group_change * k)) for k in kept]
+        return [(k - d, k + d) for k, d in zip(kept, moves)]
 
     def set_budget(self, budget, next_budget=None) -> None:
         """The budget of this step, and of the next one (default: the same): a ``Budget``, or a fraction
@@ -258,6 +308,7 @@ class SearchResult:
     hypernet: PassHyperNetwork
     losses: List[float] = field(default_factory=list)
     recoveries: int = 0  # times the search returned to its best state (``Recovery``)
+    pinned_at: Optional[int] = None  # the step from which the best state's scores selected the masks
 
 
 def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, target,
@@ -329,9 +380,13 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     if cfg.prototypes > 0:
         prototypes = modules["prototypes"] = ClassPrototypes().to(accelerator.device)
     recovery = None
-    if cfg.recoveries > 0 and not frozen_hypernet:
+    # A budget-conditioned hypernetwork's scores change with every step's budget: nothing to pin.
+    pin = cfg.pin_masks and family is None
+    if (cfg.recoveries > 0 or pin) and not frozen_hypernet:
         trained = [p for o in optimizers.values() for g in o.param_groups for p in g["params"]]
-        recovery = modules["recovery"] = Recovery(trained, cfg.recoveries)
+        recovery = modules["recovery"] = Recovery(trained, cfg.recoveries,
+                                                  units=[g.units for g in seq.groups] if pin else None)
+        object.__setattr__(model, "recovery", recovery)
     loop = LoopState("search", cfg.steps, modules, optimizers, schedulers, Batches(loader))
     wrapped.train()
     with StageCheckpoints(checkpoints, loop, accelerator) as ckpt:
@@ -360,7 +415,8 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     check_same_across_processes(accelerator, "search masks and prompt",
                                 [*hard, *(t for t in prompt.state_dict().values())])
     return SearchResult(to_channel_masks(hard, seq), [h.clone() for h in hard], hypernet, loop.losses,
-                        recovery.recoveries if recovery is not None else 0)
+                        recovery.recoveries if recovery is not None else 0,
+                        int(recovery.pinned_at) if recovery is not None and recovery.pinned else None)
 
 
 GOLDEN = (5 ** 0.5 - 1) / 2
@@ -493,7 +549,7 @@ def _search_loop(wrapped, model, loop, accelerator, bar, ckpt, set_budget, cfg,
         take_step(loop, loss, accelerator, bar, ckpt, "search",
                   "lower --search-lr-prompt/--search-lr-hypernet and start again", record=ce)
         if recovery is not None and recovery.observe(ce, math.log(logits.shape[-1])):
-            recovery.recover(loop.optimizers.values(), loop.schedulers.values())
+            recovery.recover(loop.optimizers.values(), loop.schedulers.values(), loop.step, model.scores)
             with torch.no_grad():  # the walk's provisional threshold, for the restored scores
                 set_budget(loop.step)
                 model.propose()
