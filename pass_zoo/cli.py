@@ -678,6 +678,13 @@ def _set_progress(args) -> None:
     PROGRESS.update(quiet=getattr(args, "quiet", d.quiet), log_every=max(1, getattr(args, "log_every", d.log_every)))
 
 
+def _say(line: str) -> None:
+    """One line on stderr in a single write: workers of one run share the pipe, and ``print`` writes the
+    text and its newline separately, so two workers' errors could otherwise end up on one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -688,17 +695,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         _set_progress(args)
         return args.func(args)
     except PassZooError as exc:
-        print(f"pass-zoo: error: {one_line(exc)}", file=sys.stderr)
+        _say(f"pass-zoo: error: {one_line(exc)}")
         return 2
     except OSError as exc:  # the environment (disk full, permissions), not a bug: one line too
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"pass-zoo: error: {exc.strerror or one_line(exc)}{where}", file=sys.stderr)
+        _say(f"pass-zoo: error: {exc.strerror or one_line(exc)}{where}")
         return 2
     except KeyboardInterrupt as exc:
-        print(f"pass-zoo: {one_line(exc)}" if str(exc) else "pass-zoo: interrupted", file=sys.stderr)
+        _say(f"pass-zoo: {one_line(exc)}" if str(exc) else "pass-zoo: interrupted")
         return 130
     except Exception as exc:  # a bug or an unforeseen input: one line, the traceback in a file
-        print(f"pass-zoo: error: {internal_error_line(exc, args)}", file=sys.stderr)
+        _say(f"pass-zoo: error: {internal_error_line(exc, args)}")
         return 2
     finally:
 

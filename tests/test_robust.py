@@ -459,6 +459,22 @@ def test_num_processes_shows_one_line_of_the_workers_stderr():
     assert lines == [line.decode().strip()]
 
 
+def test_two_workers_errors_written_into_one_line_show_once():
+    """Two workers' copies of the same error, their newlines written after both texts (a loaded CPU)."""
+    from pass_zoo.train.launch import forward_worker_stderr
+
+    line = b"pass-zoo: error: imagefolder:/x needs class folders under /x/train"
+    r, w = os.pipe()
+    os.write(w, line + line + b"\n\n")
+    os.close(w)
+    shown = io.BytesIO()
+    try:
+        first = forward_worker_stderr(r, shown)
+    finally:
+        os.close(r)
+    assert first == line + b"\n" and shown.getvalue() == line + b"\n"
+
+
 def test_num_processes_error_is_one_line_and_exit_2(tmp_path):
     """A worker's error under --num-processes: the launcher's traceback and report are not shown."""
     import subprocess

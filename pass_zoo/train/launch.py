@@ -70,6 +70,9 @@ def forward_worker_stderr(fd: int, err) -> Optional[bytes]:
                 err.write(piece)
                 continue
             first = piece[at:]
+            again = first.find(b"pass-zoo: ", 1)  # another worker's copy of the line, written into this one
+            if again > 0:
+                first = first[:again] + b"\n"
             err.write(piece[:at] + (b"\n" if at else b"") + first)  # end a bar another process left open
         err.flush()
     if first is None and pending:
