@@ -431,10 +431,23 @@ def test_tampered_run_weights(tmp_path):
     assert f"cannot load {out}: model.safetensors is truncated or corrupt" in line
 
 
-def test_num_processes_shows_one_line_of_the_workers_stderr():
-    """What two workers and the launcher print after Ctrl-C (recorded), as ``--num-processes`` shows it."""
+def _forwarded(recorded: bytes):
+    """(the first error line, everything shown) when the workers wrote ``recorded``."""
     from pass_zoo.train.launch import forward_worker_stderr
 
+    r, w = os.pipe()
+    os.write(w, recorded)
+    os.close(w)
+    shown = io.BytesIO()
+    try:
+        first = forward_worker_stderr(r, shown)
+    finally:
+        os.close(r)
+    return first, shown.getvalue()
+
+
+def test_num_processes_shows_one_line_of_the_workers_stderr():
+    """What two workers and the launcher print after Ctrl-C (recorded), as ``--num-processes`` shows it."""
     line = b"pass-zoo: interrupted at search step 3 of 16; checkpoint saved in /r/checkpoints/search-000003 (...)\n"
     recorded = (
         b"\rsearch:   0%|          | 0/16 [00:00<?, ?it/s]"
@@ -444,16 +457,9 @@ def test_num_processes_shows_one_line_of_the_workers_stderr():
         + b"\r                     \r" + line
         + b"Traceback (most recent call last):\n  File \"accelerate\", line 8\n"
         b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n====\npass_zoo.cli FAILED\n")
-    r, w = os.pipe()
-    os.write(w, recorded)
-    os.close(w)
-    shown = io.BytesIO()
-    try:
-        first = forward_worker_stderr(r, shown)
-    finally:
-        os.close(r)
+    first, shown = _forwarded(recorded)
     assert first == line
-    text = shown.getvalue().decode()
+    text = shown.decode()
     assert text.endswith("loss=2.305]\n" + line.decode())  # the open progress bar is ended first
     lines = [x for x in text.replace("\r", "\n").splitlines() if x.strip() and not _PROGRESS.match(x)]
     assert lines == [line.decode().strip()]
@@ -461,18 +467,8 @@ def test_num_processes_shows_one_line_of_the_workers_stderr():
 
 def test_two_workers_errors_written_into_one_line_show_once():
     """Two workers' copies of the same error, their newlines written after both texts (a loaded CPU)."""
-    from pass_zoo.train.launch import forward_worker_stderr
-
     line = b"pass-zoo: error: imagefolder:/x needs class folders under /x/train"
-    r, w = os.pipe()
-    os.write(w, line + line + b"\n\n")
-    os.close(w)
-    shown = io.BytesIO()
-    try:
-        first = forward_worker_stderr(r, shown)
-    finally:
-        os.close(r)
-    assert first == line + b"\n" and shown.getvalue() == line + b"\n"
+    assert _forwarded(line + line + b"\n\n") == (line + b"\n", line + b"\n")
 
 
 def test_num_processes_error_is_one_line_and_exit_2(tmp_path):
