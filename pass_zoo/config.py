@@ -216,7 +216,8 @@ class SearchConfig:
                                   "it (default: %(default)s: pin at the first break)")
     pin_masks: bool = option(True, flag="--no-search-pin", negate=True, group=SEARCH,
                              help="when the search breaks with no recoveries left, do not pin its best state's masks "
-                                  "for the remaining steps (the hypernetwork goes on learning)")
+                                  "for the remaining steps (the hypernetwork goes on learning); a budget-conditioned "
+                                  "search, which cannot pin, then also skips its two halved-rate returns")
     # A budget-conditioned search (methods/pass_/hypernet.py): [lowest, highest] budget in the run's terms (fractions
     # of the dense cost; milliseconds for a latency budget, which the search turns into fractions). Every
     # step draws its target from the range and the hypernetwork reads it, so that after one search it emits

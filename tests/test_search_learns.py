@@ -411,6 +411,28 @@ def test_recovery_leaves_a_search_that_does_not_break_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(runs[0].unit_masks, runs[1].unit_masks))
 
 
+@pytest.mark.parametrize("budget_range, pin, expected", [
+    (None, True, (0, True)),  # one budget: pin at the first break
+    ([0.2, 0.8], True, (2, False)),  # a family cannot pin: it returns with halved rates, twice
+    ([0.2, 0.8], False, None),  # --no-search-pin: nothing
+])
+def test_what_a_break_does_depends_on_whether_the_scores_can_be_pinned(budget_range, pin, expected, monkeypatch):
+    from pass_zoo.methods.pass_ import search as S
+
+    made = []
+    real = S.Recovery.__init__
+
+    def record(self, params, allowed, *args, units=None, **kwargs):
+        made.append((allowed, units is not None))
+        real(self, params, allowed, *args, units=units, **kwargs)
+
+    monkeypatch.setattr(S.Recovery, "__init__", record)
+    model, seq = _tiny()
+    cfg = SearchConfig(steps=2, hidden=16, budget_range=budget_range, pin_masks=pin)
+    S.search(model, seq, AdditivePrompt(32, 4), _separable(), 0.5, cfg, make_accelerator("no"), train_head=True)
+    assert made == ([] if expected is None else [expected])
+
+
 def test_one_budget_conditioned_search_emits_masks_for_any_budget_in_its_range():
     from pass_zoo.methods.pass_.hypernet import hypernet_files, hypernet_from_files
     from pass_zoo.methods.pass_.search import masks_at_budget, step_target

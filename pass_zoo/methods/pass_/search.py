@@ -56,6 +56,9 @@ class LastMasks(nn.Module):
         return [m.cpu() for m in torch.split(self.kept, self.units)] if bool(self.valid) else None
 
 
+FAMILY_RECOVERIES = 2  # halved-rate returns of a budget-conditioned search, which cannot pin
+
+
 class Recovery(nn.Module):
     """Returns a search that breaks down to its best state.
 
@@ -380,11 +383,13 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     if cfg.prototypes > 0:
         prototypes = modules["prototypes"] = ClassPrototypes().to(accelerator.device)
     recovery = None
-    # A budget-conditioned hypernetwork's scores change with every step's budget: nothing to pin.
+    # A budget-conditioned hypernetwork's scores change with every step's budget: nothing to pin. Such a
+    # search returns to its best state with halved rates instead, up to twice (what it did before the pin).
     pin = cfg.pin_masks and family is None
-    if (cfg.recoveries > 0 or pin) and not frozen_hypernet:
+    allowed = max(cfg.recoveries, FAMILY_RECOVERIES) if cfg.pin_masks and family is not None else cfg.recoveries
+    if (allowed > 0 or pin) and not frozen_hypernet:
         trained = [p for o in optimizers.values() for g in o.param_groups for p in g["params"]]
-        recovery = modules["recovery"] = Recovery(trained, cfg.recoveries,
+        recovery = modules["recovery"] = Recovery(trained, allowed,
                                                   units=[g.units for g in seq.groups] if pin else None)
         object.__setattr__(model, "recovery", recovery)
     loop = LoopState("search", cfg.steps, modules, optimizers, schedulers, Batches(loader))
