@@ -7,9 +7,11 @@ network trains the prompt (SGD + cosine) and the hypernetwork (AdamW + cosine). 
 cross-entropy, of a classifier that needs no training (``ClassPrototypes``: running class means of
 the masked network's pooled features), gives the masks a task signal while a new head still learns.
 Over the first ``budget_warmup`` of the steps the budget tightens from the dense network to the
-target; the final masks are always selected at the target. ``max_churn`` (off by default) bounds how many kept units one
-step may swap. ``recoveries``: when the loss, having learned, climbs most of the way back to chance, the
-search returns to its best state with halved learning rates (see ``Recovery``).
+target; the final masks are always selected at the target. ``max_churn`` and ``max_group_change`` (off by
+default) bound how many kept units one step may swap, and how far it may move each group. When the loss,
+having learned, climbs most of the way back to chance, the search returns to its best state and pins it:
+that state's scores select the masks from then on (``recoveries`` first returns with halved learning rates;
+see ``Recovery``).
 
 ``cfg`` everywhere is the run's ``config.SearchConfig`` (read, never built here).
 """
@@ -68,7 +70,9 @@ class Recovery(nn.Module):
     cross-entropy. When it has fallen under ``learned`` of chance and then climbs back ``rise`` of the way
     from its best to chance, the trained parameters return to the state of that best average, the
     optimisers' moments (which carry the breaking direction) are cleared and every learning rate is halved;
-    the budget schedule goes on. Searches that learn climb back at most half the way (0.05-0.51 over 12
+    the budget schedule goes on. Given ``units``, a break after the last of the ``allowed`` returns pins that
+    state instead: its scores (``scores()``) select every later step's masks, and the learning rates go back
+    to full, decaying over the steps left, so head and prompt learn the pinned network. Searches that learn climb back at most half the way (0.05-0.51 over 12
     held-out runs; the broken one, best at 71 % of chance, all the way), so a search that does not break
     never triggers it and runs exactly as without it. A search that never got far from chance is left
     alone: its best state holds little, and restoring it at a tighter budget did harm (direct-logits at
@@ -135,16 +139,19 @@ class Recovery(nn.Module):
             self.pinned_scores.copy_(torch.cat([s.detach().flatten().cpu() for s in scores()]))
             self.pinned_at.fill_(step)
             for sched in schedulers:  # head and prompt learn again at full rate, decaying over what is left
-                now = max(sched.lr_lambdas[0](sched.last_epoch), 1e-3)
-                sched.base_lrs = [lr / now for lr in sched.base_lrs]
-                for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
-                    group["lr"] = lr / now
+                _divide_rates(sched, max(sched.lr_lambdas[0](sched.last_epoch), 1e-3))
             return
         for sched in schedulers:
-            sched.base_lrs = [lr / 2 for lr in sched.base_lrs]
-            for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
-                group["lr"] = lr / 2
+            _divide_rates(sched, 2)
         self.state[3] += 1
+
+
+def _divide_rates(sched, by: float) -> None:
+    """Divide a LambdaLR's base rates, and its optimiser's current rates, by ``by``; the base rates are in the
+    scheduler's state, so a checkpoint keeps the change."""
+    sched.base_lrs = [lr / by for lr in sched.base_lrs]
+    for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+        group["lr"] = lr / by
 
 
 def churn(masks: List[torch.Tensor], previous: List[torch.Tensor]) -> float:
@@ -386,7 +393,9 @@ def search(backbone: nn.Module, seq: LayerSequence, prompt: nn.Module, loader, t
     # A budget-conditioned hypernetwork's scores change with every step's budget: nothing to pin. Such a
     # search returns to its best state with halved rates instead, up to twice (what it did before the pin).
     pin = cfg.pin_masks and family is None
-    allowed = max(cfg.recoveries, FAMILY_RECOVERIES) if cfg.pin_masks and family is not None else cfg.recoveries
+    allowed = cfg.recoveries
+    if cfg.pin_masks and family is not None:
+        allowed = max(allowed, FAMILY_RECOVERIES)
     if (allowed > 0 or pin) and not frozen_hypernet:
         trained = [p for o in optimizers.values() for g in o.param_groups for p in g["params"]]
         recovery = modules["recovery"] = Recovery(trained, allowed,
