@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from pass_zoo.config import PruneConfig, SearchConfig
@@ -97,6 +98,37 @@ def test_class_prototypes_are_running_class_means_and_resume_at_their_shape():
     resumed = ClassPrototypes(momentum=0.5)
     resumed.load_state_dict(protos.state_dict())
     assert torch.equal(resumed.means, protos.means) and torch.equal(resumed.seen, protos.seen)
+
+
+def test_an_image_with_zero_features_does_not_blow_up_the_prototype_gradient():
+    from pass_zoo.methods.pass_.search import ClassPrototypes
+
+    accelerator = make_accelerator("no")
+    torch.manual_seed(0)
+    x = torch.randn(8, 16).abs() + 0.5
+    y = torch.arange(8) % 4
+
+    def grad(features):
+        features = features.clone().requires_grad_()
+        ClassPrototypes().loss(features, y, 4, accelerator).backward()
+        return features.grad
+
+    normal = grad(x)
+    zeroed = x.clone()
+    zeroed[3] = 0.0  # a narrow head convolution left this image no positive channel
+    g = grad(zeroed)
+    assert torch.isfinite(g).all() and float(g.norm()) < 100 * float(normal.norm()), float(g.norm())
+    # dividing by the bare norm (F.normalize's 1e-12 floor) is what it replaces: a billion-fold gradient
+    bare = zeroed.clone().requires_grad_()
+    F.normalize(bare, dim=1).sum().backward()
+    assert float(bare.grad[3].norm()) > 1e9
+    # images above the floor get exactly the gradient of the plain L2 normalisation
+    plain = x.clone().requires_grad_()
+    fresh = ClassPrototypes()
+    fresh.loss(x, y, 4, accelerator)  # its first batch: the same class means as the call under test
+    f = F.normalize(plain, dim=1)
+    F.cross_entropy(f @ F.normalize(fresh.means, dim=1).t() / fresh.temperature, y).backward()
+    assert torch.allclose(plain.grad, normal, atol=1e-7)
 
 
 def test_a_negative_prototype_weight_is_refused_in_one_line():

@@ -493,9 +493,9 @@ class ClassPrototypes(nn.Module):
     ``temperature``. The means follow the network within a few steps, so their cross-entropy judges the
     current masks even while a new head is still learning. Buffers, so checkpoints carry them."""
 
-    def __init__(self, momentum: float = 0.9, temperature: float = 0.1):
+    def __init__(self, momentum: float = 0.9, temperature: float = 0.1, floor: float = 0.05):
         super().__init__()
-        self.momentum, self.temperature = momentum, temperature
+        self.momentum, self.temperature, self.floor = momentum, temperature, floor
         # shaped (classes, features) on the first batch
         self.register_buffer("means", torch.zeros(0, 0))
         self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
@@ -529,7 +529,12 @@ class ClassPrototypes(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor, classes: int, accelerator) -> torch.Tensor:
-        f = F.normalize(features.flatten(1).float(), dim=1)
+        f = features.flatten(1).float()
+        norm = f.norm(dim=1, keepdim=True)
+        # A narrow head convolution can leave an image no positive channel, so its pooled features are zero;
+        # F.normalize would then scale its gradient by 1 / 1e-12. Dividing by at least a share of the batch's
+        # median norm bounds it (and leaves every image above that share exactly as before).
+        f = f / torch.maximum(norm, self.floor * norm.detach().median().clamp_min(1e-12))
         with torch.no_grad():
             if self.means.shape != (classes, f.shape[1]):
                 self.means = torch.zeros(classes, f.shape[1], device=f.device)
