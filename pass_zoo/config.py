@@ -154,7 +154,7 @@ class SearchConfig:
     # add the hand-made log-magnitude ranking to the scores (see methods/pass_/hypernet.py)
     use_prior: bool = option(True, flag="--no-prior", negate=True, group=SEARCH,
                              help="every part of the scores is learned (the paper's PASS): no hand-made log-magnitude "
-                                  "ranking added to them")
+                                  "ranking added to them; the learned weight on each channel's magnitude starts at 1")
     # How PASS's scores of different groups are put on one scale for the global selection (see
     # methods/pass_/hypernet.py): the raw sum, or per-group standardised plus a learned offset.
     scores: str = option("raw", flag="--hypernet-scores", group=SEARCH, choices=("group", "raw"),

@@ -61,6 +61,24 @@ def test_no_prior_leaves_every_part_of_the_score_learned():
             assert spread == 0.0
 
 
+def test_without_the_prior_the_walk_starts_from_each_groups_magnitude_ranking():
+    units = [5, 7, 6]
+    g = torch.Generator().manual_seed(0)
+    stats = [torch.rand(u, generator=g) + 0.1 for u in units]
+    torch.manual_seed(0)
+    hn = PassHyperNetwork(units, hidden=8, use_prior=False)
+    assert not hasattr(hn, "prior_gain")
+    with torch.no_grad():
+        scores = hn(torch.zeros(3, 16, 16), lambda i, provisional: stats[i])
+    for s, st in zip(scores, stats):
+        # the learned weight on the standardised magnitude starts at 1; the unit embeddings add little
+        z = (st - st.mean()) / st.std()
+        assert float((s - s.mean() - z).abs().max()) < 0.1
+        assert float(torch.corrcoef(torch.stack([s, st]))[0, 1]) > 0.99
+    # and it is learned: the weight comes from the walk's output, which the search trains
+    assert any(p.requires_grad for p in hn.gain.parameters())
+
+
 def test_provisional_threshold_is_the_selection_at_the_next_budget():
     backbone = randomise_bn(make_model("resnet10t"))
     for p in backbone.parameters():

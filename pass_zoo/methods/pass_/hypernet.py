@@ -21,7 +21,8 @@ low-rank unit embeddings (the "head" of group i), z_iu the unit's standardised s
 shared linear map of h_i: how much group i trusts magnitude, and how many of its units it keeps under
 the global threshold. The optional prior (``use_prior``) adds the hand-made log-magnitude ranking with
 a learned per-group gain, so that a short search starts from a magnitude ranking; without it every
-part of the score is learned (the paper's setting).
+part of the score is learned (the paper's setting), and a(h) starts at 1 with small embeddings, so the
+walk still starts from the magnitude ranking within each group and learns away from it.
 
 Scales across groups (``scores``): ``"raw"`` (the default) ranks the sums above as they are; ``"group"``
 standardises the within-group part (everything but b) per group and adds a learned offset b(h_i), so
@@ -171,8 +172,10 @@ class PassHyperNetwork(nn.Module):
             self.c0 = nn.Parameter(torch.zeros(hidden))  # the learnable embedding: initial cell state
         self.core = CORES[core](QUANTILES + 2 + hidden + (self.budget_range is not None), hidden)
         self.project = nn.Linear(hidden, rank)
-        self.heads = nn.ModuleList(_UnitHead(u, rank, 0.01 if self.use_prior else None) for u in self.units)
         grouped = scores == "group"
+        # the unit embeddings start small wherever the magnitude ranking is the start (see below)
+        small = self.use_prior or (use_weights and not grouped)
+        self.heads = nn.ModuleList(_UnitHead(u, rank, 0.01 if small else None) for u in self.units)
         if use_weights:  # per group: weight on the unit's own statistic (and, raw, the offset)
             self.gain = nn.Linear(hidden, 1 if grouped else 2)
         if grouped:  # per group: the offset of its standardised scores, i.e. how many units it keeps
@@ -185,6 +188,14 @@ class PassHyperNetwork(nn.Module):
             self.prior_gain = nn.Parameter(torch.ones(len(self.units)))
             nn.init.zeros_(self.gain.weight)
             nn.init.zeros_(self.gain.bias)
+        elif use_weights and not grouped:
+            # Without the prior the learned weight on the unit's own statistic starts at 1 (and the offsets
+            # equal): the walk starts from the magnitude ranking within each group, but every part of it is
+            # learned. From random scores a tight budget keeps channels that are dead on the new task, and
+            # the head never gets below chance on them.
+            nn.init.zeros_(self.gain.weight)
+            with torch.no_grad():
+                self.gain.bias.copy_(torch.tensor([1.0, 0.0]))
         self.register_buffer("levels", torch.linspace(0, 1, QUANTILES), persistent=False)
         width = torch.log(torch.tensor(self.units, dtype=torch.float) / self.max_units)
         self.register_buffer("width", width, persistent=False)
