@@ -90,9 +90,9 @@ def chance_check(losses, num_classes: int) -> dict:
     final, chance = sum(tail) / len(tail), math.log(num_classes)
     at_chance = bool(final >= 0.95 * chance)
     if at_chance:
-        # benchmarks/README.md, "Why a search ends at chance": 1 of 17 Lite0 searches at 10 % MACs (5 B3 seeds,
-        # 12 diagnosis runs) broke as the budget reached its target; --search-recoveries now returns such a
-        # search to its best state, so what is left here never learned at all (e.g. --no-prior at 10 %).
+        # benchmarks/README.md, "Why a search ends at chance" and "What broke them": a search that learned and
+        # broke is pinned at its best state, so what is left here never learned at all (one of nine held-out
+        # --no-prior searches at 10 % MACs).
         log.warning("the search did not learn: its loss ended at %.3f, chance is %.3f (ln %d classes), so its masks "
                     "are not learned. Rerun with another --seed, more --search-steps, a looser budget or, without "
                     "the prior, with it", final, chance, num_classes)
