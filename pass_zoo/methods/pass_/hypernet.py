@@ -173,9 +173,10 @@ class PassHyperNetwork(nn.Module):
         self.core = CORES[core](QUANTILES + 2 + hidden + (self.budget_range is not None), hidden)
         self.project = nn.Linear(hidden, rank)
         grouped = scores == "group"
-        # the unit embeddings start small wherever the magnitude ranking is the start (see below)
-        small = self.use_prior or (use_weights and not grouped)
-        self.heads = nn.ModuleList(_UnitHead(u, rank, 0.01 if small else None) for u in self.units)
+        # The walk starts from the magnitude ranking with the prior, or (raw scores) through a(h) without it;
+        # the unit embeddings then start small.
+        magnitude_start = self.use_prior or (use_weights and not grouped)
+        self.heads = nn.ModuleList(_UnitHead(u, rank, 0.01 if magnitude_start else None) for u in self.units)
         if use_weights:  # per group: weight on the unit's own statistic (and, raw, the offset)
             self.gain = nn.Linear(hidden, 1 if grouped else 2)
         if grouped:  # per group: the offset of its standardised scores, i.e. how many units it keeps
@@ -188,7 +189,7 @@ class PassHyperNetwork(nn.Module):
             self.prior_gain = nn.Parameter(torch.ones(len(self.units)))
             nn.init.zeros_(self.gain.weight)
             nn.init.zeros_(self.gain.bias)
-        elif use_weights and not grouped:
+        elif magnitude_start:
             # Without the prior the learned weight on the unit's own statistic starts at 1 (and the offsets
             # equal): the walk starts from the magnitude ranking within each group, but every part of it is
             # learned. From random scores a tight budget keeps channels that are dead on the new task, and
