@@ -11,7 +11,7 @@ import torch
 
 from pass_zoo.graph.sequence import build_layer_sequence
 from pass_zoo.data import TaskData, hold_out
-from pass_zoo.methods.pass_.hypernet import PassHyperNetwork
+from pass_zoo.methods.pass_.hypernet import PassHyperNetwork, hypernet_files, hypernet_from_files
 from pass_zoo.graph.masks import select_units
 from pass_zoo.pipeline import PruneConfig, prune
 from pass_zoo.prompt import AdditivePrompt
@@ -77,6 +77,54 @@ def test_without_the_prior_the_walk_starts_from_each_groups_magnitude_ranking():
         assert float(torch.corrcoef(torch.stack([s, st]))[0, 1]) > 0.99
     # and it is learned: the weight comes from the walk's output, which the search trains
     assert any(p.requires_grad for p in hn.gain.parameters())
+
+
+def _magnitude_weights(hn, stats):
+    """Each group's weight a(h) on its standardised magnitude: the score's slope against z."""
+    scores = hn(torch.zeros(3, 16, 16), lambda i, provisional: stats[i])
+    out = []
+    for s, st in zip(scores, stats):
+        z = (st - st.mean()) / st.std()
+        zc = z - z.mean()
+        out.append(float(((s.detach() - s.detach().mean()) * zc).sum() / (zc * zc).sum()))
+    return torch.tensor(out), scores
+
+
+def test_without_the_prior_the_magnitude_weight_moves_slowly():
+    # a(h) reads the whole walk output, so Adam moves it far faster than one parameter; without the prior the
+    # part read from the walk moves at a tenth of that pace, and twenty steps that push it down leave the
+    # ranking in place
+    units = [5, 7, 6]
+    g = torch.Generator().manual_seed(0)
+    stats = [torch.rand(u, generator=g) + 0.1 for u in units]
+    moved = {}
+    for pace in (1.0, 0.1):
+        torch.manual_seed(0)
+        hn = PassHyperNetwork(units, hidden=16, use_prior=False, magnitude_pace=pace)
+        for h in hn.heads:  # the slope then reads a(h) alone
+            h.embed.requires_grad_(False).zero_()
+        opt = torch.optim.Adam([p for p in hn.parameters() if p.requires_grad], lr=2e-3)
+        for _ in range(20):
+            scores = hn(torch.zeros(3, 16, 16), lambda i, provisional: stats[i])
+            # a loss whose gradient flattens every group's magnitude ranking
+            loss = sum((s * ((st - st.mean()) / st.std())).sum() for s, st in zip(scores, stats))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            moved[pace] = 1.0 - _magnitude_weights(hn, stats)[0]
+    assert float(moved[1.0].min()) > 0.3  # read at full pace, twenty steps take a third of it away
+    assert 0.0 < float(moved[0.1].max()) < 0.4 * float(moved[1.0].min())  # still learned, but slowly
+    # a saved hypernetwork keeps its pace; files written before the pace existed read a(h) as they learned it
+    torch.manual_seed(0)
+    files = hypernet_files(PassHyperNetwork(units, hidden=16, use_prior=False))
+    assert json.loads(files["hypernet.json"])["magnitude_pace"] == 0.1
+    assert hypernet_from_files(files).magnitude_pace == 0.1
+    old = json.loads(files["hypernet.json"])
+    del old["magnitude_pace"]
+    assert hypernet_from_files({**files, "hypernet.json": json.dumps(old).encode()}).magnitude_pace == 1.0
+    # with the prior, a(h) is read as learned, as before
+    assert PassHyperNetwork(units, hidden=16).magnitude_pace == 1.0
 
 
 def test_provisional_threshold_is_the_selection_at_the_next_budget():

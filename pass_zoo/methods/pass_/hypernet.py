@@ -22,7 +22,11 @@ shared linear map of h_i: how much group i trusts magnitude, and how many of its
 the global threshold. The optional prior (``use_prior``) adds the hand-made log-magnitude ranking with
 a learned per-group gain, so that a short search starts from a magnitude ranking; without it every
 part of the score is learned (the paper's setting), and a(h) starts at 1 with small embeddings, so the
-walk still starts from the magnitude ranking within each group and learns away from it.
+walk still starts from the magnitude ranking within each group and learns away from it: a(h) is a
+learned constant (starting at 1) plus ``magnitude_pace`` times a learned read of h. At full pace a(h)
+moves tens of times faster than one parameter such as the prior's gain (under Adam each of its weights
+moves by about the learning rate per step), and while the budget tightened the gradients wiped the
+ranking out (a: 1 -> 0.1-0.3 within 60 steps) before the search had learned anything in its place.
 
 Scales across groups (``scores``): ``"raw"`` (the default) ranks the sums above as they are; ``"group"``
 standardises the within-group part (everything but b) per group and adds a learned offset b(h_i), so
@@ -148,7 +152,8 @@ class PassHyperNetwork(nn.Module):
 
     def __init__(self, units: Sequence[int], hidden: int = 64, core: str = "lstm",
                  use_prompt: bool = True, use_weights: bool = True, use_prior: bool = True, rank: int = 8,
-                 scores: str = "raw", budget_range: Optional[Sequence[float]] = None):
+                 scores: str = "raw", budget_range: Optional[Sequence[float]] = None,
+                 magnitude_pace: float = 0.1):
         super().__init__()
         # (lowest, highest) budget fraction it was searched over, or None: not budget-conditioned
         self.budget_range = None if budget_range is None else [float(b) for b in budget_range]
@@ -176,6 +181,8 @@ class PassHyperNetwork(nn.Module):
         # The walk starts from the magnitude ranking with the prior, or (raw scores) through a(h) without it;
         # the unit embeddings then start small.
         magnitude_start = self.use_prior or (use_weights and not grouped)
+        # without the prior, the part of a(h) read from h moves at this fraction of its rate (see above)
+        self.magnitude_pace = float(magnitude_pace) if magnitude_start and not self.use_prior else 1.0
         self.heads = nn.ModuleList(_UnitHead(u, rank, 0.01 if magnitude_start else None) for u in self.units)
         if use_weights:  # per group: weight on the unit's own statistic (and, raw, the offset)
             self.gain = nn.Linear(hidden, 1 if grouped else 2)
@@ -206,7 +213,7 @@ class PassHyperNetwork(nn.Module):
     def config(self) -> dict:
         return {"units": self.units, "hidden": self.hidden, "core": self.core_name, "use_prompt": self.use_prompt,
                 "use_weights": self.use_weights, "use_prior": self.use_prior, "rank": self.rank, "scores": self.scores,
-                "budget_range": self.budget_range}
+                "budget_range": self.budget_range, "magnitude_pace": self.magnitude_pace}
 
     def forward(self, prompt_image: torch.Tensor,
                 stats_fn: Callable[[int, List[Optional[torch.Tensor]]], torch.Tensor],
@@ -235,6 +242,8 @@ class PassHyperNetwork(nn.Module):
             s = self.heads[i](self.project(out))
             if self.use_weights:
                 a, *b = self.gain(out)
+                if self.magnitude_pace != 1.0:
+                    a = self.magnitude_pace * (a - self.gain.bias[0]) + self.gain.bias[0]
                 s = s + a * z + (b[0] if b else 0.0)
             if self.use_prior:
                 s = s + self.prior_gain[i] * _log_ratio(raw.detach())
@@ -266,6 +275,7 @@ def hypernet_from_files(files: dict) -> PassHyperNetwork:
     config = json.loads(files["hypernet.json"])
     config.setdefault("scores", "raw")  # saved before the option existed: the unnormalised scores
     config.setdefault("budget_range", None)  # likewise: one budget
+    config.setdefault("magnitude_pace", 1.0)  # likewise: a(h) read as it was learned
     net = PassHyperNetwork(**config)
     net.load_state_dict(load(files["hypernet.safetensors"]), strict=True)
     return net
