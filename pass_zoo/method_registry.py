@@ -77,6 +77,9 @@ class Method:
     family_artefacts: Tuple[str, ...] = ()
     # metrics.json keys the method fills from its record (None when it is absent).
     metric_keys: Tuple[str, ...] = ()
+    # ``SearchConfig`` fields the method never reads: a finished bench cell of it is reused when only these
+    # changed (a search-only option's new default), rather than run again to the same masks.
+    ignored_search_settings: Tuple[str, ...] = ()
     # What its masks are ("channel": slimmed; "weight": zeros in the dense shape) and the budgets it
     # takes ("macs": the channel budgets --target-macs/--target-params/--target-latency; "density":
     # --target-density only).

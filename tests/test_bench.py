@@ -146,3 +146,42 @@ def test_a_failing_cell_does_not_stop_the_grid(spec_file, tmp_path, monkeypatch,
     assert err.strip().splitlines()[-1].startswith("pass-zoo: error: 1 cell(s) failed (random-t0.5-s0)")
     ids = sorted(r["id"] for r in json.loads((out / "results.json").read_text())["runs"])
     assert ids == ["pass-t0.5-s0", "random-t0.3-s0"]
+
+
+def test_a_search_only_setting_does_not_rerun_a_baseline_cell(tmp_path):
+    spec = {"base": {"model": "resnet10t", "pretrained": "none", "search": {"steps": 1}},
+            "grid": {"method": ["random", "pass"], "seed": [0], "target_macs": [0.5]}}
+    cells = {c["label"]: c for c in bench_mod.plan_cells(spec)}
+    for label, cell in cells.items():  # a finished run that recorded today's settings, then one changed
+        config = bench_mod.resolved_config(cell["config"])
+        config["search"]["recoveries"] = 2
+        folder = tmp_path / "cells" / cell["id"]
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"config": config}))
+    assert bench_mod.cell_changes(cells["random"], tmp_path) == ""  # the criteria never read it
+    assert bench_mod.cell_changes(cells["pass"], tmp_path) == "search.recoveries 2 (now 0)"
+    config = bench_mod.resolved_config(cells["random"]["config"])
+    config["search"]["steps"] = 2  # what its own stage 1 reads still reruns it
+    (tmp_path / "cells" / cells["random"]["id"] / "metrics.json").write_text(json.dumps({"config": config}))
+    assert bench_mod.cell_changes(cells["random"], tmp_path) == "search.steps 2 (now 1)"
+
+
+def test_the_settings_a_criterion_ignores_leave_its_masks_alone(tmp_path):
+    from safetensors.torch import load_file
+    from test_robust import _run, _tiny
+
+    from pass_zoo.methods import get_method
+
+    ignored = set(get_method("taylor").ignored_search_settings)
+    flags = {"recoveries": ["--search-recoveries", "3"], "max_churn": ["--max-mask-churn", "0.3"],
+             "use_prior": ["--no-prior"], "prototypes": ["--search-prototypes", "0"], "distill": ["--distill", "1"],
+             "hidden": ["--hidden-size", "16"], "budget_warmup": ["--budget-warmup", "0.9"]}
+    assert set(flags) <= ignored
+    masks = []
+    for i, extra in enumerate([[], [a for f in flags.values() for a in f]]):
+        rc, _, err = _run(_tiny(tmp_path / f"r{i}", "--method", "taylor", "--target-macs", "0.5", *extra))
+        assert rc == 0, err[-2000:]
+        masks.append(load_file(str(tmp_path / f"r{i}" / "masks.safetensors")))
+    assert masks[0].keys() == masks[1].keys() and len(masks[0]) > 3
+    assert all(bool((masks[0][k] == masks[1][k]).all()) for k in masks[0])
+    assert any(not bool(m.all()) for m in masks[0].values())  # it did prune

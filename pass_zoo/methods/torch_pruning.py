@@ -64,8 +64,17 @@ def group_scores(seq, importance: Callable) -> List[torch.Tensor]:
     return scores
 
 
+# What only a search loop reads (PASS's walk and loop, methods/pass_/search.py; VPNs' weight scores): the
+# criteria score once and train head and prompt on fixed masks (``train_on_masks``), so these never reach them.
+SEARCH_LOOP_SETTINGS = ("lr_hypernet", "lr_scores", "hidden", "rank", "core", "use_prompt", "use_weights", "use_prior",
+                        "scores", "bn_mode", "budget_warmup", "max_churn", "max_group_change", "recoveries",
+                        "pin_masks", "budget_range", "distill", "prototypes")
+
+
 class TorchPruningCriterion(Method):
     """Scores from ``importance()``; stage 1 (``prepare``) trains a new head as a linear probe."""
+
+    ignored_search_settings = SEARCH_LOOP_SETTINGS
 
     # the masks need no stage 1 of their own: only the weights are read
     one_shot: bool = False

@@ -179,7 +179,7 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
         record = {"id": cell["id"], "label": cell["label"], "run_dir": str((out / "cells" / cell["id"]).relative_to(out))}
         weights = metrics.get("mask_kind") == "weight"
         record.update({k: metrics.get(k) for k in _RECORD_KEYS + (_WEIGHT_KEYS if weights else ())
-                       + _method_keys(metrics.get("method"))})
+                       + _method_attr(metrics.get("method"), "metric_keys")})
         record.update(target_macs=cell["target_macs"], budget=cell["budget"], level=cell["level"])
         record["wall_seconds"] = metrics.get("wall_seconds", metrics.get("total_seconds"))
         with _locked(out):  # another bench process may be filling other cells of the same grid
@@ -277,14 +277,24 @@ def cell_changes(cell: dict, out: Path) -> str:
         now = resolved_config(cell["config"])
     except PassZooError as exc:  # the cell runs again and fails on its own; the others still run
         return f"its settings no longer validate: {one_line(exc)}"
+    # settings the cell's method never reads are not compared either (a search-only option's new default)
+    ignored = _method_attr(now.get("method"), "ignored_search_settings")
+    saved, now = (_without_search_settings(c, ignored) for c in (saved, now))
     # settings added to pass-zoo after the cell ran are not compared: specs set them to what those runs did
     diffs = config_diffs(saved, now, recorded_only=True)
     return ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "")
 
 
-def _method_keys(method) -> tuple:
+def _without_search_settings(config: dict, names: tuple) -> dict:
+    if not names or not isinstance(config.get("search"), dict):
+        return config
+    return {**config, "search": {k: v for k, v in config["search"].items() if k not in names}}
+
+
+def _method_attr(method, name: str) -> tuple:
+    """A registered method's tuple attribute ``name`` (``()`` for a method this version does not know)."""
     try:
-        return get_method(method).metric_keys
+        return getattr(get_method(method), name)
     except PassZooError:
         return ()
 
