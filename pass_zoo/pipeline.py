@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 
@@ -33,7 +34,7 @@ from .methods import Method, MethodContext, get_method
 from .prompt import PromptedModel, create_prompt, default_prompt_width
 from .transfer import check_transfer_budget, check_transfer_source
 from .validate import check_out_vs_inputs, run_inputs
-from .export.latency_table import latency_table, table_key
+from .export.latency_table import cpu_name, latency_table, table_key
 from .export.onnx import export_run_onnx
 from .export.sparsity import sparsity_report
 from .export.timm_model import check_rebuild, save_slim_model, verify_reload
@@ -370,7 +371,16 @@ def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data:
         "world_size": world,
         "resumed_from": ckpts.resumed_from,
         "seed": cfg.seed,
+        "environment": run_environment(),
     }
+
+
+def run_environment() -> dict:
+    """What a run's numbers depend on besides its settings. A search that learns and then breaks amplifies the
+    smallest floating-point difference, so runs whose kernels differ (``cpu_capability``) need not repeat."""
+    return {"torch": torch.__version__, "timm": timm.__version__, "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def write_run(out: Path, cfg: PruneConfig, seq: Optional[LayerSequence], masks: Masks, artefacts: Dict[str, bytes],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,9 @@ def test_lite0_metrics(lite0_run):
     assert m["val_images"] == 64 and m["train_images"] == 128 and m["diagnostic_images"] == 24
     assert "before fine-tuning, 24 val images)" in lite0_run["stdout"]
     assert m["seed"] == 7 and m["world_size"] == 1 and m["img_size"] == 32
+    env = m["environment"]  # what a rerun elsewhere must match to repeat bit for bit
+    assert env["torch"] == torch.__version__ and env["timm"] == timm.__version__ and env["torch_threads"] >= 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"].endswith(f"x{os.cpu_count()}")
     assert m["head"] == "flm"  # 1000-class bundled backbone -> frequency label mapping
     assert len(m["label_mapping"]) == 10 and len(set(m["label_mapping"])) == 10
     assert all(0 <= s < 1000 for s in m["label_mapping"])

@@ -78,7 +78,8 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "pass-zoo"
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
+    """The CPU's model name and its number of logical cores."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -99,7 +100,7 @@ def table_key(model_name: str, model_kwargs: dict, img_size: int, num_classes: i
     return {"model": model_name, "model_kwargs": json.loads(json.dumps(model_kwargs, default=str)),
             "img_size": int(img_size), "num_classes": int(num_classes), "groups": groups[:16],
             "batch": int(batch), "threads": int(threads), "round_to": int(round_to), "probes": int(probes),
-            "onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0], "cpu": _cpu(),
+            "onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0], "cpu": cpu_name(),
             # tables timed with other thread pools or traced 'same' padding (earlier versions) are not reused
             "timer": "own process, shared pool", "same_padding": "constant"}
 
