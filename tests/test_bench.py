@@ -152,7 +152,7 @@ def test_a_search_only_setting_does_not_rerun_a_baseline_cell(tmp_path):
     spec = {"base": {"model": "resnet10t", "pretrained": "none", "search": {"steps": 1}},
             "grid": {"method": ["random", "pass"], "seed": [0], "target_macs": [0.5]}}
     cells = {c["label"]: c for c in bench_mod.plan_cells(spec)}
-    for label, cell in cells.items():  # a finished run that recorded today's settings, then one changed
+    for cell in cells.values():  # a finished run that recorded today's settings, then one changed
         config = bench_mod.resolved_config(cell["config"])
         config["search"]["recoveries"] = 2
         folder = tmp_path / "cells" / cell["id"]
