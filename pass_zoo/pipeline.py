@@ -359,6 +359,9 @@ def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data:
         "top1_after_search": trained.top1_after_search,
         "search_loss_first": search_losses[0] if search_losses else None,
         "search_loss_last": search_losses[-1] if search_losses else None,
+        # every step's: where a search broke, and what a change of its recovery rule would have done, can be
+        # read back from a finished run instead of rerunning it
+        "search_losses": [round(float(v), 4) for v in search_losses],
         "finetune_steps": trained.steps,
         "compute": compute_spent(cfg, head, trained.stage1_updates, trained.steps, world),
         "finetune_loss_last": trained.losses[-1] if trained.losses else None,

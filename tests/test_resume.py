@@ -6,6 +6,7 @@ kill really kills, and runs compare like with like.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -108,6 +109,10 @@ def reference(tmp_path_factory) -> Path:
     assert {p.name for p in out.iterdir()} == RUN_FILES  # checkpoints are removed once the run is complete
     m = json.loads((out / "metrics.json").read_text())
     assert m["resumed_from"] is None and m["world_size"] == 1
+    # the search's whole loss history, which a resumed run must reproduce too (_assert_same_result)
+    assert len(m["search_losses"]) == 16 and all(math.isfinite(v) for v in m["search_losses"])
+    assert m["search_losses"][0] == round(m["search_loss_first"], 4)
+    assert m["search_losses"][-1] == round(m["search_loss_last"], 4)
     return out
 
 
