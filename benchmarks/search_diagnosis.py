@@ -94,7 +94,8 @@ def diagnose(over: dict, search: dict, method: str = "pass") -> dict:
     prompted, _ = P.slim_stage(backbone.model, result.masks, prompt, seq.example_input,
                                P._calibration_loader(cfg, data, accelerator, cfg.seed + 3),
                                cfg.bn_calibration_batches)
-    losses = result.record.get("search_losses", [])
+    # a search's losses, or -- a baseline -- its fair stage 1's: head and prompt on its fixed masks
+    losses = result.record.get("search_losses") or result.record.get("probe_losses", [])
     churn = [s / max(1, k) for s, _, k in steps]
     return {
         "loss_final": _mean(losses[-20:]), "loss_chance": math.log(backbone.model.num_classes),

@@ -362,6 +362,10 @@ def run_metrics(cfg: PruneConfig, method: Method, head: str, bb: Backbone, data:
         # every step's: where a search broke, and what a change of its recovery rule would have done, can be
         # read back from a finished run instead of rerunning it
         "search_losses": [round(float(v), 4) for v in search_losses],
+        # the fair stage 1 of fixed masks (a baseline's, or an ablation's re-probe): head and prompt on the masked
+        # network, every step's cross-entropy. What a frozen network at this budget learns with masks that do not
+        # move, beside which a search's loss is read
+        "probe_losses": [round(float(v), 4) for v in carry.get("probe_losses", [])],
         "finetune_steps": trained.steps,
         "compute": compute_spent(cfg, head, trained.stage1_updates, trained.steps, world),
         "finetune_loss_last": trained.losses[-1] if trained.losses else None,

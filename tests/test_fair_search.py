@@ -251,8 +251,9 @@ def test_masked_probe_trains_head_and_prompt_on_the_gated_network_only():
     prompt = AdditivePrompt(32, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prompt_before = [p.detach().clone() for p in prompt.parameters()]
-    train_on_masks(model, seq, prompt, loader, units, SearchConfig(steps=4, lr_prompt=0.5, lr_head=0.05),
-                   make_accelerator("no"))
+    losses = train_on_masks(model, seq, prompt, loader, units, SearchConfig(steps=4, lr_prompt=0.5, lr_head=0.05),
+                            make_accelerator("no"))
+    assert len(losses) == 4 and all(isinstance(v, float) and v > 0 for v in losses)
     after = model.state_dict()
     assert {k for k in before if not torch.equal(before[k], after[k])} == {"fc.weight", "fc.bias"}
     assert any(not torch.equal(a, b) for a, b in zip(prompt.parameters(), prompt_before))
@@ -267,3 +268,4 @@ def test_the_fair_stage1_is_the_default_for_every_criterion(tmp_path):
     assert cfg.search.probe == "masked"
     m = prune(cfg)
     assert m["compute"]["stage1_batches"] == 4  # 2 to probe the head and sum gradients, 2 on its masks
+    assert len(m["probe_losses"]) == 2 and m["search_losses"] == []  # the 2 on its masks, each one's loss

@@ -199,6 +199,11 @@ def test_fair_stage1_trains_head_and_prompt_on_the_methods_own_masks(method, mon
         assert seen["train_head"] is True
         assert [bool(torch.equal(u, result.masks[g.name][g.first_channels()])) for g, u in
                 zip(seq.groups, seen["units"])] == [True] * len(seq.groups)
+        # its losses are recorded, one per batch, for metrics.json to set beside a search's
+        probe = result.record["probe_losses"]
+        assert len(probe) == 4 and all(math.isfinite(v) and v > 0 for v in probe)
+    else:
+        assert "probe_losses" not in result.record and len(result.record["search_losses"]) == 4
 
 
 def test_every_method_spends_its_scoring_batches_plus_the_shared_stage1():

@@ -44,9 +44,9 @@ class _PassAblation(Method):
         units = self.reassign([u.bool() for u in to_unit_masks(found.masks, ctx.seq)], ctx)
         head.load_state_dict(before[0])
         prompt.load_state_dict(before[1])
-        criteria.train_on_masks(ctx.backbone, ctx.seq, prompt, ctx.train_loader, units, ctx.config.search, ctx.accelerator,
-                       train_head=ctx.new_head)
-        return MethodResult(to_channel_masks(units, ctx.seq), record=found.record)
+        probe = criteria.train_on_masks(ctx.backbone, ctx.seq, prompt, ctx.train_loader, units, ctx.config.search,
+                                        ctx.accelerator, train_head=ctx.new_head)
+        return MethodResult(to_channel_masks(units, ctx.seq), record={**found.record, "probe_losses": probe})
 
 
 @register_method

@@ -39,7 +39,7 @@ from ..graph.budget import as_budget
 from ..graph.masks import select_units, to_channel_masks
 from ..graph.sequence import build_layer_sequence
 from ..graph.slim import slim
-from ..train.loop import check_same_across_processes, cosine_lambda, cycle, progress
+from ..train.loop import check_same_across_processes, cosine_lambda, cycle, global_loss, progress
 from .frozen_bn import KeepRunningStats, batch_norms
 from ..method_registry import Method, MethodContext, MethodResult, get_method, register_method
 
@@ -121,12 +121,13 @@ class TorchPruningCriterion(Method):
                                  normalizer=cfg.search.normalizer)
             units = select_units(scores, ctx.seq, ctx.selection_budget(), cfg.search.round_to, cfg.search.selection,
                                  cfg.search.max_prune_ratio)
+        record = {}
         if on_masks:
-            train_on_masks(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, units, cfg.search, ctx.accelerator,
-                           train_head=ctx.new_head)
+            record["probe_losses"] = train_on_masks(ctx.backbone, ctx.seq, ctx.prompt, ctx.train_loader, units,
+                                                    cfg.search, ctx.accelerator, train_head=ctx.new_head)
         masks = to_channel_masks(units, ctx.seq)
         check_same_across_processes(ctx.accelerator, f"{self.name} masks", list(masks.values()))
-        return MethodResult(masks)
+        return MethodResult(masks, record=record)
 
 
     def iterative_units(self, ctx: MethodContext, probe: bool) -> List[torch.Tensor]:
@@ -328,10 +329,12 @@ def _accumulate_gradients(model, prompt, loader, batches: int, accelerator, lr_h
 
 
 def train_on_masks(model: nn.Module, seq, prompt: nn.Module, loader, unit_masks, cfg, accelerator,
-                   train_head: bool = True) -> None:
+                   train_head: bool = True) -> List[float]:
     """PASS's stage 1 with fixed masks: the prompt (SGD) and a new head (AdamW; ``train_head``) learn on
     the gated network for ``cfg.steps`` batches, BN on batch statistics; the backbone's weights and
-    running statistics do not change. ``cfg`` is the run's SearchConfig (its learning rates and steps)."""
+    running statistics do not change. ``cfg`` is the run's SearchConfig (its learning rates and steps).
+    Returns every step's cross-entropy: set against a search's, it tells a search that did not learn from
+    masks that leave a frozen network little to learn."""
     was_training = model.training
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
@@ -350,9 +353,11 @@ def train_on_masks(model: nn.Module, seq, prompt: nn.Module, loader, unit_masks,
     for bn in batch_norms(model):  # a masked network is far from the dense one's statistics (as in PASS)
         bn.train()
     bar = progress(accelerator, steps, "head + prompt on masks")
+    losses = []
     with KeepRunningStats(model), seq.gated(masks):
         for _, (x, y) in zip(range(steps), cycle(loader)):
             loss = F.cross_entropy(model(prompt(x.to(accelerator.device))), y.to(accelerator.device))
+            losses.append(global_loss(loss.detach(), accelerator))
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -366,3 +371,4 @@ def train_on_masks(model: nn.Module, seq, prompt: nn.Module, loader, unit_masks,
     model.zero_grad(set_to_none=True)
     prompt.zero_grad(set_to_none=True)
     model.train(was_training)
+    return losses
