@@ -357,7 +357,7 @@ def train_on_masks(model: nn.Module, seq, prompt: nn.Module, loader, unit_masks,
     with KeepRunningStats(model), seq.gated(masks):
         for _, (x, y) in zip(range(steps), cycle(loader)):
             loss = F.cross_entropy(model(prompt(x.to(accelerator.device))), y.to(accelerator.device))
-            losses.append(global_loss(loss.detach(), accelerator))
+            losses.append(global_loss(loss, accelerator))  # it detaches
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             loss.backward()
