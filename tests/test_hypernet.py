@@ -176,6 +176,30 @@ def test_weight_stats_by_hand():
     assert torch.allclose(WeightStats(seq)(1, [mask0]), expected, atol=1e-6)
 
 
+def test_a_layer_whose_inputs_are_all_masked_reads_as_unmasked():
+    # The walk's provisional mask can keep no unit of a group; the next layer's statistics would then be all
+    # zero, and their standardisation (spread zero) sent a gradient of 1e10 into the hypernetwork.
+    model = make_model("resnet10t")
+    seq = build_layer_sequence(model, torch.zeros(1, 3, 32, 32))
+    g0 = seq.groups[0]
+    scores = torch.randn(g0.units, requires_grad=True)
+    empty = torch.zeros(g0.units) + scores - scores.detach()  # straight-through, as the walk builds it
+    stats = WeightStats(seq)(1, [empty])
+    assert torch.allclose(stats, WeightStats(seq)(1, []))
+    stats.sum().backward()
+    assert scores.grad is None or not scores.grad.any()
+
+    model, seq = _setup()
+    grads = []
+    for threshold in (1e6, -1e6):  # every provisional mask empty, then every one full
+        model.hypernet.zero_grad()
+        model.hypernet.threshold.fill_(threshold)
+        g = torch.Generator().manual_seed(1)
+        sum((s * torch.randn(s.shape, generator=g)).sum() for s in model.scores()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.hypernet.parameters() if p.grad is not None]).norm())
+    assert torch.isfinite(grads[0]) and grads[0] < 10 * grads[1], grads
+
+
 def test_dead_bn_channel_scores_lowest_not_highest():
     # A channel with zero running variance outputs a constant: nothing is lost by pruning it. Its
     # |gamma| / sigma is huge, so a plain BN-folded statistic would rank it first.

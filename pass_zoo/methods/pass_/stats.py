@@ -18,7 +18,8 @@ class WeightStats:
         self._gain_cache: Dict[str, tuple] = {}  # group name -> (BN tensor versions, BN output scale)
 
     def __call__(self, index: int, unit_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-        """Mean |W| per unit of group ``index``, over (c_in, k, k) with masked inputs removed.
+        """Mean |W| per unit of group ``index``, over (c_in, k, k) with masked inputs removed (all of them
+        counted where the masks remove every input).
 
         Averaged over every layer producing the group's channels (all branches of a residual sum),
         and scaled by the BatchNorm output scale |gamma| * sqrt(var / (var + eps)) of those channels
@@ -31,10 +32,18 @@ class WeightStats:
             mod = self.seq.model.get_submodule(slot.module_name)
             summed, kernel = self._kernel_summed_abs(slot.module_name, mod)  # (out, in): |W| summed over k
             gate = self.seq.gates.input_gate(slot.module_name, unit_masks)
+            dense = summed.sum(1) / (summed.shape[1] * kernel)
             if gate is not None and not _is_depthwise(mod) and summed.shape[1] == gate.numel():
-                per_out = (summed @ gate.to(summed.dtype)) / (gate.sum().clamp_min(1) * kernel)
+                kept = gate.sum()
+                per_out = (summed @ gate.to(summed.dtype)) / (kept.clamp_min(1) * kernel)
+                # A walk whose provisional mask keeps no input of this layer would read all-zero statistics;
+                # the hypernetwork standardises them by their spread (zero), which scales their gradient by
+                # 1e8 or more and sends one step's update of prompt and hypernetwork to ~1e4 (a search that
+                # then ends at chance, and a model that predicts one class). With nothing kept there is nothing
+                # to read: the layer reads as unmasked, and no gradient flows through the empty mask.
+                per_out = torch.where(kept.detach() >= 0.5, per_out, dense)
             else:
-                per_out = summed.sum(1) / (summed.shape[1] * kernel)
+                per_out = dense
             per_unit = torch.zeros(g.units, dtype=per_out.dtype, device=per_out.device)
             per_unit = per_unit.index_add(0, slot.units.to(per_out.device), per_out[slot.positions.to(per_out.device)])
             stats.append(per_unit / (len(slot.positions) // g.units))
