@@ -584,6 +584,9 @@ def add_bench(sub) -> None:
     p.add_argument("--out", required=True, help="results folder (results.json, plots, cells/)")
     p.add_argument("--only", nargs="+", default=[], metavar="ID", help="run only cells whose id starts with ID")
     p.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    p.add_argument("--rerun", nargs="+", default=[], metavar="ID",
+                   help="forget the finished cells whose id starts with ID (record and folder) and run them again, "
+                        "e.g. after a code change; resume an interrupted rerun without it")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N cells at once, each in its own process (default: 1)")
     p.add_argument("--threads", type=int, default=0, metavar="T",
@@ -593,6 +596,7 @@ def add_bench(sub) -> None:
 
 def cmd_bench(args) -> int:
     doc = run_bench(args.spec, args.out, only=args.only, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads,
+                    rerun=args.rerun,
                     log=lambda msg: print(msg, file=sys.stderr))
     if doc["runs"]:
         print(report(doc), end="")

@@ -93,6 +93,22 @@ def test_grid_runs_writes_results_and_plots_then_resumes(spec_file, tmp_path, mo
     assert [c.endswith("random-t0.3-s0") for c in calls] == [True]
     assert len(doc2["runs"]) == 5
 
+    # --rerun: a finished cell runs again (after a code change); the dry run only lists it
+    logged = []
+    bench_mod.run_bench(spec_file, out, only=["pass-t", "random"], rerun=["pass-t0.5"], dry_run=True, log=logged.append)
+    assert len(calls) == 1 and any("would run pass-t0.5-s0" in m for m in logged)
+    assert (out / "cells" / "pass-t0.5-s0" / "metrics.json").is_file()
+    (out / "cells" / "pass-t0.5-s0" / "stale.txt").write_text("from the earlier run")
+    doc3 = bench_mod.run_bench(spec_file, out, only=["pass-t", "random"], rerun=["pass-t0.5"], log=lambda m: None)
+    assert [c.endswith("pass-t0.5-s0") for c in calls[1:]] == [True]
+    assert sorted(r["id"] for r in doc3["runs"]) == sorted(r["id"] for r in doc2["runs"])
+    assert not (out / "cells" / "pass-t0.5-s0" / "stale.txt").exists()
+    assert json.loads((out / "results.json").read_text())["runs"] == doc3["runs"]
+    bench_mod.run_bench(spec_file, out, log=lambda m: None, only=["pass-t", "random"])  # resumes: nothing to run
+    assert len(calls) == 2
+    with pytest.raises(PassZooError, match="matches no cell"):
+        bench_mod.run_bench(spec_file, out, rerun=["taylor"], log=lambda m: None)
+
 
 def test_gap_table_pairs_seeds_and_skips_other_variants_of_the_method():
     def run(label, t, seed, top1):

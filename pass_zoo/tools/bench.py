@@ -33,6 +33,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -150,8 +151,12 @@ def _check_grid(spec: dict) -> None:
 
 
 def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs: int = 1,
-              threads: int = 0, log=print) -> dict:
+              threads: int = 0, log=print, rerun: List[str] = ()) -> dict:
     """Run (or resume) every cell; returns the results document.
+
+    ``rerun``: finished cells whose id starts with one of these are forgotten first (their record and
+    folder), so they run again, say after a change to the code they ran; an interrupted rerun resumes
+    without it, like any other grid.
 
     ``jobs`` > 1 runs that many cells at once, each in its own process with ``threads`` torch threads
     (default: the CPU's cores shared out). On a small CPU two one-thread runs finish more cells per
@@ -168,7 +173,20 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
     doc = {"name": spec.get("name", Path(spec_path).stem), "spec": str(spec_path), "runs": []}
     if results_path.is_file():
         doc = json.loads(results_path.read_text())
-    done = {r["id"] for r in doc["runs"]}
+    again = [c["id"] for c in cells if any(c["id"].startswith(r) for r in rerun)]
+    if rerun and not again:
+        raise PassZooError(f"--rerun {' '.join(rerun)} matches no cell of {spec_path}")
+    if again and not dry_run and out.is_dir():
+        with _locked(out):
+            if results_path.is_file():
+                doc = json.loads(results_path.read_text())
+            doc["runs"] = [r for r in doc["runs"] if r["id"] not in again]
+            for cell_id in again:
+                shutil.rmtree(out / "cells" / cell_id, ignore_errors=True)
+            if results_path.is_file():
+                atomic_write_json(results_path, doc)
+        log(f"{len(again)} cell(s) run again: their records and folders are forgotten")
+    done = {r["id"] for r in doc["runs"]} - (set(again) if dry_run else set())
 
     def merge_from_disk():
         if results_path.is_file():
@@ -198,7 +216,7 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
             doc["runs"] = [r for r in doc["runs"] if r["id"] != cell["id"]]
         if cell["id"] in done:
             continue
-        if metrics_path.is_file() and not stale:  # finished before an interruption, not yet collected
+        if metrics_path.is_file() and not stale and cell["id"] not in again:  # finished, not yet collected
             collect(cell, json.loads(metrics_path.read_text()))
         elif dry_run:
             log(f"[{i + 1}/{len(cells)}] would run {cell['id']}")
