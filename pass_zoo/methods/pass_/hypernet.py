@@ -2,7 +2,8 @@
 
 Step i of the walk reads a fixed-size summary of group i, whatever its width:
   * the weight statistics of group i (mean |W| over c_in, k, k of the layers producing its channels,
-    with input channels removed by the masks chosen earlier in the walk), standardised per group and
+    with input channels removed by the masks chosen earlier in the walk -- none removed where those keep no
+    input: all-zero statistics have no spread to standardise by), standardised per group and
     summarised by ``QUANTILES`` quantiles -- the shape of the layer's magnitude distribution;
   * the kept fraction of the mask the walk gave group i-1 (straight-through, so gradients reach
     earlier steps), and the group's width relative to the widest group;
