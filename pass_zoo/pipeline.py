@@ -328,7 +328,7 @@ def finetune_stage(cfg: PruneConfig, method: Method, prompted: PromptedModel, da
     losses = finetune(prompted, data.train_loader, ft_cfg, accelerator, checkpoints=ckpts)
     seconds = time.time() - t0
     prompted = accelerator.unwrap_model(prompted).eval()
-    top1 = evaluate(prompted, data.val_loader, accelerator)
+    top1 = evaluate(prompted, data.val_loader, accelerator, warn_collapse=True)
     return Trained(prompted, top1_after_search, top1, ft_cfg.steps, losses, seconds, stage1_updates)
 
 

@@ -232,6 +232,30 @@ def test_non_finite_evaluation_is_refused():
         evaluate(prompted, loader)
 
 
+def test_a_network_that_predicts_one_class_says_so(caplog):
+    # A run whose prompt had grown to 1e4 fine-tuned into a network that gave every test image one class
+    model, _ = _tiny()
+    prompted = PromptedModel(model, AdditivePrompt(32, 4)).eval()
+    labels = torch.tensor([0, 1, 2, 1])
+    loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), labels), batch_size=2)
+    with torch.no_grad():
+        head = model.get_classifier()
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[1] = 5.0
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(prompted, loader) == 0.5
+    assert "predicts" not in caplog.text  # only where asked: the final evaluation
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(prompted, loader, warn_collapse=True) == 0.5
+    assert "predicts class 1 for all 4 evaluation images" in caplog.text and "50.00%" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # one class in the labels too: nothing to say
+        evaluate(prompted, DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.ones(4, dtype=torch.long))),
+                 warn_collapse=True)
+    assert "predicts" not in caplog.text
+
+
 def test_a_search_at_chance_says_so(caplog):
     with caplog.at_level(logging.WARNING):
         record = chance_check([2.30] * 20, 10)

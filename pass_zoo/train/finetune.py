@@ -1,6 +1,7 @@
 """Stage 2 -- fine-tune the slim network jointly with its prompt (masks are now the architecture)."""
 from __future__ import annotations
 
+import logging
 from typing import List
 
 import torch
@@ -10,6 +11,8 @@ from .checkpoint import StageCheckpoints
 from .loop import Batches, LoopState, cosine_lambda, progress, take_step
 from ..errors import PassZooError
 from ..prompt import PromptedModel
+
+log = logging.getLogger(__name__)
 
 
 def finetune(model: PromptedModel, loader, cfg, accelerator, checkpoints=None) -> List[float]:
@@ -84,14 +87,17 @@ def check_finite_norms(model: torch.nn.Module) -> None:
                                        f"(the network diverged or a channel's statistics overflowed)")
 
 
-def evaluate(model: torch.nn.Module, loader, accelerator=None) -> float:
+def evaluate(model: torch.nn.Module, loader, accelerator=None, warn_collapse: bool = False) -> float:
     """Top-1 accuracy (fraction) over ``loader``; gathered over processes when an accelerator is given.
 
-    Refuses, in one line, non-finite BN statistics or logits instead of reporting a number."""
+    Refuses, in one line, non-finite BN statistics or logits instead of reporting a number. With
+    ``warn_collapse``, a network that gives every image the same class says so in one warning line: its
+    accuracy is then that class's share of the images, not a measure of the pruned network."""
     was_training = model.training
     model.eval()
     check_finite_norms(model)
     correct = total = 0
+    predicted, labels = set(), set()
     for x, y in loader:
         logits = model(x)
         if not torch.isfinite(logits).all():
@@ -103,5 +109,12 @@ def evaluate(model: torch.nn.Module, loader, accelerator=None) -> float:
             pred, y = accelerator.gather_for_metrics((pred, y))
         correct += int((pred == y).sum())
         total += int(y.numel())
+        if warn_collapse:
+            predicted.update(pred.unique().tolist())
+            labels.update(y.unique().tolist())
     model.train(was_training)
+    if warn_collapse and len(predicted) == 1 and len(labels) > 1:
+        log.warning(f"the network predicts class {predicted.pop()} for all {total} evaluation images, so its top-1 "
+                    f"({correct / total:.2%}) is that class's share of them: the run collapsed; rerun it with another "
+                    "--seed")
     return correct / max(total, 1)
