@@ -101,7 +101,11 @@ def diagnose(over: dict, search: dict, method: str = "pass") -> dict:
         "loss_final": _mean(losses[-20:]), "loss_chance": math.log(backbone.model.num_classes),
         "loss_curve": [round(_mean(losses[i:i + 20]), 3) for i in range(0, len(losses), 20)],
         "churn_curve": [round(_mean(churn[i:i + 20]), 4) for i in range(0, len(churn), 20)],
-        "losses": [round(v, 4) for v in losses], "churn_max": round(max(churn, default=0.0), 4), "recoveries": result.record.get("search_recoveries", 0),
+        "losses": [round(v, 4) for v in losses],
+        # a re-probe ablation's fair stage 1 on the search's masks, after the search's own losses
+        **({"probe_losses": [round(v, 4) for v in result.record["probe_losses"]]}
+           if result.record.get("search_losses") and result.record.get("probe_losses") else {}),
+        "churn_max": round(max(churn, default=0.0), 4), "recoveries": result.record.get("search_recoveries", 0),
         "pinned_at": result.record.get("search_pinned_at"),
         "moved_max": round(max((m / max(1, k) for _, m, k in steps), default=0.0), 4),
         "top1_heldout_after_search": evaluate(prompted, data.val_loader, accelerator),
