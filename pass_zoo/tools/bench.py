@@ -186,7 +186,7 @@ def run_bench(spec_path, out, only: List[str] = (), dry_run: bool = False, jobs:
             if results_path.is_file():
                 atomic_write_json(results_path, doc)
         log(f"{len(again)} cell(s) run again: their records and folders are forgotten")
-    done = {r["id"] for r in doc["runs"]} - (set(again) if dry_run else set())
+    done = {r["id"] for r in doc["runs"]} - set(again)  # a dry run forgets nothing, yet lists them as to run
 
     def merge_from_disk():
         if results_path.is_file():

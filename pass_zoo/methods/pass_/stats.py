@@ -30,9 +30,9 @@ class WeightStats:
         stats = []
         for slot in g.producers:
             mod = self.seq.model.get_submodule(slot.module_name)
-            summed, kernel = self._kernel_summed_abs(slot.module_name, mod)  # (out, in): |W| summed over k
+            # (out, in): |W| summed over k; (out,): its mean over every input
+            summed, kernel, dense = self._kernel_summed_abs(slot.module_name, mod)
             gate = self.seq.gates.input_gate(slot.module_name, unit_masks)
-            dense = summed.sum(1) / (summed.shape[1] * kernel)
             if gate is not None and not _is_depthwise(mod) and summed.shape[1] == gate.numel():
                 kept = gate.sum()
                 per_out = (summed @ gate.to(summed.dtype)) / (kept.clamp_min(1) * kernel)
@@ -54,17 +54,19 @@ class WeightStats:
             out = out * self._bn_gain(g)
         return out
 
-    def _kernel_summed_abs(self, name: str, mod: nn.Module) -> Tuple[torch.Tensor, int]:
-        """|W| summed over the kernel, cached until the weight changes (the search reads it every step)."""
+    def _kernel_summed_abs(self, name: str, mod: nn.Module) -> Tuple[torch.Tensor, int, torch.Tensor]:
+        """|W| summed over the kernel, the kernel's size, and the unmasked per-output mean, cached until the
+        weight changes (the search reads them every step)."""
         w = mod.weight
         key = (id(w), w._version)
         cached = self._abs_cache.get(name)
         if cached is None or cached[0] != key:
             a = w.detach().abs()
             summed = a.flatten(2).sum(2) if a.dim() > 2 else a
-            cached = (key, summed, a[0, 0].numel() if a.dim() > 2 else 1)
+            kernel = a[0, 0].numel() if a.dim() > 2 else 1
+            cached = (key, summed, kernel, summed.sum(1) / (summed.shape[1] * kernel))
             self._abs_cache[name] = cached
-        return cached[1], cached[2]
+        return cached[1:]
 
     def _bn_gain(self, g: ChannelGroup) -> torch.Tensor:
         """The group's BN output scale, cached until a BN weight or variance changes (read every step)."""
