@@ -14,7 +14,8 @@ class WeightStats:
 
     def __init__(self, seq):
         self.seq = seq
-        self._abs_cache: Dict[str, tuple] = {}  # module name -> ((weight id, version), |W| summed over k, k)
+        # module name -> ((weight id, version), |W| summed over k, k, unmasked per-output mean)
+        self._abs_cache: Dict[str, tuple] = {}
         self._gain_cache: Dict[str, tuple] = {}  # group name -> (BN tensor versions, BN output scale)
 
     def __call__(self, index: int, unit_masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
